@@ -1,0 +1,83 @@
+//! Exit statuses of the command line, after `sysexits.h`, and the one place
+//! that turns a gRPC status into a message and an exit status.
+
+use tonic::{Code, Status};
+
+/// A process exit status.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ExitCode(pub u8);
+
+impl ExitCode {
+    /// Success.
+    pub const OK: Self = Self(0);
+    /// Bad usage or configuration (`EX_USAGE`).
+    pub const USAGE: Self = Self(64);
+    /// The broker refused the request's data (`EX_DATAERR`).
+    pub const DATA: Self = Self(65);
+    /// The broker cannot be reached or went away (`EX_UNAVAILABLE`).
+    pub const UNAVAILABLE: Self = Self(69);
+    /// Something failed inside the broker or this program (`EX_SOFTWARE`).
+    pub const SOFTWARE: Self = Self(70);
+    /// Waiting timed out; try again later (`EX_TEMPFAIL`).
+    pub const TEMPFAIL: Self = Self(75);
+    /// Not allowed (`EX_NOPERM`).
+    pub const NOPERM: Self = Self(77);
+    /// The command could not be executed.
+    pub const CANNOT_EXECUTE: Self = Self(126);
+    /// The command was not found.
+    pub const NOT_FOUND: Self = Self(127);
+}
+
+/// A client command's failure: what to tell the user, and how to exit.
+#[derive(Debug)]
+pub(crate) struct Failure {
+    pub(crate) message: String,
+    pub(crate) code: ExitCode,
+}
+
+impl Failure {
+    pub(crate) fn new(code: ExitCode, message: impl Into<String>) -> Self {
+        Self {
+            message: message.into(),
+            code,
+        }
+    }
+}
+
+impl From<crate::client::ConnectError> for Failure {
+    fn from(error: crate::client::ConnectError) -> Self {
+        let code = match error {
+            crate::client::ConnectError::BadAddress(_) => ExitCode::USAGE,
+            crate::client::ConnectError::Unreachable { .. } => ExitCode::UNAVAILABLE,
+        };
+        // The innermost cause says what happened ("Connection refused").
+        let mut cause: Option<&dyn std::error::Error> = std::error::Error::source(&error);
+        while let Some(next) = cause.and_then(std::error::Error::source) {
+            cause = Some(next);
+        }
+        let source = cause.map(|c| format!(" ({c})")).unwrap_or_default();
+        Self::new(code, format!("{error}{source}"))
+    }
+}
+
+impl From<Status> for Failure {
+    fn from(status: Status) -> Self {
+        let code = match status.code() {
+            Code::InvalidArgument => ExitCode::DATA,
+            Code::PermissionDenied | Code::Unauthenticated => ExitCode::NOPERM,
+            Code::DeadlineExceeded | Code::ResourceExhausted => ExitCode::TEMPFAIL,
+            Code::Unavailable | Code::Cancelled | Code::Aborted => ExitCode::UNAVAILABLE,
+            _ => ExitCode::SOFTWARE,
+        };
+        let message = if status.message().is_empty() {
+            format!("the broker answered {:?}", status.code())
+        } else {
+            format!(
+                "the broker answered {:?}: {}",
+                status.code(),
+                status.message()
+            )
+        };
+        Self::new(code, message)
+    }
+}

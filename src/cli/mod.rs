@@ -1,0 +1,92 @@
+//! The `gpulease` command line: `serve` runs the broker; `status`, `watch`
+//! and `run` are its clients.
+
+mod exit;
+mod run;
+mod status;
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+
+pub use exit::ExitCode;
+pub use run::RunArgs;
+
+use crate::client::DEFAULT_BROKER;
+
+/// A GPU lease broker: one FIFO queue in front of a shared GPU.
+#[derive(Debug, Parser)]
+#[command(name = "gpulease", version, about, long_about = None)]
+pub struct Cli {
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// The subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the broker (on its embedded defaults unless configured).
+    Serve(ServeArgs),
+    /// Show who holds the GPU, who waits, and the statistics.
+    Status(StatusArgs),
+    /// Show the status live, redrawn on every change.
+    Watch(BrokerArg),
+    /// Hold a lease while a command runs: gpulease run --consumer NAME -- CMD ARGS...
+    Run(RunArgs),
+}
+
+/// Options of `gpulease serve`.
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    /// TOML configuration file; the embedded defaults fill in what it omits.
+    #[arg(long, env = "GPULEASE_CONFIG", value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// Load and validate the configuration, print it, and exit.
+    #[arg(long)]
+    pub check: bool,
+    /// Print the embedded defaults (a commented TOML file) and exit.
+    #[arg(long)]
+    pub print_defaults: bool,
+}
+
+/// Where the broker is.
+#[derive(Debug, Args)]
+pub struct BrokerArg {
+    /// The broker: HOST:PORT, http://HOST:PORT or unix:/PATH.
+    #[arg(long, env = "GPULEASE_BROKER", default_value = DEFAULT_BROKER, value_name = "ADDR")]
+    pub broker: String,
+}
+
+/// Options of `gpulease status`.
+#[derive(Debug, Args)]
+pub struct StatusArgs {
+    #[command(flatten)]
+    broker: BrokerArg,
+    /// Print the snapshot as JSON (the proto's JSON form).
+    #[arg(long)]
+    json: bool,
+}
+
+/// Runs a client subcommand.
+pub async fn run_client(command: Command) -> ExitCode {
+    let result = match command {
+        Command::Status(args) => status::status(&args.broker.broker, args.json).await,
+        Command::Watch(args) => status::watch(&args.broker).await,
+        Command::Run(args) => run::run(args).await,
+        Command::Serve(_) => unreachable!("serve is not a client command"),
+    };
+    match result {
+        Ok(code) => code,
+        Err(failure) => {
+            eprintln!("gpulease: {}", failure.message);
+            failure.code
+        }
+    }
+}
+
+/// Parses a duration such as `30s`, `2m` or `1h30m`.
+pub(crate) fn parse_duration(text: &str) -> Result<Duration, String> {
+    humantime::parse_duration(text).map_err(|e| format!("{e} (try 30s, 5m or 1h)"))
+}

@@ -1,0 +1,143 @@
+//! The consumers the core knows: the configured ones, and those that asked
+//! since the start, with their activity.
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+/// How many consumers that are not configured are remembered at most. A
+/// client inventing a new name for every request must not grow the broker's
+/// memory without bound; the least recently active idle one is forgotten.
+pub(super) const MAX_UNCONFIGURED: usize = 1024;
+
+/// What kind of GPU work a consumer does.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ConsumerKind {
+    /// Text to speech.
+    Tts,
+    /// A language model server.
+    Llm,
+    /// Image generation.
+    Image,
+    /// Anything else.
+    Other,
+}
+
+/// A consumer as the configuration describes it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ConsumerProfile {
+    /// Its name.
+    pub name: String,
+    /// Its kind.
+    pub kind: ConsumerKind,
+    /// The VRAM it keeps resident, in MiB.
+    pub vram_mib: u64,
+    /// Whether it may stay resident beside others.
+    pub coexist: bool,
+}
+
+/// A consumer's profile and activity.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ConsumerRecord {
+    /// Its name.
+    pub name: String,
+    /// Its configuration, if it is configured.
+    pub profile: Option<ConsumerProfile>,
+    /// Leases granted to it since the start.
+    pub grants: u64,
+    /// When it last asked, was granted, withdrew or released.
+    pub last_active: Option<Instant>,
+    /// How many leases it holds now.
+    pub holding: u32,
+    /// How many of its requests wait now.
+    pub waiting: u32,
+}
+
+impl ConsumerRecord {
+    /// How long ago it was last active, at `now`.
+    pub fn idle_for(&self, now: Instant) -> Option<Duration> {
+        self.last_active.map(|at| now.saturating_duration_since(at))
+    }
+
+    fn is_idle(&self) -> bool {
+        self.holding == 0 && self.waiting == 0
+    }
+}
+
+#[derive(Debug)]
+pub(super) struct ConsumerBook {
+    records: BTreeMap<String, ConsumerRecord>,
+    unconfigured: usize,
+}
+
+impl ConsumerBook {
+    pub(super) fn new(profiles: impl IntoIterator<Item = ConsumerProfile>) -> Self {
+        let records = profiles
+            .into_iter()
+            .map(|profile| {
+                let record = ConsumerRecord {
+                    name: profile.name.clone(),
+                    profile: Some(profile),
+                    grants: 0,
+                    last_active: None,
+                    holding: 0,
+                    waiting: 0,
+                };
+                (record.name.clone(), record)
+            })
+            .collect();
+        Self {
+            records,
+            unconfigured: 0,
+        }
+    }
+
+    pub(super) fn is_configured(&self, name: &str) -> bool {
+        self.records
+            .get(name)
+            .is_some_and(|record| record.profile.is_some())
+    }
+
+    /// The record of `name`, created if needed, marked active at `now`.
+    pub(super) fn touch(&mut self, name: &str, now: Instant) -> &mut ConsumerRecord {
+        if !self.records.contains_key(name) {
+            if self.unconfigured >= MAX_UNCONFIGURED {
+                self.forget_one_idle();
+            }
+            self.unconfigured += 1;
+            self.records.insert(
+                name.to_owned(),
+                ConsumerRecord {
+                    name: name.to_owned(),
+                    profile: None,
+                    grants: 0,
+                    last_active: None,
+                    holding: 0,
+                    waiting: 0,
+                },
+            );
+        }
+        let record = self
+            .records
+            .get_mut(name)
+            .expect("the record was inserted above");
+        record.last_active = Some(now);
+        record
+    }
+
+    pub(super) fn records(&self) -> Vec<ConsumerRecord> {
+        self.records.values().cloned().collect()
+    }
+
+    fn forget_one_idle(&mut self) {
+        let oldest = self
+            .records
+            .values()
+            .filter(|record| record.profile.is_none() && record.is_idle())
+            .min_by_key(|record| record.last_active)
+            .map(|record| record.name.clone());
+        if let Some(name) = oldest {
+            self.records.remove(&name);
+            self.unconfigured -= 1;
+        }
+    }
+}

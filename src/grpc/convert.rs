@@ -1,0 +1,171 @@
+//! Conversions between the core's types and protobuf, and the one table that
+//! maps the broker's errors to gRPC status codes.
+
+use std::sync::Arc;
+
+use tonic::{Code, Status};
+
+use crate::broker::{BrokerStatus, EnqueueError, Grant, QueuePosition, lease_id, millis};
+use crate::core::{
+    ConsumerKind, ConsumerRecord, EndCounts, HolderView, Rejection, Request, RevokeReason,
+    WaiterView,
+};
+use crate::pb::v1 as pb;
+
+/// The request in an `Acquire`, checked.
+pub(crate) fn request(acquire: pb::Acquire) -> Request {
+    Request {
+        consumer: acquire.consumer,
+        vram_mib: acquire.vram_mib,
+        client_pid: acquire.client_pid,
+        labels: acquire.labels.into_iter().collect(),
+    }
+}
+
+/// The gRPC status for a request that cannot join the queue.
+pub(crate) fn enqueue_error(error: &EnqueueError) -> Status {
+    match error {
+        EnqueueError::Rejected(Rejection::BadName(_)) => {
+            Status::invalid_argument(error.to_string())
+        }
+        EnqueueError::Rejected(Rejection::UnknownConsumer(_)) => {
+            Status::permission_denied(error.to_string())
+        }
+        EnqueueError::ShuttingDown => Status::unavailable(error.to_string()),
+    }
+}
+
+/// The status that ends a stream after `Revoked`.
+pub(crate) fn revoked_status(reason: RevokeReason) -> Status {
+    match reason {
+        RevokeReason::Shutdown => Status::unavailable("lease revoked: the broker is shutting down"),
+        RevokeReason::MaxHoldExceeded => Status::new(
+            Code::Aborted,
+            "lease revoked: held longer than the broker's max_hold",
+        ),
+        RevokeReason::Admin => Status::new(Code::Aborted, "lease revoked by an operator"),
+    }
+}
+
+pub(crate) fn revoked(reason: RevokeReason, message: &str) -> pb::LeaseEvent {
+    let reason = match reason {
+        RevokeReason::Shutdown => pb::RevokeReason::Shutdown,
+        RevokeReason::MaxHoldExceeded => pb::RevokeReason::MaxHoldExceeded,
+        RevokeReason::Admin => pb::RevokeReason::Admin,
+    };
+    event(pb::lease_event::Kind::Revoked(pb::Revoked {
+        reason: reason.into(),
+        message: message.to_owned(),
+    }))
+}
+
+pub(crate) fn granted(grant: &Grant) -> pb::LeaseEvent {
+    event(pb::lease_event::Kind::Granted(pb::Granted {
+        lease_id: grant.lease_id.clone(),
+        fencing_token: grant.token.0,
+        broker_epoch: grant.epoch,
+        gpu_index: 0,
+        gpu_uuid: String::new(),
+        waited_ms: millis(grant.waited),
+    }))
+}
+
+pub(crate) fn queued(position: &QueuePosition, epoch: u64) -> pb::LeaseEvent {
+    event(pb::lease_event::Kind::Queued(pb::Queued {
+        position: position.position,
+        queue_depth: position.queue_depth,
+        holders: holders(&position.holders, epoch),
+    }))
+}
+
+fn event(kind: pb::lease_event::Kind) -> pb::LeaseEvent {
+    pb::LeaseEvent { kind: Some(kind) }
+}
+
+fn holders(holders: &Arc<[HolderView]>, epoch: u64) -> Vec<pb::Holder> {
+    holders.iter().map(|h| holder(h, epoch)).collect()
+}
+
+fn holder(view: &HolderView, epoch: u64) -> pb::Holder {
+    pb::Holder {
+        lease_id: lease_id(epoch, view.token),
+        consumer: view.request.consumer.clone(),
+        fencing_token: view.token.0,
+        held_ms: millis(view.held),
+        gpu_index: 0,
+        vram_mib: view.request.vram_mib,
+        client_pid: view.request.client_pid,
+        labels: view.request.labels.clone().into_iter().collect(),
+    }
+}
+
+fn waiter(view: &WaiterView) -> pb::Waiter {
+    pb::Waiter {
+        consumer: view.request.consumer.clone(),
+        position: view.position,
+        waiting_ms: millis(view.waiting),
+        vram_mib: view.request.vram_mib,
+        client_pid: view.request.client_pid,
+        labels: view.request.labels.clone().into_iter().collect(),
+    }
+}
+
+fn consumer(record: &ConsumerRecord, now: std::time::Instant) -> pb::Consumer {
+    let profile = record.profile.as_ref();
+    let kind = match profile.map(|p| p.kind) {
+        None => pb::ConsumerKind::Unspecified,
+        Some(ConsumerKind::Tts) => pb::ConsumerKind::Tts,
+        Some(ConsumerKind::Llm) => pb::ConsumerKind::Llm,
+        Some(ConsumerKind::Image) => pb::ConsumerKind::Image,
+        Some(ConsumerKind::Other) => pb::ConsumerKind::Other,
+    };
+    pb::Consumer {
+        name: record.name.clone(),
+        kind: kind.into(),
+        configured: profile.is_some(),
+        vram_mib: profile.map_or(0, |p| p.vram_mib),
+        coexist: profile.is_some_and(|p| p.coexist),
+        grants: record.grants,
+        last_active_ms_ago: record.idle_for(now).map_or(0, millis),
+        holding: record.holding > 0,
+        waiting: record.waiting,
+    }
+}
+
+fn ended(counts: EndCounts) -> pb::LeaseEndCounts {
+    pb::LeaseEndCounts {
+        released: counts.released,
+        half_closed: counts.half_closed,
+        disconnected: counts.disconnected,
+        revoked: counts.revoked,
+        withdrawn: counts.withdrawn,
+        expired: counts.expired,
+    }
+}
+
+pub(crate) fn status(status: &BrokerStatus, now: std::time::Instant) -> pb::StatusResponse {
+    let core = &status.core;
+    pb::StatusResponse {
+        capacity: core.capacity,
+        in_flight: u32::try_from(core.holders.len()).unwrap_or(u32::MAX),
+        queue_depth: u32::try_from(core.waiters.len()).unwrap_or(u32::MAX),
+        total_grants: core.total_grants,
+        last_wait_ms: millis(core.last_wait),
+        last_hold_ms: millis(core.last_hold),
+        oldest_queued_ms: millis(core.oldest_queued),
+        holders: core
+            .holders
+            .iter()
+            .map(|h| holder(h, status.epoch))
+            .collect(),
+        waiters: core.waiters.iter().map(waiter).collect(),
+        consumers: core.consumers.iter().map(|c| consumer(c, now)).collect(),
+        broker: Some(pb::BrokerInfo {
+            version: env!("CARGO_PKG_VERSION").to_owned(),
+            epoch: status.epoch,
+            uptime_ms: millis(status.uptime),
+            shutting_down: status.shutting_down,
+        }),
+        ended: Some(ended(core.ended)),
+    }
+}

@@ -1,0 +1,326 @@
+//! The gRPC layer: `gpulease.v1.LeaseBroker` on top of [`Broker`].
+//!
+//! Each `AcquireLease` call becomes one session task that reads the client's
+//! messages, awaits the broker, and writes events into a bounded channel that
+//! tonic streams back. The session only awaits and converts; every decision
+//! is the core's. Any end of the client's stream (a `Release`, a half-close,
+//! a reset, a lost connection) ends the session, and the `Ticket` and `Lease`
+//! guards it holds give back the place or the permit when they drop.
+
+mod convert;
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+use tokio_stream::Stream;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status, Streaming};
+use tracing::{Instrument, debug, info_span};
+
+use crate::broker::{Broker, Lease, Ticket};
+use crate::core::{LeaseEnd, RevokeReason, Withdrawal};
+use crate::pb::v1 as pb;
+use crate::pb::v1::lease_broker_server::LeaseBroker;
+use crate::pb::v1::lease_request::Kind as RequestKind;
+
+/// How many events may wait to be written to one client.
+const EVENT_BUFFER: usize = 8;
+
+/// How long the broker waits to hand a client its final `Revoked` before it
+/// ends the stream regardless.
+const FAREWELL_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// The `LeaseBroker` service.
+#[derive(Clone, Debug)]
+pub struct LeaseService {
+    broker: Arc<Broker>,
+}
+
+impl LeaseService {
+    /// A service answering for `broker`.
+    pub fn new(broker: Arc<Broker>) -> Self {
+        Self { broker }
+    }
+}
+
+type EventSender = mpsc::Sender<Result<pb::LeaseEvent, Status>>;
+
+/// The stream of events of one `AcquireLease` call.
+pub type LeaseEventStream = ReceiverStream<Result<pb::LeaseEvent, Status>>;
+
+/// The stream of snapshots of one `WatchStatus` call.
+pub type StatusStream = Pin<Box<dyn Stream<Item = Result<pb::StatusResponse, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl LeaseBroker for LeaseService {
+    type AcquireLeaseStream = LeaseEventStream;
+
+    async fn acquire_lease(
+        &self,
+        request: Request<Streaming<pb::LeaseRequest>>,
+    ) -> Result<Response<Self::AcquireLeaseStream>, Status> {
+        let peer = request.remote_addr();
+        let mut inbound = request.into_inner();
+        let acquire = match inbound.message().await? {
+            Some(pb::LeaseRequest {
+                kind: Some(RequestKind::Acquire(acquire)),
+            }) => acquire,
+            Some(_) => {
+                return Err(Status::invalid_argument(
+                    "the first message of AcquireLease must be `acquire`",
+                ));
+            }
+            None => {
+                return Err(Status::invalid_argument(
+                    "AcquireLease ended before its `acquire` message",
+                ));
+            }
+        };
+        let max_wait = (acquire.max_wait_ms > 0)
+            .then(|| Duration::from_millis(u64::from(acquire.max_wait_ms)));
+        let request = convert::request(acquire);
+        let span = info_span!("lease", consumer = %request.consumer, peer = ?peer);
+        let ticket = self
+            .broker
+            .enqueue(request)
+            .map_err(|e| convert::enqueue_error(&e))?;
+        let (events, rx) = mpsc::channel(EVENT_BUFFER);
+        let session = Session {
+            broker: Arc::clone(&self.broker),
+            inbound,
+            events,
+        };
+        tokio::spawn(session.run(ticket, max_wait).instrument(span));
+        Ok(Response::new(ReceiverStream::new(rx)))
+    }
+
+    async fn status(
+        &self,
+        _request: Request<pb::StatusRequest>,
+    ) -> Result<Response<pb::StatusResponse>, Status> {
+        Ok(Response::new(self.snapshot()))
+    }
+
+    type WatchStatusStream = StatusStream;
+
+    async fn watch_status(
+        &self,
+        _request: Request<pb::StatusRequest>,
+    ) -> Result<Response<Self::WatchStatusStream>, Status> {
+        let service = self.clone();
+        let mut changes = self.broker.subscribe();
+        let (tx, rx) = mpsc::channel(1);
+        tokio::spawn(async move {
+            loop {
+                changes.borrow_and_update();
+                if tx.send(Ok(service.snapshot())).await.is_err() {
+                    return;
+                }
+                // A burst of changes while the snapshot was being sent marks
+                // the receiver once: the next snapshot covers all of them.
+                tokio::select! {
+                    changed = changes.changed() => if changed.is_err() { return },
+                    () = tx.closed() => return,
+                    () = service.broker.shutdown_token().cancelled() => {
+                        let _ = tx.send(Ok(service.snapshot())).await;
+                        return;
+                    }
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+}
+
+impl LeaseService {
+    fn snapshot(&self) -> pb::StatusResponse {
+        let now = std::time::Instant::now();
+        convert::status(&self.broker.status(), now)
+    }
+}
+
+/// One `AcquireLease` call after its `acquire`: waits, then holds.
+struct Session {
+    broker: Arc<Broker>,
+    inbound: Streaming<pb::LeaseRequest>,
+    events: EventSender,
+}
+
+/// How a session's waiting ended.
+enum Waited {
+    Granted(Lease),
+    /// The session is over; the status to end the stream with, if any.
+    Over(Option<Status>),
+}
+
+impl Session {
+    async fn run(mut self, ticket: Ticket, max_wait: Option<Duration>) {
+        let lease = match self.wait(ticket, max_wait).await {
+            Waited::Granted(lease) => lease,
+            Waited::Over(status) => {
+                if let Some(status) = status {
+                    let _ = self.events.send(Err(status)).await;
+                }
+                return;
+            }
+        };
+        let (how, status) = self.hold(&lease).await;
+        if let LeaseEnd::Revoked(reason) = how {
+            let message = convert::revoked_status(reason).message().to_owned();
+            self.farewell(Ok(convert::revoked(reason, &message))).await;
+            lease.end(how);
+            self.farewell(Err(convert::revoked_status(reason))).await;
+        } else {
+            lease.end(how);
+            if let Some(status) = status {
+                self.farewell(Err(status)).await;
+            }
+        }
+    }
+
+    /// Waits in the queue until granted, or until the client, the clock or
+    /// the broker ends the wait.
+    ///
+    /// Dropping this future (the task is aborted) drops the ticket, which
+    /// gives up the place in the queue.
+    async fn wait(&mut self, mut ticket: Ticket, max_wait: Option<Duration>) -> Waited {
+        let deadline = max_wait.map(|wait| Instant::now() + wait);
+        let epoch = self.broker.epoch();
+        // Tell the client at once that it waits, unless it was granted.
+        if let Some(lease) = ticket.try_granted() {
+            return self.granted(lease).await;
+        }
+        let mut positions = ticket.take_positions();
+        if self
+            .events
+            .send(Ok(convert::queued(positions.current(), epoch)))
+            .await
+            .is_err()
+        {
+            return Waited::Over(None);
+        }
+        loop {
+            tokio::select! {
+                biased;
+                lease = ticket.granted() => {
+                    return match lease {
+                        Some(lease) => self.granted(lease).await,
+                        None => Waited::Over(Some(Status::unavailable(
+                            "the broker is shutting down",
+                        ))),
+                    };
+                }
+                message = self.inbound.message() => {
+                    match message {
+                        Ok(Some(pb::LeaseRequest { kind: Some(RequestKind::Release(_)) })) => {
+                            debug!("withdrew before the grant");
+                            return self.stop_waiting(ticket, Withdrawal::Withdrawn, None).await;
+                        }
+                        Ok(Some(_)) => {
+                            let status = Status::invalid_argument(
+                                "only `release` may follow `acquire` on an AcquireLease stream",
+                            );
+                            return self.stop_waiting(ticket, Withdrawal::Withdrawn, Some(status)).await;
+                        }
+                        Ok(None) | Err(_) => {
+                            debug!("stream ended before the grant");
+                            return self.stop_waiting(ticket, Withdrawal::Withdrawn, None).await;
+                        }
+                    }
+                }
+                () = self.events.closed() => {
+                    debug!("call cancelled before the grant");
+                    return self.stop_waiting(ticket, Withdrawal::Withdrawn, None).await;
+                }
+                () = sleep_until(deadline) => {
+                    let status = Status::deadline_exceeded(format!(
+                        "not granted within max_wait_ms ({} ms)",
+                        max_wait.map_or(0, |w| w.as_millis())
+                    ));
+                    return self.stop_waiting(ticket, Withdrawal::Expired, Some(status)).await;
+                }
+                position = positions.improved() => {
+                    // Best effort: a client that does not read loses only
+                    // position updates, never the grant.
+                    let _ = self.events.try_send(Ok(convert::queued(position, epoch)));
+                }
+            }
+        }
+    }
+
+    /// Withdraws the ticket; if the grant won the race, the lease ends at
+    /// once with the same cause.
+    async fn stop_waiting(
+        &mut self,
+        ticket: Ticket,
+        how: Withdrawal,
+        status: Option<Status>,
+    ) -> Waited {
+        if let Err(lease) = ticket.withdraw(how) {
+            let end = match how {
+                Withdrawal::Withdrawn => LeaseEnd::Disconnected,
+                Withdrawal::Expired => {
+                    // The grant came first: it stands.
+                    return self.granted(lease).await;
+                }
+            };
+            lease.end(end);
+        }
+        Waited::Over(status)
+    }
+
+    async fn granted(&mut self, lease: Lease) -> Waited {
+        if self
+            .events
+            .send(Ok(convert::granted(lease.grant())))
+            .await
+            .is_err()
+        {
+            // The client is gone; dropping the lease ends it.
+            return Waited::Over(None);
+        }
+        Waited::Granted(lease)
+    }
+
+    /// Holds the lease until the client or the broker ends it; returns how
+    /// it ended and the status to end the stream with, if any.
+    async fn hold(&mut self, lease: &Lease) -> (LeaseEnd, Option<Status>) {
+        let shutdown = self.broker.shutdown_token().clone();
+        let deadline = lease.deadline();
+        tokio::select! {
+            message = self.inbound.message() => match message {
+                Ok(Some(pb::LeaseRequest { kind: Some(RequestKind::Release(_)) })) => {
+                    (LeaseEnd::Released, None)
+                }
+                Ok(Some(_)) => (
+                    LeaseEnd::Disconnected,
+                    Some(Status::invalid_argument(
+                        "only `release` may follow `acquire` on an AcquireLease stream; the lease has ended",
+                    )),
+                ),
+                Ok(None) => (LeaseEnd::HalfClosed, None),
+                Err(_) => (LeaseEnd::Disconnected, None),
+            },
+            () = self.events.closed() => (LeaseEnd::Disconnected, None),
+            () = shutdown.cancelled() => (LeaseEnd::Revoked(RevokeReason::Shutdown), None),
+            () = sleep_until(deadline) => (LeaseEnd::Revoked(RevokeReason::MaxHoldExceeded), None),
+        }
+    }
+
+    /// Sends a last message, bounded in time so that a client that stopped
+    /// reading cannot hold the session (or shutdown) up.
+    async fn farewell(&self, item: Result<pb::LeaseEvent, Status>) {
+        let _ = tokio::time::timeout(FAREWELL_TIMEOUT, self.events.send(item)).await;
+    }
+}
+
+/// Sleeps until `deadline`, or forever without one.
+async fn sleep_until(deadline: Option<Instant>) {
+    match deadline {
+        Some(deadline) => tokio::time::sleep_until(deadline).await,
+        None => std::future::pending().await,
+    }
+}

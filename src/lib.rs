@@ -1,0 +1,12 @@
+//! gpulease: a broker that leases a shared GPU to one consumer at a time.
+//!
+//! See `ARCHITECTURE.md` for the map of the modules and their invariants.
+
+pub mod broker;
+pub mod cli;
+pub mod client;
+pub mod config;
+pub mod core;
+pub mod grpc;
+pub mod pb;
+pub mod server;

@@ -1,0 +1,109 @@
+//! The `gpulease` binary: a linear `main` that parses the command line and
+//! hands over to the broker or to a client command.
+
+use std::process::ExitCode as ProcessExit;
+
+use clap::Parser;
+use tracing::{error, info};
+use tracing_subscriber::EnvFilter;
+
+use gpulease::cli::{Cli, Command, ExitCode, ServeArgs};
+use gpulease::config::{Config, DEFAULTS};
+use gpulease::server;
+
+fn main() -> ProcessExit {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            eprintln!("gpulease: cannot start the async runtime: {e}");
+            return ProcessExit::from(ExitCode::SOFTWARE.0);
+        }
+    };
+    let code = match cli.command {
+        Command::Serve(args) => runtime.block_on(serve(args)),
+        client => runtime.block_on(gpulease::cli::run_client(client)),
+    };
+    // Do not wait for tasks such as a blocked stdin read.
+    runtime.shutdown_background();
+    ProcessExit::from(code.0)
+}
+
+/// init tracing → load and validate config (exit 64 before binding
+/// anything) → bind → print every bound address → serve until SIGINT or
+/// SIGTERM → drain.
+async fn serve(args: ServeArgs) -> ExitCode {
+    if args.print_defaults {
+        print!("{DEFAULTS}");
+        return ExitCode::OK;
+    }
+    init_tracing();
+    let config = match Config::load(args.config.as_deref(), None) {
+        Ok(config) => config,
+        Err(e) => {
+            eprintln!("gpulease: invalid configuration: {e}");
+            return ExitCode::USAGE;
+        }
+    };
+    if args.check {
+        println!("configuration is valid:\n{config:#?}");
+        return ExitCode::OK;
+    }
+    let listeners = match server::bind(&config).await {
+        Ok(listeners) => listeners,
+        Err(e) => {
+            error!("{e}");
+            eprintln!("gpulease: {e}");
+            return ExitCode::UNAVAILABLE;
+        }
+    };
+    for address in listeners.addresses() {
+        info!(%address, "listening");
+        // The stable, machine-readable readiness line: once it is printed,
+        // the broker accepts calls on that address.
+        println!("listening on {address}");
+    }
+    info!(
+        capacity = config.capacity,
+        dead_client_bound = %humantime::format_duration(config.dead_client_bound()),
+        "broker ready"
+    );
+    match server::serve(&config, listeners, shutdown_signal()).await {
+        Ok(()) => {
+            info!("stopped");
+            ExitCode::OK
+        }
+        Err(e) => {
+            error!("{e}");
+            ExitCode::SOFTWARE
+        }
+    }
+}
+
+fn init_tracing() {
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    match (
+        signal(SignalKind::interrupt()),
+        signal(SignalKind::terminate()),
+    ) {
+        (Ok(mut interrupt), Ok(mut terminate)) => {
+            tokio::select! {
+                _ = interrupt.recv() => info!("SIGINT received"),
+                _ = terminate.recv() => info!("SIGTERM received"),
+            }
+        }
+        _ => {
+            error!("cannot install signal handlers; stop the broker with SIGKILL");
+            std::future::pending::<()>().await;
+        }
+    }
+}

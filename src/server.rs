@@ -1,0 +1,215 @@
+//! `gpulease serve`: binds the listeners, serves the lease broker with
+//! health checking and reflection, and shuts down gracefully.
+//!
+//! [`bind`] and [`serve`] are separate so that a caller can bind
+//! `127.0.0.1:0`, learn the port, and only then serve: nobody ever has to
+//! sleep to "let the server start".
+
+use std::future::Future;
+use std::io;
+use std::net::SocketAddr;
+use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use tokio::net::{TcpListener, UnixListener, UnixStream};
+use tokio::task::JoinSet;
+use tokio_stream::wrappers::UnixListenerStream;
+use tokio_util::sync::CancellationToken;
+use tonic::transport::Server;
+use tonic::transport::server::{Router, TcpIncoming};
+use tracing::{info, warn};
+
+use crate::broker::Broker;
+use crate::config::Config;
+use crate::grpc::LeaseService;
+use crate::pb::v1::lease_broker_server::LeaseBrokerServer;
+
+/// The mode of the Unix socket: owner and group may connect.
+const SOCKET_MODE: u32 = 0o660;
+
+/// The broker's listeners, bound but not yet serving.
+#[derive(Debug)]
+pub struct Listeners {
+    tcp: Option<TcpListener>,
+    unix: Option<(UnixListener, PathBuf)>,
+}
+
+/// Why the broker could not start or stopped with an error.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    /// A listener could not be bound.
+    #[error("cannot listen on {what}: {source}")]
+    Bind {
+        /// The address or path.
+        what: String,
+        /// Why.
+        source: io::Error,
+    },
+    /// The reflection service could not be built.
+    #[error("cannot build the reflection service: {0}")]
+    Reflection(#[from] tonic_reflection::server::Error),
+    /// A server failed while serving.
+    #[error("serving failed: {0}")]
+    Transport(#[from] tonic::transport::Error),
+}
+
+impl Listeners {
+    /// The TCP address actually bound (with the real port for `:0`).
+    pub fn tcp_addr(&self) -> Option<SocketAddr> {
+        self.tcp.as_ref().and_then(|l| l.local_addr().ok())
+    }
+
+    /// The Unix socket's path.
+    pub fn socket_path(&self) -> Option<&Path> {
+        self.unix.as_ref().map(|(_, path)| path.as_path())
+    }
+
+    /// Every bound address, as a client's `--broker` spells it.
+    pub fn addresses(&self) -> Vec<String> {
+        let tcp = self.tcp_addr().map(|addr| addr.to_string());
+        let unix = self
+            .socket_path()
+            .map(|path| format!("unix:{}", path.display()));
+        tcp.into_iter().chain(unix).collect()
+    }
+}
+
+/// Binds the listeners that `config` names.
+///
+/// A socket file left behind by a broker that is gone is replaced; one that
+/// a live broker still answers on is an error, as is any other file there.
+pub async fn bind(config: &Config) -> Result<Listeners, ServeError> {
+    let tcp = match config.listen {
+        Some(addr) => Some(
+            TcpListener::bind(addr)
+                .await
+                .map_err(|source| ServeError::Bind {
+                    what: addr.to_string(),
+                    source,
+                })?,
+        ),
+        None => None,
+    };
+    let unix = match &config.socket {
+        Some(path) => {
+            let bind_error = |source| ServeError::Bind {
+                what: path.display().to_string(),
+                source,
+            };
+            remove_stale_socket(path).await.map_err(bind_error)?;
+            let listener = UnixListener::bind(path).map_err(bind_error)?;
+            std::fs::set_permissions(path, std::fs::Permissions::from_mode(SOCKET_MODE))
+                .map_err(bind_error)?;
+            Some((listener, path.clone()))
+        }
+        None => None,
+    };
+    Ok(Listeners { tcp, unix })
+}
+
+async fn remove_stale_socket(path: &Path) -> io::Result<()> {
+    let metadata = match std::fs::symlink_metadata(path) {
+        Ok(metadata) => metadata,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(e),
+    };
+    if !metadata.file_type().is_socket() {
+        return Err(io::Error::new(
+            io::ErrorKind::AlreadyExists,
+            "a file that is not a socket is in the way",
+        ));
+    }
+    if UnixStream::connect(path).await.is_ok() {
+        return Err(io::Error::new(
+            io::ErrorKind::AddrInUse,
+            "another broker is answering on this socket",
+        ));
+    }
+    info!(path = %path.display(), "replacing a stale socket file");
+    std::fs::remove_file(path)
+}
+
+/// Serves the broker on `listeners` until `shutdown` resolves, then shuts
+/// down: refuses new requests, revokes every lease (`Revoked{SHUTDOWN}`),
+/// ends every waiter with `UNAVAILABLE`, and waits up to
+/// `config.shutdown_grace` for the streams to end.
+pub async fn serve(
+    config: &Config,
+    listeners: Listeners,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), ServeError> {
+    let broker = Broker::start(config);
+    let (health, health_service) = tonic_health::server::health_reporter();
+    health
+        .set_serving::<LeaseBrokerServer<LeaseService>>()
+        .await;
+    let reflection = || {
+        tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(crate::pb::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    };
+    let reflection_v1 = reflection().build_v1()?;
+    let reflection_v1alpha = reflection().build_v1alpha()?;
+    let lease_service = LeaseBrokerServer::new(LeaseService::new(Arc::clone(&broker)));
+
+    let router = || -> Router {
+        Server::builder()
+            .http2_keepalive_interval(Some(config.keepalive_interval))
+            .http2_keepalive_timeout(Some(config.keepalive_timeout))
+            .add_service(lease_service.clone())
+            .add_service(health_service.clone())
+            .add_service(reflection_v1.clone())
+            .add_service(reflection_v1alpha.clone())
+    };
+
+    let stop = CancellationToken::new();
+    let mut servers = JoinSet::new();
+    let socket_path = listeners.socket_path().map(Path::to_path_buf);
+    if let Some(listener) = listeners.tcp {
+        let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
+        let stop = stop.clone();
+        let server = router().serve_with_incoming_shutdown(incoming, stop.cancelled_owned());
+        servers.spawn(server);
+    }
+    if let Some((listener, _)) = listeners.unix {
+        let incoming = UnixListenerStream::new(listener);
+        let stop = stop.clone();
+        let server = router().serve_with_incoming_shutdown(incoming, stop.cancelled_owned());
+        servers.spawn(server);
+    }
+
+    // Serve until asked to stop, or until a server fails.
+    let failed = tokio::select! {
+        () = shutdown => None,
+        Some(result) = servers.join_next() => Some(result),
+    };
+    info!("shutting down");
+    health
+        .set_not_serving::<LeaseBrokerServer<LeaseService>>()
+        .await;
+    broker.shut_down();
+    stop.cancel();
+    let drained = tokio::time::timeout(config.shutdown_grace, async {
+        while let Some(result) = servers.join_next().await {
+            if let Ok(Err(e)) = result {
+                warn!(error = %e, "server ended with an error");
+            }
+        }
+    })
+    .await;
+    if drained.is_err() {
+        warn!(
+            grace = %humantime::format_duration(config.shutdown_grace),
+            "streams still open after the shutdown grace period; closing them"
+        );
+        servers.abort_all();
+    }
+    if let Some(path) = socket_path {
+        let _ = std::fs::remove_file(path);
+    }
+    match failed {
+        Some(Ok(Err(e))) => Err(e.into()),
+        _ => Ok(()),
+    }
+}
