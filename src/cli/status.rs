@@ -262,7 +262,7 @@ mod tests {
             "{text}"
         );
         assert!(
-            text.contains("abc-3     mvoice    3      1.5s  42   4000 MiB"),
+            text.contains("abc-3  mvoice    3      1.5s  42   4000 MiB"),
             "{text}"
         );
         assert!(text.contains("1    comfyui   200ms"), "{text}");
