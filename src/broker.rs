@@ -177,23 +177,31 @@ impl Broker {
                 .enqueue(request, seat, Instant::now().into_std())?;
             state.queue_moved = true;
             self.settle(&mut state, &mut log);
-            (id, saturating_u32(state.sched.queue_depth()))
+            let queue_depth = state
+                .sched
+                .is_waiting(id)
+                .then(|| saturating_u32(state.sched.queue_depth()));
+            (id, queue_depth)
         };
         self.changed();
         emit(log);
         // If the request still waits, it is last: nothing was enqueued after
         // it while the lock was held.
-        let holders = Arc::from(self.status_holders());
+        let holders = match queue_depth {
+            Some(_) => Arc::from(self.status_holders()),
+            None => Arc::from([]),
+        };
         Ok(Ticket {
             broker: Arc::clone(self),
             id,
             consumer,
             grant: Some(grant_rx),
+            waited: queue_depth.is_some(),
             positions: PositionUpdates {
                 receiver: position_rx,
                 last: QueuePosition {
-                    position: queue_depth,
-                    queue_depth,
+                    position: queue_depth.unwrap_or(0),
+                    queue_depth: queue_depth.unwrap_or(0),
                     holders,
                 },
             },
@@ -361,6 +369,8 @@ pub struct Ticket {
     consumer: String,
     /// `None` once the channel has delivered or closed.
     grant: Option<oneshot::Receiver<Grant>>,
+    /// Whether the request had to wait when it was enqueued.
+    waited: bool,
     positions: PositionUpdates,
     done: bool,
 }
@@ -398,6 +408,13 @@ impl PositionUpdates {
 }
 
 impl Ticket {
+    /// Whether the request had to wait: no permit was free when it arrived.
+    /// Such a request is told `Queued` first, even if its grant follows a
+    /// moment later.
+    pub fn had_to_wait(&self) -> bool {
+        self.waited
+    }
+
     /// The request's position updates, to await beside [`Ticket::granted`].
     /// Only the first call gets them; later calls get a stream that never
     /// changes.

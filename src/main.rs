@@ -1,6 +1,7 @@
 //! The `gpulease` binary: a linear `main` that parses the command line and
 //! hands over to the broker or to a client command.
 
+use std::io::Write as _;
 use std::process::ExitCode as ProcessExit;
 
 use clap::Parser;
@@ -57,11 +58,12 @@ async fn serve(args: ServeArgs) -> ExitCode {
             return ExitCode::UNAVAILABLE;
         }
     };
+    let mut stdout = std::io::stdout();
     for address in listeners.addresses() {
         info!(%address, "listening");
         // The stable, machine-readable readiness line: once it is printed,
-        // the broker accepts calls on that address.
-        println!("listening on {address}");
+        // the broker accepts calls on that address. Nobody may be reading.
+        let _ = writeln!(stdout, "listening on {address}").and_then(|()| stdout.flush());
     }
     info!(
         capacity = config.capacity,

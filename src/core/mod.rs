@@ -370,6 +370,11 @@ impl<W> Scheduler<W> {
         })
     }
 
+    /// Whether `id` names a request that waits now.
+    pub fn is_waiting(&self, id: WaiterId) -> bool {
+        self.waiting.contains_key(&id)
+    }
+
     /// Whether `token` names a lease that is held now.
     pub fn is_held(&self, token: FencingToken) -> bool {
         self.holding.contains_key(&token)

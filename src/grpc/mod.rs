@@ -29,6 +29,10 @@ use crate::pb::v1::lease_request::Kind as RequestKind;
 /// How many events may wait to be written to one client.
 const EVENT_BUFFER: usize = 8;
 
+/// How long after a clean end of the client's stream the broker looks for
+/// the call going away, to record a cancel or a lost connection as such.
+const HALF_CLOSE_SETTLE: Duration = Duration::from_millis(20);
+
 /// How long the broker waits to hand a client its final `Revoked` before it
 /// ends the stream regardless.
 const FAREWELL_TIMEOUT: Duration = Duration::from_secs(1);
@@ -189,8 +193,11 @@ impl Session {
     async fn wait(&mut self, mut ticket: Ticket, max_wait: Option<Duration>) -> Waited {
         let deadline = max_wait.map(|wait| Instant::now() + wait);
         let epoch = self.broker.epoch();
-        // Tell the client at once that it waits, unless it was granted.
-        if let Some(lease) = ticket.try_granted() {
+        // Tell the client at once that it waits, unless it was granted as
+        // it arrived.
+        if !ticket.had_to_wait()
+            && let Some(lease) = ticket.try_granted()
+        {
             return self.granted(lease).await;
         }
         let mut positions = ticket.take_positions();
@@ -301,12 +308,24 @@ impl Session {
                         "only `release` may follow `acquire` on an AcquireLease stream; the lease has ended",
                     )),
                 ),
-                Ok(None) => (LeaseEnd::HalfClosed, None),
+                Ok(None) => (self.half_closed_or_gone().await, None),
                 Err(_) => (LeaseEnd::Disconnected, None),
             },
             () = self.events.closed() => (LeaseEnd::Disconnected, None),
             () = shutdown.cancelled() => (LeaseEnd::Revoked(RevokeReason::Shutdown), None),
             () = sleep_until(deadline) => (LeaseEnd::Revoked(RevokeReason::MaxHoldExceeded), None),
+        }
+    }
+
+    /// Tells a polite half-close from a call that is going away. A cancel
+    /// from grpcio and a connection dropped for a missed keepalive both first
+    /// look like a half-close (the inbound stream ends cleanly); the
+    /// response side closes a moment later. Only the recorded cause depends
+    /// on this wait.
+    async fn half_closed_or_gone(&self) -> LeaseEnd {
+        match tokio::time::timeout(HALF_CLOSE_SETTLE, self.events.closed()).await {
+            Ok(()) => LeaseEnd::Disconnected,
+            Err(_) => LeaseEnd::HalfClosed,
         }
     }
 

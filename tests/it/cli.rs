@@ -1,0 +1,170 @@
+//! The `gpulease` command line against a real broker.
+
+use std::process::{Output, Stdio};
+
+use tokio::process::Command;
+
+use crate::support::{BIN, Broker, Call, acquire, assert_idle};
+
+async fn gpulease(broker: &Broker, args: &[&str]) -> Output {
+    Command::new(BIN)
+        .args(args)
+        .env("GPULEASE_BROKER", &broker.addr)
+        .stdin(Stdio::null())
+        .output()
+        .await
+        .unwrap()
+}
+
+#[tokio::test]
+async fn run_holds_the_lease_exactly_as_long_as_its_command() {
+    let broker = Broker::start().await;
+    let inside = broker.path("inside.json");
+    // The command looks at the broker's status while it runs.
+    let script = format!(
+        "{BIN} status --json > {}; echo \"$GPULEASE_LEASE_ID $GPULEASE_FENCING_TOKEN\"; exit 3",
+        inside.display()
+    );
+    let output = gpulease(
+        &broker,
+        &["run", "--consumer", "job", "--", "sh", "-c", &script],
+    )
+    .await;
+    assert_eq!(output.status.code(), Some(3), "{output:?}");
+    let stdout = String::from_utf8(output.stdout).unwrap();
+    let (lease_id, token) = stdout.trim().split_once(' ').unwrap();
+
+    let inside: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&inside).unwrap()).unwrap();
+    assert_eq!(inside["in_flight"], 1);
+    assert_eq!(inside["holders"][0]["consumer"], "job");
+    assert_eq!(inside["holders"][0]["lease_id"], lease_id);
+    assert_eq!(inside["holders"][0]["fencing_token"], token);
+
+    // Released when the command exited, before `gpulease run` returned.
+    let after = broker.status().await;
+    assert_eq!(after.in_flight, 0);
+    assert_eq!(after.ended.unwrap().released, 1);
+}
+
+#[tokio::test]
+async fn run_waits_for_the_holder_and_reports_a_killed_command() {
+    let broker = Broker::start().await;
+    let mut holder = Call::open(&broker, acquire("holder")).await.unwrap();
+    holder.granted().await;
+    let run = tokio::spawn({
+        let addr = broker.addr.clone();
+        async move {
+            Command::new(BIN)
+                .args(["run", "--broker", &addr, "--consumer", "second", "--"])
+                .args(["sh", "-c", "kill -TERM $$"])
+                .stdin(Stdio::null())
+                .output()
+                .await
+                .unwrap()
+        }
+    });
+    broker
+        .wait_for("gpulease run waiting", |s| s.queue_depth == 1)
+        .await;
+    holder.release().await;
+    let output = run.await.unwrap();
+    // 128 + SIGTERM, as a shell reports it.
+    assert_eq!(output.status.code(), Some(143), "{output:?}");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("waiting for the GPU: position 1 of 1, held by holder"),
+        "{stderr}"
+    );
+    assert_idle(&broker).await;
+}
+
+#[tokio::test]
+async fn run_gives_up_after_max_wait() {
+    let broker = Broker::start().await;
+    let mut holder = Call::open(&broker, acquire("holder")).await.unwrap();
+    holder.granted().await;
+    let output = gpulease(
+        &broker,
+        &[
+            "run",
+            "--consumer",
+            "late",
+            "--max-wait",
+            "100ms",
+            "--",
+            "true",
+        ],
+    )
+    .await;
+    assert_eq!(output.status.code(), Some(75), "{output:?}");
+    assert!(String::from_utf8_lossy(&output.stderr).contains("DeadlineExceeded"));
+    holder.release().await;
+    assert_idle(&broker).await;
+}
+
+#[tokio::test]
+async fn run_reports_a_missing_command_and_releases() {
+    let broker = Broker::start().await;
+    let output = gpulease(
+        &broker,
+        &["run", "--consumer", "x", "--", "/nonexistent/cmd"],
+    )
+    .await;
+    assert_eq!(output.status.code(), Some(127), "{output:?}");
+    assert!(String::from_utf8_lossy(&output.stderr).contains("not found"));
+    assert_idle(&broker).await;
+    assert_eq!(broker.status().await.ended.unwrap().released, 1);
+}
+
+#[tokio::test]
+async fn run_stops_the_command_when_the_lease_is_revoked() {
+    let mut broker = Broker::start().await;
+    let child = Command::new(BIN)
+        .args(["run", "--broker", &broker.addr, "--consumer", "long", "--"])
+        .args(["sleep", "600"])
+        .stdin(Stdio::null())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    broker
+        .wait_for("the command holding the lease", |s| s.in_flight == 1)
+        .await;
+    assert!(broker.terminate().await.success());
+    let output = child.wait_with_output().await.unwrap();
+    assert_eq!(output.status.code(), Some(143), "{output:?}");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("revoked") && stderr.contains("stopping the command"),
+        "{stderr}"
+    );
+}
+
+#[tokio::test]
+async fn client_commands_explain_an_unreachable_broker() {
+    let output = Command::new(BIN)
+        .args(["status", "--broker", "127.0.0.1:1"])
+        .output()
+        .await
+        .unwrap();
+    assert_eq!(output.status.code(), Some(69));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("cannot reach the broker at 127.0.0.1:1"),
+        "{stderr}"
+    );
+}
+
+#[tokio::test]
+async fn status_prints_a_table() {
+    let broker = Broker::start().await;
+    let mut holder = Call::open(&broker, acquire("mvoice")).await.unwrap();
+    holder.granted().await;
+    let output = gpulease(&broker, &["status"]).await;
+    assert!(output.status.success());
+    let text = String::from_utf8(output.stdout).unwrap();
+    assert!(text.contains("capacity 1  in flight 1  queued 0"), "{text}");
+    assert!(text.contains("mvoice"), "{text}");
+    assert!(text.contains("no waiters"), "{text}");
+}

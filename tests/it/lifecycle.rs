@@ -1,0 +1,126 @@
+//! Configuration errors, stale sockets, and graceful shutdown.
+
+use std::os::unix::net::UnixListener;
+use std::process::Command;
+
+use gpulease::pb::v1 as pb;
+use tonic::Code;
+
+use crate::support::{BIN, Broker, Call, Options, acquire};
+
+fn serve_with_config(config: &str) -> std::process::Output {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("bad.toml");
+    std::fs::write(&path, config).unwrap();
+    let mut command = Command::new(BIN);
+    command.args(["serve", "--config"]).arg(&path);
+    // The environment would override the file's own `listen`.
+    if !config.contains("listen") {
+        command.env("GPULEASE__LISTEN", "127.0.0.1:0");
+    }
+    command.output().unwrap()
+}
+
+#[test]
+fn a_bad_configuration_exits_64_naming_the_key() {
+    for (config, key) in [
+        ("capacity = 0", "capacity"),
+        ("[keepalive]\ninterval = \"often\"", "interval"),
+        ("listen = \"nowhere\"", "listen"),
+        ("capacity = 1\ntypo = true", "typo"),
+    ] {
+        let output = serve_with_config(config);
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(output.status.code(), Some(64), "{config}: {stderr}");
+        assert!(
+            stderr.contains("invalid configuration") && stderr.contains(key),
+            "{stderr}"
+        );
+        assert!(output.stdout.is_empty(), "nothing may be bound: {output:?}");
+    }
+}
+
+#[test]
+fn a_missing_configuration_file_exits_64() {
+    let output = Command::new(BIN)
+        .args(["serve", "--config", "/nonexistent/gpulease.toml"])
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(64));
+    assert!(String::from_utf8_lossy(&output.stderr).contains("/nonexistent/gpulease.toml"));
+}
+
+#[test]
+fn print_defaults_shows_the_embedded_configuration() {
+    let output = Command::new(BIN)
+        .args(["serve", "--print-defaults"])
+        .output()
+        .unwrap();
+    assert!(output.status.success());
+    let text = String::from_utf8(output.stdout).unwrap();
+    assert!(text.contains("listen = \"127.0.0.1:50051\"") && text.contains("capacity = 1"));
+}
+
+#[tokio::test]
+async fn a_stale_socket_file_is_replaced() {
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("gpulease.sock");
+    // A socket file whose listener is gone.
+    drop(UnixListener::bind(&socket).unwrap());
+    let socket_text = socket.display().to_string();
+    let broker = Broker::with_env(&[("GPULEASE__SOCKET", &socket_text)]).await;
+    let mut client = gpulease::client::connect(&format!("unix:{socket_text}"))
+        .await
+        .unwrap();
+    client.status(pb::StatusRequest {}).await.unwrap();
+
+    // A second broker on the same, live socket refuses to start.
+    let output = Command::new(BIN)
+        .arg("serve")
+        .env("GPULEASE__LISTEN", "")
+        .env("GPULEASE__SOCKET", &socket_text)
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(69));
+    assert!(String::from_utf8_lossy(&output.stderr).contains("another broker"));
+    drop(broker);
+}
+
+#[tokio::test]
+async fn shutdown_revokes_holders_ends_waiters_and_exits_zero() {
+    let mut broker = Broker::start_with(Options {
+        socket: true,
+        ..Options::default()
+    })
+    .await;
+    let mut holder = Call::open(&broker, acquire("holder")).await.unwrap();
+    holder.granted().await;
+    let mut waiter = Call::open(&broker, acquire("waiter")).await.unwrap();
+    waiter.queued().await;
+
+    let terminated = {
+        let broker = &mut broker;
+        async move { broker.terminate().await }
+    };
+    let (status, (), message) = tokio::join!(
+        terminated,
+        async {
+            match holder.next().await {
+                Ok(Some(pb::lease_event::Kind::Revoked(revoked))) => {
+                    assert_eq!(revoked.reason(), pb::RevokeReason::Shutdown);
+                }
+                other => panic!("expected Revoked, got {other:?}"),
+            }
+            holder.ends_with(Code::Unavailable).await;
+        },
+        waiter.ends_with(Code::Unavailable),
+    );
+    assert!(message.contains("shutting down"), "{message}");
+    assert!(status.success(), "{status:?}");
+    assert!(
+        !broker.socket.as_ref().unwrap().exists(),
+        "the socket file was left behind"
+    );
+    let gone = gpulease::client::connect(&broker.addr).await;
+    assert!(gone.is_err(), "the broker still answers after shutdown");
+}

@@ -1,0 +1,15 @@
+//! Integration tests: the real `gpulease` binary on loopback (or a Unix
+//! socket), driven by real tonic clients and by child processes.
+//!
+//! One test binary with modules, so that it links once.
+
+// `support` is shared by the modules of this one crate only.
+#![allow(unreachable_pub)]
+
+mod cli;
+mod errors;
+mod leases;
+mod lifecycle;
+mod liveness;
+mod status;
+mod support;

@@ -1,0 +1,272 @@
+//! Starting a real broker and talking to it.
+
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::time::Duration;
+
+use gpulease::pb::v1 as pb;
+use gpulease::pb::v1::lease_broker_client::LeaseBrokerClient;
+use gpulease::pb::v1::lease_event::Kind as EventKind;
+use gpulease::pb::v1::lease_request::Kind as RequestKind;
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, Command};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::transport::Channel;
+use tonic::{Code, Status, Streaming};
+
+/// The `gpulease` binary under test.
+pub const BIN: &str = env!("CARGO_BIN_EXE_gpulease");
+
+/// The longest any single step of a test may take before it counts as hung.
+pub const PATIENCE: Duration = Duration::from_secs(20);
+
+/// A `gpulease serve` child process, killed when dropped.
+pub struct Broker {
+    pub child: Child,
+    /// `127.0.0.1:PORT`.
+    pub addr: String,
+    /// The Unix socket, when configured.
+    pub socket: Option<PathBuf>,
+    pub dir: tempfile::TempDir,
+}
+
+/// How to start a broker.
+#[derive(Default)]
+pub struct Options<'a> {
+    pub env: Vec<(&'a str, &'a str)>,
+    pub config: Option<&'a str>,
+    pub socket: bool,
+}
+
+impl Broker {
+    pub async fn start() -> Self {
+        Self::start_with(Options::default()).await
+    }
+
+    pub async fn with_env(env: &[(&str, &str)]) -> Self {
+        Self::start_with(Options {
+            env: env.to_vec(),
+            ..Options::default()
+        })
+        .await
+    }
+
+    pub async fn start_with(options: Options<'_>) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let mut command = Command::new(BIN);
+        command
+            .arg("serve")
+            .env_remove("GPULEASE_CONFIG")
+            .env("GPULEASE__LISTEN", "127.0.0.1:0")
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .kill_on_drop(true);
+        let socket = options.socket.then(|| dir.path().join("gpulease.sock"));
+        if let Some(socket) = &socket {
+            command.env("GPULEASE__SOCKET", socket);
+        }
+        if let Some(config) = options.config {
+            let path = dir.path().join("gpulease.toml");
+            std::fs::write(&path, config).unwrap();
+            command.arg("--config").arg(path);
+        }
+        for (key, value) in options.env {
+            command.env(key, value);
+        }
+        let mut child = command.spawn().expect("start gpulease serve");
+        let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+        let mut addr = None;
+        let mut unix = socket.is_none();
+        // The broker prints one line per listener once it accepts calls.
+        while addr.is_none() || !unix {
+            let line = tokio::time::timeout(PATIENCE, lines.next_line())
+                .await
+                .expect("the broker did not print its address in time")
+                .unwrap()
+                .expect("the broker exited before listening");
+            match line.strip_prefix("listening on ") {
+                Some(a) if a.starts_with("unix:") => unix = true,
+                Some(a) => addr = Some(a.to_owned()),
+                None => {}
+            }
+        }
+        // Keep reading, so that the broker never writes into a closed pipe.
+        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+        Self {
+            child,
+            addr: addr.unwrap(),
+            socket,
+            dir,
+        }
+    }
+
+    pub async fn client(&self) -> LeaseBrokerClient<Channel> {
+        gpulease::client::connect(&self.addr).await.unwrap()
+    }
+
+    pub async fn status(&self) -> pb::StatusResponse {
+        self.client()
+            .await
+            .status(pb::StatusRequest {})
+            .await
+            .unwrap()
+            .into_inner()
+    }
+
+    /// Waits (on WatchStatus, not by sleeping) until a snapshot satisfies
+    /// `done`, and returns it.
+    pub async fn wait_for(
+        &self,
+        what: &str,
+        done: impl Fn(&pb::StatusResponse) -> bool,
+    ) -> pb::StatusResponse {
+        let mut client = self.client().await;
+        let mut snapshots = client
+            .watch_status(pb::StatusRequest {})
+            .await
+            .unwrap()
+            .into_inner();
+        let mut last = None;
+        let found = tokio::time::timeout(PATIENCE, async {
+            while let Some(snapshot) = snapshots.message().await.unwrap() {
+                if done(&snapshot) {
+                    return snapshot;
+                }
+                last = Some(snapshot);
+            }
+            panic!("WatchStatus ended while waiting for {what}");
+        })
+        .await;
+        found.unwrap_or_else(|_| panic!("timed out waiting for {what}; last status: {last:#?}"))
+    }
+
+    /// Sends SIGTERM and waits for the exit status.
+    pub async fn terminate(&mut self) -> std::process::ExitStatus {
+        signal(&self.child, nix::sys::signal::Signal::SIGTERM);
+        tokio::time::timeout(PATIENCE, self.child.wait())
+            .await
+            .expect("the broker did not exit after SIGTERM")
+            .unwrap()
+    }
+
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+}
+
+pub fn signal(child: &Child, signal: nix::sys::signal::Signal) {
+    let pid = nix::unistd::Pid::from_raw(child.id().expect("still running") as i32);
+    nix::sys::signal::kill(pid, signal).unwrap();
+}
+
+/// An `Acquire` for `consumer` with everything else unset.
+pub fn acquire(consumer: &str) -> pb::Acquire {
+    pb::Acquire {
+        consumer: consumer.to_owned(),
+        ..pb::Acquire::default()
+    }
+}
+
+/// One `AcquireLease` call, seen from the client.
+pub struct Call {
+    pub requests: Option<mpsc::Sender<pb::LeaseRequest>>,
+    pub events: Streaming<pb::LeaseEvent>,
+}
+
+impl Call {
+    /// Opens a call and sends `acquire` as its first message.
+    pub async fn open(broker: &Broker, acquire: pb::Acquire) -> Result<Self, Status> {
+        Self::open_with(broker, vec![RequestKind::Acquire(acquire)]).await
+    }
+
+    /// Opens a call whose first messages are `first`; with no messages, the
+    /// client half-closes at once.
+    pub async fn open_with(broker: &Broker, first: Vec<RequestKind>) -> Result<Self, Status> {
+        let (tx, rx) = mpsc::channel(8);
+        let close = first.is_empty();
+        for kind in first {
+            tx.send(pb::LeaseRequest { kind: Some(kind) })
+                .await
+                .unwrap();
+        }
+        let tx = (!close).then_some(tx);
+        let events = broker
+            .client()
+            .await
+            .acquire_lease(ReceiverStream::new(rx))
+            .await?
+            .into_inner();
+        Ok(Self {
+            requests: tx,
+            events,
+        })
+    }
+
+    /// The next event; `Err` when the stream ends with a status, `None`
+    /// when it ends with OK.
+    pub async fn next(&mut self) -> Result<Option<EventKind>, Status> {
+        tokio::time::timeout(PATIENCE, self.events.message())
+            .await
+            .expect("no event in time")
+            .map(|event| event.map(|e| e.kind.expect("an event has a kind")))
+    }
+
+    /// Waits through `Queued` events for `Granted`.
+    pub async fn granted(&mut self) -> pb::Granted {
+        loop {
+            match self.next().await {
+                Ok(Some(EventKind::Queued(_))) => continue,
+                Ok(Some(EventKind::Granted(granted))) => return granted,
+                other => panic!("expected Granted, got {other:?}"),
+            }
+        }
+    }
+
+    /// The first event, which must be `Queued`.
+    pub async fn queued(&mut self) -> pb::Queued {
+        match self.next().await {
+            Ok(Some(EventKind::Queued(queued))) => queued,
+            other => panic!("expected Queued, got {other:?}"),
+        }
+    }
+
+    pub async fn send(&self, kind: RequestKind) {
+        let requests = self.requests.as_ref().expect("requests still open");
+        requests
+            .send(pb::LeaseRequest { kind: Some(kind) })
+            .await
+            .unwrap();
+    }
+
+    /// Sends `release` and expects the stream to end with OK.
+    pub async fn release(mut self) {
+        self.send(RequestKind::Release(pb::Release {})).await;
+        assert!(
+            matches!(self.next().await, Ok(None)),
+            "release did not end the call"
+        );
+    }
+
+    /// Expects the stream to end with `code`; returns the message.
+    pub async fn ends_with(&mut self, code: Code) -> String {
+        loop {
+            match self.next().await {
+                Ok(Some(EventKind::Queued(_))) => continue,
+                Err(status) if status.code() == code => return status.message().to_owned(),
+                other => panic!("expected {code:?}, got {other:?}"),
+            }
+        }
+    }
+}
+
+/// Asserts that nothing is held or queued.
+pub async fn assert_idle(broker: &Broker) {
+    let status = broker
+        .wait_for("no holder and no waiter", |s| {
+            s.in_flight == 0 && s.queue_depth == 0
+        })
+        .await;
+    assert!(status.holders.is_empty() && status.waiters.is_empty());
+}
