@@ -36,6 +36,60 @@ pub struct Config {
     pub keepalive_timeout: Duration,
     /// The configured consumers, by name.
     pub consumers: Vec<ConsumerProfile>,
+    /// How to ask each consumer that has one to unload.
+    pub unload: BTreeMap<String, UnloadMethod>,
+    /// The GPUs and their memory.
+    pub gpu: GpuConfig,
+}
+
+/// Where the broker learns about GPUs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum InventorySource {
+    /// NVML if it loads, else static.
+    Auto,
+    /// NVML, or fail.
+    Nvml,
+    /// The configured sizes; never NVML.
+    Static,
+}
+
+/// The `[gpu]` section.
+#[derive(Clone, Debug, PartialEq)]
+pub struct GpuConfig {
+    /// Where to learn about GPUs. Default: auto.
+    pub source: InventorySource,
+    /// The NVML library to load. Default: the system's.
+    pub nvml_library: Option<PathBuf>,
+    /// Without NVML, each GPU's memory in MiB. Default: one GPU of unknown
+    /// size.
+    pub static_memory_mib: Vec<u64>,
+    /// Memory kept free beyond requests, in MiB. Default: 512.
+    pub safety_margin_mib: u64,
+    /// How often NVML is read. Default: 1 s.
+    pub poll_interval: Duration,
+    /// How long a resident has to unload. Default: 10 s.
+    pub unload_timeout: Duration,
+}
+
+/// How a consumer is asked to free its GPU memory.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum UnloadMethod {
+    /// Run this program (with `GPULEASE_CONSUMER`, `GPULEASE_GPU_INDEX` and
+    /// `GPULEASE_GPU_UUID` in its environment).
+    Command(Vec<String>),
+    /// Send `UnloadRequested` on the consumer's `Residency` stream.
+    Stream,
+}
+
+impl UnloadMethod {
+    /// The name Status shows.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Self::Command(_) => "command",
+            Self::Stream => "stream",
+        }
+    }
 }
 
 /// Why the configuration cannot be used. The message names the key.
@@ -74,6 +128,8 @@ impl Config {
             .prefix_separator("__")
             .separator("__")
             .try_parsing(true)
+            .list_separator(",")
+            .with_list_parse_key("gpu.static_memory_mib")
             .source(env.map(|vars| vars.into_iter().collect()));
         let raw: RawConfig = builder.add_source(env).build()?.try_deserialize()?;
         raw.validate()
@@ -102,8 +158,23 @@ struct RawConfig {
     #[serde(with = "humantime_serde")]
     shutdown_grace: Duration,
     keepalive: RawKeepalive,
+    gpu: RawGpu,
     #[serde(default)]
     consumers: BTreeMap<String, RawConsumer>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawGpu {
+    source: InventorySource,
+    nvml_library: String,
+    #[serde(deserialize_with = "sizes")]
+    static_memory_mib: Vec<u64>,
+    safety_margin_mib: u64,
+    #[serde(with = "humantime_serde")]
+    poll_interval: Duration,
+    #[serde(with = "humantime_serde")]
+    unload_timeout: Duration,
 }
 
 #[derive(Debug, Deserialize)]
@@ -124,6 +195,17 @@ struct RawConsumer {
     vram_mib: u64,
     #[serde(default)]
     coexist: bool,
+    #[serde(default, with = "humantime_serde")]
+    idle_ttl: Option<Duration>,
+    #[serde(default)]
+    unload: Option<RawUnload>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum RawUnload {
+    Stream(String),
+    Command { command: Vec<String> },
 }
 
 #[derive(Clone, Copy, Debug, Deserialize)]
@@ -150,6 +232,56 @@ impl From<RawKind> for ConsumerKind {
             RawKind::Other => Self::Other,
         }
     }
+}
+
+/// A list of sizes in MiB: `[24576, 24576]` in a file, and `24576` or
+/// `24576,24576` in an environment variable, where the `config` crate hands
+/// over a number or a list of strings.
+fn sizes<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<Vec<u64>, D::Error> {
+    use serde::de::{Error, SeqAccess, Visitor};
+
+    struct Sizes;
+
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Size {
+        Number(u64),
+        Text(String),
+    }
+
+    impl<'de> Visitor<'de> for Sizes {
+        type Value = Vec<u64>;
+
+        fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("a list of sizes in MiB, such as [24576, 24576]")
+        }
+
+        fn visit_u64<E: Error>(self, size: u64) -> Result<Vec<u64>, E> {
+            Ok(vec![size])
+        }
+
+        fn visit_i64<E: Error>(self, size: i64) -> Result<Vec<u64>, E> {
+            u64::try_from(size)
+                .map(|size| vec![size])
+                .map_err(|_| E::custom(format!("{size} is not a size")))
+        }
+
+        fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Vec<u64>, A::Error> {
+            let mut sizes = Vec::new();
+            while let Some(size) = seq.next_element::<Size>()? {
+                sizes.push(match size {
+                    Size::Number(size) => size,
+                    Size::Text(text) => text
+                        .trim()
+                        .parse()
+                        .map_err(|_| A::Error::custom(format!("{text:?} is not a size in MiB")))?,
+                });
+            }
+            Ok(sizes)
+        }
+    }
+
+    deserializer.deserialize_any(Sizes)
 }
 
 fn invalid(key: &str, problem: impl Into<String>) -> ConfigError {
@@ -197,17 +329,49 @@ impl RawConfig {
                 ));
             }
         }
+        if self.gpu.poll_interval < Duration::from_millis(10) {
+            return Err(invalid("gpu.poll_interval", "must be at least 10ms"));
+        }
         let mut consumers = Vec::with_capacity(self.consumers.len());
+        let mut unload = BTreeMap::new();
         for (name, consumer) in self.consumers {
-            validate_consumer_name(&name)
-                .map_err(|e| invalid(&format!("consumers.{name}"), e.to_string()))?;
+            let key = format!("consumers.{name}");
+            validate_consumer_name(&name).map_err(|e| invalid(&key, e.to_string()))?;
+            let method = match consumer.unload {
+                None => None,
+                Some(RawUnload::Stream(word)) if word == "stream" => Some(UnloadMethod::Stream),
+                Some(RawUnload::Stream(word)) => {
+                    return Err(invalid(
+                        &format!("{key}.unload"),
+                        format!("{word:?} is neither \"stream\" nor {{ command = [...] }}"),
+                    ));
+                }
+                Some(RawUnload::Command { command }) if command.is_empty() => {
+                    return Err(invalid(&format!("{key}.unload.command"), "is empty"));
+                }
+                Some(RawUnload::Command { command }) => Some(UnloadMethod::Command(command)),
+            };
             consumers.push(ConsumerProfile {
-                name,
+                name: name.clone(),
                 kind: consumer.kind.into(),
                 vram_mib: consumer.vram_mib,
                 coexist: consumer.coexist,
+                unloadable: method.is_some(),
+                idle_ttl: consumer.idle_ttl.filter(|ttl| !ttl.is_zero()),
             });
+            if let Some(method) = method {
+                unload.insert(name, method);
+            }
         }
+        let gpu = GpuConfig {
+            source: self.gpu.source,
+            nvml_library: (!self.gpu.nvml_library.is_empty())
+                .then(|| PathBuf::from(&self.gpu.nvml_library)),
+            static_memory_mib: self.gpu.static_memory_mib,
+            safety_margin_mib: self.gpu.safety_margin_mib,
+            poll_interval: self.gpu.poll_interval,
+            unload_timeout: self.gpu.unload_timeout,
+        };
         Ok(Config {
             listen,
             socket,
@@ -218,6 +382,8 @@ impl RawConfig {
             keepalive_interval: self.keepalive.interval,
             keepalive_timeout: self.keepalive.timeout,
             consumers,
+            unload,
+            gpu,
         })
     }
 }
@@ -268,6 +434,10 @@ mod tests {
             coexist = true
             [consumers.ollama]
             kind = "llm"
+            idle_ttl = "5m"
+            unload = { command = ["curl", "-d", "{}", "http://127.0.0.1:11434/api/generate"] }
+            [gpu]
+            static_memory_mib = [16384, 8192]
             "#,
             &[
                 ("GPULEASE__CAPACITY", "2"),
@@ -280,6 +450,22 @@ mod tests {
         assert_eq!(config.socket, Some(PathBuf::from("/tmp/gpulease.sock")));
         assert_eq!(config.keepalive_interval, Duration::from_secs(2));
         assert_eq!(config.keepalive_timeout, Duration::from_secs(1));
+        assert_eq!(config.gpu.static_memory_mib, [16384, 8192]);
+        for (value, sizes) in [("8192", vec![8192]), ("8192,4096", vec![8192, 4096])] {
+            let env = [("GPULEASE__GPU__STATIC_MEMORY_MIB", value)];
+            assert_eq!(load("", &env).unwrap().gpu.static_memory_mib, sizes);
+        }
+        assert!(error("", &[("GPULEASE__GPU__STATIC_MEMORY_MIB", "8G")]).contains("8G"));
+        assert_eq!(config.gpu.source, InventorySource::Auto);
+        assert_eq!(
+            config.unload["ollama"],
+            UnloadMethod::Command(vec![
+                "curl".into(),
+                "-d".into(),
+                "{}".into(),
+                "http://127.0.0.1:11434/api/generate".into()
+            ])
+        );
         assert_eq!(
             config.consumers,
             [
@@ -287,16 +473,33 @@ mod tests {
                     name: "mvoice".into(),
                     kind: ConsumerKind::Tts,
                     vram_mib: 3000,
-                    coexist: true
+                    coexist: true,
+                    unloadable: false,
+                    idle_ttl: None,
                 },
                 ConsumerProfile {
                     name: "ollama".into(),
                     kind: ConsumerKind::Llm,
                     vram_mib: 0,
-                    coexist: false
+                    coexist: false,
+                    unloadable: true,
+                    idle_ttl: Some(Duration::from_secs(300)),
                 },
             ]
         );
+    }
+
+    /// Every TOML example in the README is a valid configuration.
+    #[test]
+    fn the_readme_examples_load() {
+        let readme = include_str!("../README.md");
+        let mut examples = 0;
+        for block in readme.split("```toml\n").skip(1) {
+            let example = block.split("```").next().unwrap();
+            load(example, &[]).unwrap_or_else(|e| panic!("{e}\n{example}"));
+            examples += 1;
+        }
+        assert!(examples >= 5, "only {examples} examples found");
     }
 
     #[test]
@@ -311,5 +514,8 @@ mod tests {
         assert!(error("[consumers.x]\nkind = \"gpu\"", &[]).contains("gpu"));
         assert!(error("listen = \"\"", &[]).contains("at least one place to listen"));
         assert!(error("", &[("GPULEASE__CAPACITY", "lots")]).contains("capacity"));
+        assert!(error("[gpu]\nsource = \"cuda\"", &[]).contains("cuda"));
+        assert!(error("[consumers.x]\nunload = \"please\"", &[]).contains("`consumers.x.unload`"));
+        assert!(error("[consumers.x]\nunload = { command = [] }", &[]).contains("is empty"));
     }
 }

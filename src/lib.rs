@@ -8,5 +8,6 @@ pub mod client;
 pub mod config;
 pub mod core;
 pub mod grpc;
+pub mod inventory;
 pub mod pb;
 pub mod server;

@@ -31,8 +31,8 @@ fn main() -> ProcessExit {
 }
 
 /// init tracing → load and validate config (exit 64 before binding
-/// anything) → bind → print every bound address → serve until SIGINT or
-/// SIGTERM → drain.
+/// anything) → open the GPU inventory → bind → print every bound address →
+/// serve until SIGINT or SIGTERM → drain.
 async fn serve(args: ServeArgs) -> ExitCode {
     if args.print_defaults {
         print!("{DEFAULTS}");
@@ -49,6 +49,23 @@ async fn serve(args: ServeArgs) -> ExitCode {
     if args.check {
         println!("configuration is valid:\n{config:#?}");
         return ExitCode::OK;
+    }
+    let inventory = match gpulease::inventory::open(&config.gpu) {
+        Ok(inventory) => inventory,
+        Err(e) => {
+            error!("{e}");
+            eprintln!("gpulease: cannot open the GPU inventory: {e}");
+            return ExitCode::UNAVAILABLE;
+        }
+    };
+    let gpus = inventory.gpus();
+    info!(
+        source = inventory.source(),
+        gpus = gpus.len(),
+        "GPU inventory"
+    );
+    for gpu in &gpus {
+        info!(index = gpu.index, uuid = %gpu.uuid, name = %gpu.name, total_mib = gpu.total_mib, "GPU");
     }
     let listeners = match server::bind(&config).await {
         Ok(listeners) => listeners,
@@ -70,7 +87,7 @@ async fn serve(args: ServeArgs) -> ExitCode {
         dead_client_bound = %humantime::format_duration(config.dead_client_bound()),
         "broker ready"
     );
-    match server::serve(&config, listeners, shutdown_signal()).await {
+    match server::serve(&config, inventory, listeners, shutdown_signal()).await {
         Ok(()) => {
             info!("stopped");
             ExitCode::OK

@@ -23,6 +23,7 @@ use tracing::{info, warn};
 use crate::broker::Broker;
 use crate::config::Config;
 use crate::grpc::LeaseService;
+use crate::inventory::Inventory;
 use crate::pb::v1::lease_broker_server::LeaseBrokerServer;
 
 /// The mode of the Unix socket: owner and group may connect.
@@ -130,16 +131,17 @@ async fn remove_stale_socket(path: &Path) -> io::Result<()> {
     std::fs::remove_file(path)
 }
 
-/// Serves the broker on `listeners` until `shutdown` resolves, then shuts
+/// Serves the broker over `inventory` on `listeners` until `shutdown` resolves, then shuts
 /// down: refuses new requests, revokes every lease (`Revoked{SHUTDOWN}`),
 /// ends every waiter with `UNAVAILABLE`, and waits up to
 /// `config.shutdown_grace` for the streams to end.
 pub async fn serve(
     config: &Config,
+    inventory: Arc<dyn Inventory>,
     listeners: Listeners,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), ServeError> {
-    let broker = Broker::start(config);
+    let broker = Broker::start(config, inventory);
     let (health, health_service) = tonic_health::server::health_reporter();
     health
         .set_serving::<LeaseBrokerServer<LeaseService>>()

@@ -55,6 +55,9 @@ pub struct RunArgs {
     /// Give up if not granted within this time (e.g. 30s, 5m); default: wait forever.
     #[arg(long, value_parser = parse_duration, value_name = "DURATION")]
     max_wait: Option<Duration>,
+    /// Which GPU: an index or a UUID; default: whichever can take it soonest.
+    #[arg(long, value_name = "GPU")]
+    gpu: Option<String>,
     /// A label shown in the broker's status, as KEY=VALUE (repeatable).
     #[arg(long = "label", value_parser = parse_label, value_name = "KEY=VALUE")]
     labels: Vec<(String, String)>,
@@ -91,6 +94,7 @@ pub(super) async fn run(args: RunArgs) -> Result<ExitCode, Failure> {
         max_wait_ms,
         client_pid: std::process::id(),
         labels: args.labels.iter().cloned().collect(),
+        gpu: args.gpu.clone().unwrap_or_default(),
     };
     send(&requests, RequestKind::Acquire(acquire)).await;
     let mut events = client
@@ -169,6 +173,7 @@ fn spawn(command: &[OsString], granted: &pb::Granted) -> Result<Child, Failure> 
         .env("GPULEASE_FENCING_TOKEN", granted.fencing_token.to_string())
         .env("GPULEASE_BROKER_EPOCH", granted.broker_epoch.to_string())
         .env("GPULEASE_GPU_INDEX", granted.gpu_index.to_string())
+        .env("CUDA_VISIBLE_DEVICES", cuda_visible_devices(granted))
         .spawn()
         .map_err(|e| {
             let name = program.to_string_lossy();
@@ -183,6 +188,16 @@ fn spawn(command: &[OsString], granted: &pb::Granted) -> Result<Child, Failure> 
                 ),
             }
         })
+}
+
+/// The granted GPU as CUDA should see it: by UUID when the broker knows it
+/// (indices can differ between CUDA and NVML), else by index.
+fn cuda_visible_devices(granted: &pb::Granted) -> String {
+    if granted.gpu_uuid.is_empty() {
+        granted.gpu_index.to_string()
+    } else {
+        granted.gpu_uuid.clone()
+    }
 }
 
 /// Waits for the child, forwarding signals, and stops it if the lease is

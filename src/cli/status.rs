@@ -143,6 +143,8 @@ pub(super) fn render(s: &pb::StatusResponse) -> String {
     }));
     section(&mut out, "consumers", consumers);
 
+    render_gpus(&mut out, s);
+
     if let Some(e) = &s.ended {
         let _ = writeln!(
             out,
@@ -151,6 +153,87 @@ pub(super) fn render(s: &pb::StatusResponse) -> String {
         );
     }
     out
+}
+
+/// The GPUs' memory, residents and processes without a lease; nothing for
+/// a single GPU of unknown size without readings.
+fn render_gpus(out: &mut String, s: &pb::StatusResponse) {
+    let known = s.gpus.iter().any(|g| g.measured || g.total_mib > 0);
+    if !known {
+        return;
+    }
+    let mut gpus = vec![row([
+        "GPU",
+        "NAME",
+        "USED",
+        "FREE",
+        "TOTAL",
+        "HEADROOM",
+        "WAITING FOR",
+    ])];
+    gpus.extend(s.gpus.iter().map(|g| {
+        let name = if g.name.is_empty() { &g.uuid } else { &g.name };
+        row([
+            &g.index.to_string(),
+            if name.is_empty() { "-" } else { name },
+            &mib(g.used_mib),
+            &mib(g.free_mib),
+            &mib(g.total_mib),
+            &format!("{} MiB", g.headroom_mib),
+            if g.blocked_by.is_empty() {
+                "-"
+            } else {
+                &g.blocked_by
+            },
+        ])
+    }));
+    section(out, &format!("gpus ({})", s.inventory), gpus);
+
+    let mut residents = vec![row(["RESIDENT", "GPU", "FOOTPRINT", "IDLE", "UNLOAD"])];
+    for g in &s.gpus {
+        residents.extend(g.residents.iter().map(|r| {
+            let state = match (r.unload_requested, r.unload_failed) {
+                (_, true) => "did not free its memory",
+                (true, false) => "asked",
+                (false, false) => "-",
+            };
+            row([
+                &r.consumer,
+                &g.index.to_string(),
+                &mib(r.footprint_mib),
+                &short(r.idle_ms),
+                state,
+            ])
+        }));
+    }
+    section(out, "residents", residents);
+
+    let mut unleased = vec![row(["PID WITHOUT A LEASE", "GPU", "MEMORY"])];
+    for g in &s.gpus {
+        unleased.extend(
+            g.unleased
+                .iter()
+                .map(|p| row([&p.pid.to_string(), &g.index.to_string(), &mib(p.used_mib)])),
+        );
+    }
+    if unleased.len() > 1 {
+        section(out, "unleased processes", unleased);
+    }
+    if let Some(e) = s.evictions.as_ref().filter(|e| e.requested > 0) {
+        let _ = writeln!(
+            out,
+            "\nevictions: asked {}  completed {}  failed {}  last {} ({})",
+            e.requested,
+            e.completed,
+            e.failed,
+            if e.last_victim.is_empty() {
+                "-"
+            } else {
+                &e.last_victim
+            },
+            short(e.last_unload_ms)
+        );
+    }
 }
 
 fn row<const N: usize>(cells: [&str; N]) -> Vec<String> {

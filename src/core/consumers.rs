@@ -31,8 +31,14 @@ pub struct ConsumerProfile {
     pub kind: ConsumerKind,
     /// The VRAM it keeps resident, in MiB.
     pub vram_mib: u64,
-    /// Whether it may stay resident beside others.
+    /// Whether it may stay resident beside others (and so is never asked
+    /// to unload).
     pub coexist: bool,
+    /// Whether it can be asked to unload (it has an unload adapter).
+    pub unloadable: bool,
+    /// How long it stays resident after its last lease, at most; `None`
+    /// until it unloads or leaves the GPU.
+    pub idle_ttl: Option<Duration>,
 }
 
 /// A consumer's profile and activity.
@@ -50,9 +56,18 @@ pub struct ConsumerRecord {
     pub holding: u32,
     /// How many of its requests wait now.
     pub waiting: u32,
+    /// The most GPU memory it was seen using while it held a lease, in MiB.
+    pub peak_mib: u64,
 }
 
 impl ConsumerRecord {
+    /// The memory it keeps resident: the most it was seen using, but never
+    /// less than its configured size.
+    pub fn footprint_mib(&self) -> u64 {
+        let configured = self.profile.as_ref().map_or(0, |p| p.vram_mib);
+        configured.max(self.peak_mib)
+    }
+
     /// How long ago it was last active, at `now`.
     pub fn idle_for(&self, now: Instant) -> Option<Duration> {
         self.last_active.map(|at| now.saturating_duration_since(at))
@@ -81,6 +96,7 @@ impl ConsumerBook {
                     last_active: None,
                     holding: 0,
                     waiting: 0,
+                    peak_mib: 0,
                 };
                 (record.name.clone(), record)
             })
@@ -95,6 +111,22 @@ impl ConsumerBook {
         self.records
             .get(name)
             .is_some_and(|record| record.profile.is_some())
+    }
+
+    /// Whether `name` may be asked to unload: configured with an unload
+    /// adapter, and not allowed to coexist.
+    pub(super) fn is_evictable(&self, name: &str) -> bool {
+        self.profile(name)
+            .is_some_and(|p| p.unloadable && !p.coexist)
+    }
+
+    /// How long `name` stays resident when idle, at most.
+    pub(super) fn idle_ttl(&self, name: &str) -> Option<Duration> {
+        self.profile(name).and_then(|p| p.idle_ttl)
+    }
+
+    fn profile(&self, name: &str) -> Option<&ConsumerProfile> {
+        self.records.get(name).and_then(|r| r.profile.as_ref())
     }
 
     /// The record of `name`, created if needed, marked active at `now`.
@@ -113,6 +145,7 @@ impl ConsumerBook {
                     last_active: None,
                     holding: 0,
                     waiting: 0,
+                    peak_mib: 0,
                 },
             );
         }

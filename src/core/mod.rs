@@ -1,12 +1,16 @@
 //! The scheduling core: a pure, synchronous state machine that decides who
-//! holds the GPU.
+//! holds which GPU.
 //!
-//! It keeps the FIFO queue of waiting requests, the held leases (at most
-//! `capacity`), the consumers it has seen and the statistics. Every method
-//! takes `now` as an argument and returns decisions (grant this waiter, this
-//! lease ended); nothing here sleeps, awaits, or knows about tokio, tonic,
-//! prost or NVML. The async layer (`crate::broker`) owns one `Scheduler`
-//! behind a mutex and turns its decisions into messages.
+//! Per GPU it keeps a FIFO queue of waiting requests, the held leases (at
+//! most `capacity`), the consumers that stay resident in its memory while
+//! idle, and its latest memory reading; across GPUs it keeps the consumers
+//! it has seen and the statistics. Before granting the head of a queue it
+//! checks that the request fits in the GPU's memory, and if not, decides
+//! which idle residents to ask to unload (`gpu.rs`). Every method takes `now`
+//! as an argument and returns decisions (grant this waiter, ask that
+//! consumer to unload); nothing here sleeps, awaits, or knows about tokio,
+//! tonic, prost or NVML. The async layer (`crate::broker`) owns one
+//! `Scheduler` behind a mutex and turns its decisions into messages.
 //!
 //! Each waiter carries a payload `W` chosen by the caller (the broker stores
 //! the channel that delivers the grant there). The core hands the payload
@@ -14,6 +18,9 @@
 //! keep a second map in step with this one.
 
 mod consumers;
+mod gpu;
+#[cfg(test)]
+mod memory_tests;
 mod name;
 #[cfg(test)]
 mod tests;
@@ -22,9 +29,11 @@ use std::collections::{BTreeMap, VecDeque};
 use std::time::{Duration, Instant};
 
 pub use consumers::{ConsumerKind, ConsumerProfile, ConsumerRecord};
+pub use gpu::{Blocked, GpuSpec, MemoryReading, ProcessUsage, Resident, UnloadRequest};
 pub use name::{ConsumerNameError, validate_consumer_name};
 
 use consumers::ConsumerBook;
+use gpu::{Admit, GpuState, Holding, Waiting};
 
 /// Identifies a waiting request. Ids increase in arrival order, so the
 /// queue's order is the order of its ids.
@@ -47,6 +56,44 @@ pub struct Request {
     pub client_pid: u32,
     /// Free-form labels, shown in the snapshot.
     pub labels: BTreeMap<String, String>,
+    /// Which GPU it wants.
+    pub gpu: GpuChoice,
+}
+
+/// Which GPU a request wants.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub enum GpuChoice {
+    /// Whichever can take it soonest.
+    #[default]
+    Any,
+    /// The GPU with this index.
+    Index(u32),
+    /// The GPU with this UUID.
+    Uuid(String),
+}
+
+/// How the scheduler is set up.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Settings {
+    /// How many leases may be held at once on each GPU (at least 1).
+    pub capacity: usize,
+    /// Refuse consumers that are not configured.
+    pub strict: bool,
+    /// Memory kept free on every GPU beyond what requests ask, in MiB.
+    pub safety_margin_mib: u64,
+    /// How long a resident asked to unload has to free its memory.
+    pub unload_timeout: Duration,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Self {
+            capacity: 1,
+            strict: false,
+            safety_margin_mib: 0,
+            unload_timeout: Duration::from_secs(10),
+        }
+    }
 }
 
 /// Why a request cannot even join the queue.
@@ -58,6 +105,17 @@ pub enum Rejection {
     /// Strict mode is on and the consumer is not configured.
     #[error("consumer {0:?} is not in the broker's configuration and strict_consumers is on")]
     UnknownConsumer(String),
+    /// No GPU has that index or UUID.
+    #[error("no GPU is {0:?}; the broker has {1}")]
+    UnknownGpu(String, String),
+    /// The request needs more memory than the chosen GPUs have.
+    #[error("the request needs {need_mib} MiB but the largest GPU it may use has {total_mib} MiB")]
+    TooLarge {
+        /// What it needs.
+        need_mib: u64,
+        /// What the largest eligible GPU has.
+        total_mib: u64,
+    },
 }
 
 /// How a held lease ended.
@@ -98,8 +156,14 @@ pub enum Withdrawal {
 pub struct Grant<W> {
     /// The waiter that was granted; it is no longer in the queue.
     pub waiter: WaiterId,
+    /// The consumer.
+    pub consumer: String,
     /// The new lease's token.
     pub token: FencingToken,
+    /// The granted GPU's index.
+    pub gpu_index: u32,
+    /// The granted GPU's UUID; empty when unknown.
+    pub gpu_uuid: String,
     /// How long the request waited.
     pub waited: Duration,
     /// The payload the waiter was enqueued with.
@@ -119,11 +183,24 @@ pub struct EndedLease {
     pub waited: Duration,
 }
 
+/// What [`Scheduler::grant_ready`] decided.
+#[derive(Debug)]
+pub struct Decisions<W> {
+    /// Grants, in order.
+    pub grants: Vec<Grant<W>>,
+    /// Residents to ask to unload.
+    pub unloads: Vec<UnloadRequest>,
+}
+
 /// A held lease, as the snapshot shows it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct HolderView {
     /// The lease's token.
     pub token: FencingToken,
+    /// The GPU it holds.
+    pub gpu_index: u32,
+    /// The most memory its processes were seen using, in MiB.
+    pub peak_mib: u64,
     /// The request it was granted for.
     pub request: Request,
     /// How long it has been held.
@@ -133,8 +210,10 @@ pub struct HolderView {
 /// A waiting request, as the snapshot shows it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct WaiterView {
-    /// Its place in the queue; 1 is next.
+    /// Its place in its GPU's queue; 1 is next.
     pub position: u32,
+    /// The GPU it waits for.
+    pub gpu_index: u32,
     /// The request.
     pub request: Request,
     /// How long it has waited.
@@ -158,10 +237,55 @@ pub struct EndCounts {
     pub expired: u64,
 }
 
+/// Unloads asked for and how they went.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct EvictionStats {
+    /// Residents asked to unload.
+    pub requested: u64,
+    /// Residents whose memory came back in time for a grant.
+    pub completed: u64,
+    /// Residents that let the unload deadline pass.
+    pub failed: u64,
+    /// The last consumer whose unload completed.
+    pub last_victim: String,
+    /// How long that unload took.
+    pub last_unload: Duration,
+}
+
+/// A resident consumer, as the snapshot shows it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ResidentView {
+    /// The resident.
+    pub resident: Resident,
+    /// How long it has been idle.
+    pub idle: Duration,
+}
+
+/// One GPU, as the snapshot shows it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct GpuView {
+    /// What it is.
+    pub spec: GpuSpec,
+    /// Its latest memory reading, if measured.
+    pub reading: Option<MemoryReading>,
+    /// Memory the head of its queue could take now, in MiB.
+    pub headroom_mib: i64,
+    /// Held leases on it.
+    pub holders: Vec<HolderView>,
+    /// Requests waiting for it, in order.
+    pub waiters: Vec<WaiterView>,
+    /// Idle consumers keeping memory on it.
+    pub residents: Vec<ResidentView>,
+    /// Why the head of its queue is not granted.
+    pub blocked: Option<Blocked>,
+    /// Processes on it that belong to no holder and no resident.
+    pub unleased: Vec<ProcessUsage>,
+}
+
 /// Everything the core knows, at one instant.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Snapshot {
-    /// How many leases may be held at once.
+    /// How many leases may be held at once, over all GPUs.
     pub capacity: u32,
     /// Grants since the start.
     pub total_grants: u64,
@@ -179,41 +303,28 @@ pub struct Snapshot {
     pub consumers: Vec<ConsumerRecord>,
     /// How leases and requests ended.
     pub ended: EndCounts,
+    /// Every GPU.
+    pub gpus: Vec<GpuView>,
+    /// Unloads and how they went.
+    pub evictions: EvictionStats,
 }
 
-/// The scheduling state of one GPU's leases.
+/// The scheduling state of every GPU's leases.
 ///
 /// Invariants, checked by the property test in `tests.rs`:
-/// - at most `capacity` leases are held;
-/// - waiters are granted strictly in arrival order, and only while queued;
+/// - at most `capacity` leases are held on each GPU;
+/// - each GPU's waiters are granted strictly in arrival order, and only
+///   while queued;
 /// - fencing tokens strictly increase;
 /// - a lease or a waiter ends exactly once; ending it again does nothing.
 #[derive(Debug)]
 pub struct Scheduler<W> {
-    capacity: usize,
-    strict: bool,
+    settings: Settings,
     next_waiter: u64,
     last_token: u64,
-    /// Waiting requests by id; ids grow with arrival, so this is FIFO order.
-    waiting: BTreeMap<WaiterId, Waiting<W>>,
-    /// Held leases by token, in grant order.
-    holding: BTreeMap<FencingToken, Holding>,
+    gpus: Vec<GpuState<W>>,
     consumers: ConsumerBook,
     stats: Stats,
-}
-
-#[derive(Debug)]
-struct Waiting<W> {
-    request: Request,
-    since: Instant,
-    payload: W,
-}
-
-#[derive(Debug)]
-struct Holding {
-    request: Request,
-    granted_at: Instant,
-    waited: Duration,
 }
 
 #[derive(Debug, Default)]
@@ -222,43 +333,68 @@ struct Stats {
     last_wait: Duration,
     last_hold: Duration,
     ended: EndCounts,
+    evictions: EvictionStats,
 }
 
 impl<W> Scheduler<W> {
-    /// A scheduler for `capacity` concurrent leases (at least 1).
-    ///
-    /// `consumers` are the configured consumers; with `strict`, nobody else
-    /// may enqueue.
+    /// A scheduler for `gpus` (one unmeasured GPU of unknown size when
+    /// empty), with the configured `consumers`.
     pub fn new(
-        capacity: usize,
-        strict: bool,
+        settings: Settings,
+        gpus: Vec<GpuSpec>,
         consumers: impl IntoIterator<Item = ConsumerProfile>,
     ) -> Self {
+        let gpus = if gpus.is_empty() {
+            vec![GpuSpec {
+                index: 0,
+                uuid: String::new(),
+                name: String::new(),
+                total_mib: 0,
+                measured: false,
+            }]
+        } else {
+            gpus
+        };
         Self {
-            capacity: capacity.max(1),
-            strict,
+            settings: Settings {
+                capacity: settings.capacity.max(1),
+                ..settings
+            },
             next_waiter: 0,
             last_token: 0,
-            waiting: BTreeMap::new(),
-            holding: BTreeMap::new(),
+            gpus: gpus.into_iter().map(GpuState::new).collect(),
             consumers: ConsumerBook::new(consumers),
             stats: Stats::default(),
         }
     }
 
-    /// How many leases may be held at once.
+    /// A scheduler for one GPU of unknown size, without memory accounting.
+    pub fn single(
+        capacity: usize,
+        strict: bool,
+        consumers: impl IntoIterator<Item = ConsumerProfile>,
+    ) -> Self {
+        let settings = Settings {
+            capacity,
+            strict,
+            ..Settings::default()
+        };
+        Self::new(settings, Vec::new(), consumers)
+    }
+
+    /// How many leases may be held at once on each GPU.
     pub fn capacity(&self) -> usize {
-        self.capacity
+        self.settings.capacity
     }
 
-    /// How many leases are held now.
+    /// How many leases are held now, over all GPUs.
     pub fn in_flight(&self) -> usize {
-        self.holding.len()
+        self.gpus.iter().map(|g| g.holding.len()).sum()
     }
 
-    /// How many requests wait now.
+    /// How many requests wait now, over all GPUs.
     pub fn queue_depth(&self) -> usize {
-        self.waiting.len()
+        self.gpus.iter().map(|g| g.waiting.len()).sum()
     }
 
     /// The last fencing token handed out; 0 before the first grant.
@@ -266,42 +402,182 @@ impl<W> Scheduler<W> {
         FencingToken(self.last_token)
     }
 
-    /// Puts a request at the back of the queue.
+    /// The GPUs.
+    pub fn gpus(&self) -> impl Iterator<Item = &GpuSpec> {
+        self.gpus.iter().map(|g| &g.spec)
+    }
+
+    /// Puts a request at the back of a GPU's queue: the one it names, or the
+    /// one that can take it soonest.
     ///
-    /// Returns its id and its position (1 = next). The request is not granted
-    /// here, even when a permit is free: call [`Scheduler::grant_ready`]
-    /// afterwards, which keeps the one place where grants happen.
+    /// Returns its id, the GPU's index and its position there (1 = next).
+    /// The request is not granted here, even when it could be: call
+    /// [`Scheduler::grant_ready`] afterwards, which keeps the one place where
+    /// grants happen.
     pub fn enqueue(
         &mut self,
         request: Request,
         payload: W,
         now: Instant,
-    ) -> Result<(WaiterId, u32), Rejection> {
+    ) -> Result<(WaiterId, u32, u32), Rejection> {
         validate_consumer_name(&request.consumer)?;
-        if self.strict && !self.consumers.is_configured(&request.consumer) {
+        if self.settings.strict && !self.consumers.is_configured(&request.consumer) {
             return Err(Rejection::UnknownConsumer(request.consumer));
         }
-        self.consumers.touch(&request.consumer, now).waiting += 1;
+        let slot = self.choose_gpu(&request)?;
+        let record = self.consumers.touch(&request.consumer, now);
+        record.waiting += 1;
+        // A consumer that asks again is not a culprit any more.
+        for gpu in &mut self.gpus {
+            if let Some(resident) = gpu.residents.get_mut(&request.consumer) {
+                resident.unload_failed = false;
+            }
+        }
         self.next_waiter += 1;
         let id = WaiterId(self.next_waiter);
-        let waiting = Waiting {
-            request,
-            since: now,
-            payload,
-        };
-        self.waiting.insert(id, waiting);
-        Ok((id, saturating_u32(self.waiting.len())))
+        let gpu = &mut self.gpus[slot];
+        gpu.waiting.insert(
+            id,
+            Waiting {
+                request,
+                since: now,
+                payload,
+            },
+        );
+        Ok((id, gpu.spec.index, saturating_u32(gpu.waiting.len())))
     }
 
-    /// Grants the lease to waiters at the head of the queue while permits are
-    /// free, and returns those grants in order. Costs O(grants · log n),
-    /// never O(queue length).
-    pub fn grant_ready(&mut self, now: Instant) -> Vec<Grant<W>> {
-        let mut grants = Vec::new();
-        while self.holding.len() < self.capacity {
-            let Some((waiter, waiting)) = self.waiting.pop_first() else {
-                break;
+    fn choose_gpu(&self, request: &Request) -> Result<usize, Rejection> {
+        let eligible: Vec<usize> = match &request.gpu {
+            GpuChoice::Any => (0..self.gpus.len()).collect(),
+            GpuChoice::Index(index) => self
+                .gpus
+                .iter()
+                .position(|g| g.spec.index == *index)
+                .into_iter()
+                .collect(),
+            GpuChoice::Uuid(uuid) => self
+                .gpus
+                .iter()
+                .position(|g| !g.spec.uuid.is_empty() && g.spec.uuid.eq_ignore_ascii_case(uuid))
+                .into_iter()
+                .collect(),
+        };
+        if eligible.is_empty() {
+            let asked = match &request.gpu {
+                GpuChoice::Index(index) => index.to_string(),
+                GpuChoice::Uuid(uuid) => uuid.clone(),
+                GpuChoice::Any => String::new(),
             };
+            let known: Vec<String> = self
+                .gpus
+                .iter()
+                .map(|g| {
+                    if g.spec.uuid.is_empty() {
+                        g.spec.index.to_string()
+                    } else {
+                        format!("{} ({})", g.spec.index, g.spec.uuid)
+                    }
+                })
+                .collect();
+            return Err(Rejection::UnknownGpu(asked, known.join(", ")));
+        }
+        // A GPU of unknown size (0) takes any request.
+        let fits = |slot: &usize| {
+            let total = self.gpus[*slot].spec.total_mib;
+            total == 0 || request.vram_mib <= total
+        };
+        let fitting: Vec<usize> = eligible.iter().copied().filter(fits).collect();
+        if fitting.is_empty() {
+            let total_mib = eligible
+                .iter()
+                .map(|slot| self.gpus[*slot].spec.total_mib)
+                .max()
+                .unwrap_or(0);
+            return Err(Rejection::TooLarge {
+                need_mib: request.vram_mib,
+                total_mib,
+            });
+        }
+        // Soonest: one that could grant at once, then the shortest line.
+        let margin = self.settings.safety_margin_mib;
+        let key = |slot: &usize| {
+            let gpu = &self.gpus[*slot];
+            let now_free = gpu.waiting.is_empty()
+                && gpu.holding.len() < self.settings.capacity
+                && (request.vram_mib == 0
+                    || i128::from(request.vram_mib) <= gpu.headroom(&request.consumer, margin));
+            let line = gpu.waiting.len() + gpu.holding.len();
+            (!now_free, line, gpu.spec.index)
+        };
+        Ok(fitting.into_iter().min_by_key(key).expect("not empty"))
+    }
+
+    /// Grants the lease to waiters at the head of each GPU's queue while
+    /// permits are free and their memory fits, and decides which idle
+    /// residents to ask to unload where it does not. Costs O(grants · log n)
+    /// per GPU, never O(queue length).
+    pub fn grant_ready(&mut self, now: Instant) -> Decisions<W> {
+        let mut decisions = Decisions {
+            grants: Vec::new(),
+            unloads: Vec::new(),
+        };
+        for slot in 0..self.gpus.len() {
+            self.grant_ready_on(slot, now, &mut decisions);
+        }
+        decisions
+    }
+
+    fn grant_ready_on(&mut self, slot: usize, now: Instant, decisions: &mut Decisions<W>) {
+        let capacity = self.settings.capacity;
+        let margin = self.settings.safety_margin_mib;
+        let unload_timeout = self.settings.unload_timeout;
+        loop {
+            let consumers = &self.consumers;
+            let gpu = &mut self.gpus[slot];
+            if gpu.holding.len() >= capacity {
+                return;
+            }
+            let Some((&id, head)) = gpu.waiting.first_key_value() else {
+                gpu.admission = None;
+                gpu.blocked = None;
+                return;
+            };
+            if gpu.admission.as_ref().is_some_and(|a| a.waiter != id) {
+                gpu.admission = None;
+            }
+            let request = head.request.clone();
+            let was_admitting = gpu.admission.is_some();
+            let evictable = |name: &str| consumers.is_evictable(name);
+            let admit = gpu.admit(id, &request, margin, unload_timeout, evictable, now);
+            if let Admit::Wait(unloads) = admit {
+                let stats = &mut self.stats.evictions;
+                stats.requested += unloads.len() as u64;
+                decisions.unloads.extend(unloads);
+                let gpu = &self.gpus[slot];
+                if was_admitting
+                    && gpu.admission.is_none()
+                    && let Some(Blocked::NotFreed { culprits, .. }) = &gpu.blocked
+                {
+                    stats.failed += culprits.len() as u64;
+                }
+                return;
+            }
+            let gpu = &mut self.gpus[slot];
+            let (_, waiting) = gpu.waiting.pop_first().expect("the head exists");
+            // Whoever was asked to unload for this grant made room in time.
+            if let Some(admission) = gpu.admission.take() {
+                for victim in admission.victims {
+                    gpu.residents.remove(&victim);
+                    let stats = &mut self.stats.evictions;
+                    stats.completed += 1;
+                    stats.last_unload = now.saturating_duration_since(admission.asked_at);
+                    stats.last_victim = victim;
+                }
+            }
+            gpu.blocked = None;
+            // It uses its resident memory again.
+            gpu.residents.remove(&waiting.request.consumer);
             self.last_token += 1;
             let token = FencingToken(self.last_token);
             let waited = now.saturating_duration_since(waiting.since);
@@ -311,22 +587,26 @@ impl<W> Scheduler<W> {
             record.grants += 1;
             self.stats.total_grants += 1;
             self.stats.last_wait = waited;
-            self.holding.insert(
+            let consumer = waiting.request.consumer.clone();
+            gpu.holding.insert(
                 token,
                 Holding {
                     request: waiting.request,
                     granted_at: now,
                     waited,
+                    peak_mib: 0,
                 },
             );
-            grants.push(Grant {
-                waiter,
+            decisions.grants.push(Grant {
+                waiter: id,
+                consumer,
                 token,
+                gpu_index: gpu.spec.index,
+                gpu_uuid: gpu.spec.uuid.clone(),
                 waited,
                 payload: waiting.payload,
             });
         }
-        grants
     }
 
     /// Takes a request out of the queue without granting it.
@@ -334,7 +614,7 @@ impl<W> Scheduler<W> {
     /// Returns its payload, or `None` if it is no longer waiting (it was
     /// granted or withdrawn before); in that case nothing changes.
     pub fn withdraw(&mut self, id: WaiterId, how: Withdrawal, now: Instant) -> Option<W> {
-        let waiting = self.waiting.remove(&id)?;
+        let waiting = self.gpus.iter_mut().find_map(|g| g.waiting.remove(&id))?;
         let record = self.consumers.touch(&waiting.request.consumer, now);
         record.waiting = record.waiting.saturating_sub(1);
         match how {
@@ -344,16 +624,43 @@ impl<W> Scheduler<W> {
         Some(waiting.payload)
     }
 
-    /// Ends a held lease and frees its permit.
+    /// Ends a held lease and frees its permit. The consumer stays resident
+    /// on the GPU with its footprint (configured, or the most it was seen
+    /// using), if it has one.
     ///
     /// Returns what ended, or `None` if the token does not name a held lease
     /// (it ended before): ending a lease twice is harmless and changes
     /// nothing. Call [`Scheduler::grant_ready`] afterwards.
     pub fn end(&mut self, token: FencingToken, how: LeaseEnd, now: Instant) -> Option<EndedLease> {
-        let holding = self.holding.remove(&token)?;
+        let gpu = self
+            .gpus
+            .iter_mut()
+            .find(|g| g.holding.contains_key(&token))?;
+        let holding = gpu.holding.remove(&token)?;
         let held = now.saturating_duration_since(holding.granted_at);
         let record = self.consumers.touch(&holding.request.consumer, now);
         record.holding = record.holding.saturating_sub(1);
+        record.peak_mib = record.peak_mib.max(holding.peak_mib);
+        let footprint = record.footprint_mib();
+        if footprint > 0
+            && !gpu
+                .holding
+                .values()
+                .any(|h| h.request.consumer == holding.request.consumer)
+        {
+            gpu.residents.insert(
+                holding.request.consumer.clone(),
+                Resident {
+                    consumer: holding.request.consumer.clone(),
+                    footprint_mib: footprint,
+                    idle_since: now,
+                    pid: holding.request.client_pid,
+                    seen: holding.peak_mib > 0,
+                    unload_requested: None,
+                    unload_failed: false,
+                },
+            );
+        }
         self.stats.last_hold = held;
         let ended = &mut self.stats.ended;
         match how {
@@ -370,69 +677,231 @@ impl<W> Scheduler<W> {
         })
     }
 
+    /// Takes in a reading of a GPU's memory: learns how much its holders
+    /// use, and forgets residents whose processes have left it. Call
+    /// [`Scheduler::grant_ready`] afterwards: memory may have come back.
+    pub fn observe(&mut self, gpu_index: u32, reading: MemoryReading, _now: Instant) {
+        let Some(gpu) = self.gpus.iter_mut().find(|g| g.spec.index == gpu_index) else {
+            return;
+        };
+        for holding in gpu.holding.values_mut() {
+            let used: u64 = reading
+                .processes
+                .iter()
+                .filter(|p| p.belongs_to(holding.request.client_pid))
+                .map(|p| p.used_mib)
+                .sum();
+            holding.peak_mib = holding.peak_mib.max(used);
+        }
+        gpu.residents.retain(|_, resident| {
+            let present = reading.processes.iter().any(|p| p.belongs_to(resident.pid));
+            resident.seen |= present;
+            // Gone from the GPU after having been seen on it: it unloaded.
+            !resident.seen || present
+        });
+        gpu.reading = Some(reading);
+    }
+
+    /// A consumer says it unloaded from a GPU (or from all, with `None`).
+    /// Returns whether it was resident.
+    pub fn unloaded(&mut self, consumer: &str, gpu_index: Option<u32>, now: Instant) -> bool {
+        let mut was = false;
+        for gpu in &mut self.gpus {
+            if gpu_index.is_none_or(|index| index == gpu.spec.index) {
+                was |= gpu.residents.remove(consumer).is_some();
+            }
+        }
+        if was {
+            self.consumers.touch(consumer, now);
+        }
+        was
+    }
+
+    /// Forgets residents whose idle TTL has passed. Call
+    /// [`Scheduler::grant_ready`] afterwards.
+    pub fn expire_residents(&mut self, now: Instant) {
+        for gpu in &mut self.gpus {
+            gpu.residents.retain(|name, resident| {
+                let ttl = self.consumers.idle_ttl(name);
+                ttl.is_none_or(|ttl| now.saturating_duration_since(resident.idle_since) < ttl)
+            });
+        }
+    }
+
+    /// The next moment at which time alone changes a decision: an unload
+    /// deadline or an idle TTL.
+    pub fn next_deadline(&self) -> Option<Instant> {
+        let deadlines = self.gpus.iter().flat_map(|gpu| {
+            let admission = gpu.admission.as_ref().map(|a| a.deadline);
+            let ttls = gpu.residents.iter().filter_map(|(name, resident)| {
+                self.consumers
+                    .idle_ttl(name)
+                    .map(|ttl| resident.idle_since + ttl)
+            });
+            admission.into_iter().chain(ttls)
+        });
+        deadlines.min()
+    }
+
+    /// Whether some GPU's head waits for memory, so readings should come
+    /// often.
+    pub fn awaiting_memory(&self) -> bool {
+        self.gpus.iter().any(|g| g.blocked.is_some())
+    }
+
+    /// How many requests wait for the GPU `gpu_index`.
+    pub fn queue_len(&self, gpu_index: u32) -> usize {
+        self.gpu(gpu_index).map_or(0, |g| g.waiting.len())
+    }
+
+    /// Why the head of `gpu_index`'s queue is not granted, if it is not.
+    pub fn blocked(&self, gpu_index: u32) -> Option<&Blocked> {
+        self.gpu(gpu_index).and_then(|g| g.blocked.as_ref())
+    }
+
+    fn gpu(&self, gpu_index: u32) -> Option<&GpuState<W>> {
+        self.gpus.iter().find(|g| g.spec.index == gpu_index)
+    }
+
     /// Whether `id` names a request that waits now.
     pub fn is_waiting(&self, id: WaiterId) -> bool {
-        self.waiting.contains_key(&id)
+        self.gpus.iter().any(|g| g.waiting.contains_key(&id))
     }
 
     /// Whether `token` names a lease that is held now.
     pub fn is_held(&self, token: FencingToken) -> bool {
-        self.holding.contains_key(&token)
+        self.gpus.iter().any(|g| g.holding.contains_key(&token))
     }
 
-    /// Visits every waiter in queue order with its position (1 = next).
-    /// O(queue length): for periodic position updates, not for every grant.
-    pub fn for_each_waiter(&mut self, mut visit: impl FnMut(u32, &mut W)) {
-        for (index, waiting) in self.waiting.values_mut().enumerate() {
-            visit(saturating_u32(index + 1), &mut waiting.payload);
+    /// Visits every waiter in queue order with where it stands. O(queue
+    /// length): for periodic position updates, not for every grant.
+    pub fn for_each_waiter(&mut self, mut visit: impl FnMut(WaiterPlace<'_>, &mut W)) {
+        for gpu in &mut self.gpus {
+            let depth = saturating_u32(gpu.waiting.len());
+            for (index, waiting) in gpu.waiting.values_mut().enumerate() {
+                let place = WaiterPlace {
+                    gpu_index: gpu.spec.index,
+                    position: saturating_u32(index + 1),
+                    queue_depth: depth,
+                    blocked: gpu.blocked.as_ref(),
+                };
+                visit(place, &mut waiting.payload);
+            }
         }
     }
 
-    /// The held leases, oldest grant first.
-    pub fn holders(&self, now: Instant) -> Vec<HolderView> {
-        self.holding
+    /// The held leases on `gpu_index` (all GPUs with `None`), oldest grant
+    /// first.
+    pub fn holders(&self, gpu_index: Option<u32>, now: Instant) -> Vec<HolderView> {
+        let mut holders: Vec<HolderView> = self
+            .gpus
             .iter()
-            .map(|(token, holding)| HolderView {
-                token: *token,
-                request: holding.request.clone(),
-                held: now.saturating_duration_since(holding.granted_at),
+            .filter(|g| gpu_index.is_none_or(|index| index == g.spec.index))
+            .flat_map(|g| {
+                g.holding.iter().map(|(token, holding)| HolderView {
+                    token: *token,
+                    gpu_index: g.spec.index,
+                    peak_mib: holding.peak_mib,
+                    request: holding.request.clone(),
+                    held: now.saturating_duration_since(holding.granted_at),
+                })
             })
-            .collect()
+            .collect();
+        holders.sort_by_key(|h| h.token);
+        holders
     }
 
     /// Everything the core knows, at `now`.
     pub fn snapshot(&self, now: Instant) -> Snapshot {
-        let waiters: Vec<WaiterView> = self
-            .waiting
-            .values()
-            .enumerate()
-            .map(|(index, waiting)| WaiterView {
-                position: saturating_u32(index + 1),
-                request: waiting.request.clone(),
-                waiting: now.saturating_duration_since(waiting.since),
+        let margin = self.settings.safety_margin_mib;
+        let gpus: Vec<GpuView> = self
+            .gpus
+            .iter()
+            .map(|gpu| {
+                let waiters: Vec<WaiterView> = gpu
+                    .waiting
+                    .values()
+                    .enumerate()
+                    .map(|(index, waiting)| WaiterView {
+                        position: saturating_u32(index + 1),
+                        gpu_index: gpu.spec.index,
+                        request: waiting.request.clone(),
+                        waiting: now.saturating_duration_since(waiting.since),
+                    })
+                    .collect();
+                let head = waiters.first().map_or("", |w| w.request.consumer.as_str());
+                let known = |p: &ProcessUsage| {
+                    gpu.holding
+                        .values()
+                        .any(|h| p.belongs_to(h.request.client_pid))
+                        || gpu.residents.values().any(|r| p.belongs_to(r.pid))
+                };
+                GpuView {
+                    spec: gpu.spec.clone(),
+                    reading: gpu.reading.clone(),
+                    headroom_mib: i64::try_from(gpu.headroom(head, margin)).unwrap_or(i64::MAX),
+                    holders: self.holders(Some(gpu.spec.index), now),
+                    waiters,
+                    residents: gpu
+                        .residents
+                        .values()
+                        .map(|r| ResidentView {
+                            resident: r.clone(),
+                            idle: now.saturating_duration_since(r.idle_since),
+                        })
+                        .collect(),
+                    blocked: gpu.blocked.clone(),
+                    unleased: gpu
+                        .reading
+                        .iter()
+                        .flat_map(|r| r.processes.iter())
+                        .filter(|p| !known(p))
+                        .cloned()
+                        .collect(),
+                }
             })
             .collect();
+        let mut waiters: Vec<WaiterView> = gpus.iter().flat_map(|g| g.waiters.clone()).collect();
+        waiters.sort_by_key(|w| std::cmp::Reverse(w.waiting));
         Snapshot {
-            capacity: saturating_u32(self.capacity),
+            capacity: saturating_u32(self.settings.capacity * self.gpus.len()),
             total_grants: self.stats.total_grants,
             last_wait: self.stats.last_wait,
             last_hold: self.stats.last_hold,
             oldest_queued: waiters.first().map_or(Duration::ZERO, |w| w.waiting),
-            holders: self.holders(now),
+            holders: self.holders(None, now),
             waiters,
             consumers: self.consumers.records(),
             ended: self.stats.ended,
+            gpus,
+            evictions: self.stats.evictions.clone(),
         }
     }
 
-    /// Withdraws every waiter, for shutdown; returns their payloads in queue
-    /// order.
+    /// Withdraws every waiter, for shutdown; returns their payloads.
     pub fn drain_waiters(&mut self, now: Instant) -> VecDeque<W> {
-        let ids: Vec<WaiterId> = self.waiting.keys().copied().collect();
+        let ids: Vec<WaiterId> = self
+            .gpus
+            .iter()
+            .flat_map(|g| g.waiting.keys().copied())
+            .collect();
         ids.into_iter()
             .filter_map(|id| self.withdraw(id, Withdrawal::Withdrawn, now))
             .collect()
     }
+}
+
+/// Where a waiting request stands, for position updates.
+#[derive(Clone, Copy, Debug)]
+pub struct WaiterPlace<'a> {
+    /// The GPU it waits for.
+    pub gpu_index: u32,
+    /// Its place in that GPU's queue; 1 is next.
+    pub position: u32,
+    /// How many wait for that GPU.
+    pub queue_depth: u32,
+    /// Why the head of that queue is not granted, if it is not.
+    pub blocked: Option<&'a Blocked>,
 }
 
 fn saturating_u32(n: usize) -> u32 {

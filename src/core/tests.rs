@@ -41,6 +41,8 @@ fn check(script: &str, expected: &str) {
                 kind: ConsumerKind::Other,
                 vram_mib: 0,
                 coexist: false,
+                unloadable: false,
+                idle_ttl: None,
             }),
             _ => break,
         }
@@ -49,14 +51,14 @@ fn check(script: &str, expected: &str) {
 
     let start = Instant::now();
     let mut now = start;
-    let mut sched: Scheduler<String> = Scheduler::new(capacity, strict, configured);
+    let mut sched: Scheduler<String> = Scheduler::single(capacity, strict, configured);
     let mut waiting: Vec<(String, WaiterId)> = Vec::new();
     let mut out = String::new();
     for line in lines {
         let (op, arg) = line.split_once(' ').unwrap_or((line, ""));
         match op {
             "grant" => {
-                for grant in sched.grant_ready(now) {
+                for grant in sched.grant_ready(now).grants {
                     waiting.retain(|(_, id)| *id != grant.waiter);
                     writeln!(
                         out,
@@ -119,7 +121,7 @@ fn check(script: &str, expected: &str) {
                     ..Request::default()
                 };
                 match sched.enqueue(request, name.to_owned(), now) {
-                    Ok((id, position)) => {
+                    Ok((id, _, position)) => {
                         waiting.push((name.to_owned(), id));
                         writeln!(out, "queued {name} at {position}").unwrap();
                     }
@@ -347,15 +349,17 @@ fn consumers_record_activity() {
         kind: ConsumerKind::Tts,
         vram_mib: 3000,
         coexist: true,
+        unloadable: false,
+        idle_ttl: None,
     };
-    let mut sched: Scheduler<()> = Scheduler::new(1, false, [profile.clone()]);
+    let mut sched: Scheduler<()> = Scheduler::single(1, false, [profile.clone()]);
     let ask = |name: &str| Request {
         consumer: name.into(),
         ..Request::default()
     };
     sched.enqueue(ask("tts"), (), start).unwrap();
     sched.enqueue(ask("other"), (), start).unwrap();
-    let grants = sched.grant_ready(start + Duration::from_millis(5));
+    let grants = sched.grant_ready(start + Duration::from_millis(5)).grants;
     assert_eq!(grants.len(), 1);
     let snapshot = sched.snapshot(start + Duration::from_millis(7));
     let names: Vec<_> = snapshot.consumers.iter().map(|c| c.name.as_str()).collect();
@@ -375,7 +379,7 @@ fn consumers_record_activity() {
 #[test]
 fn strangers_are_forgotten_beyond_the_limit_but_the_busy_are_kept() {
     let now = Instant::now();
-    let mut sched: Scheduler<()> = Scheduler::new(1, false, []);
+    let mut sched: Scheduler<()> = Scheduler::single(1, false, []);
     let busy = Request {
         consumer: "busy".into(),
         ..Request::default()
@@ -386,7 +390,7 @@ fn strangers_are_forgotten_beyond_the_limit_but_the_busy_are_kept() {
             consumer: format!("c{i}"),
             ..Request::default()
         };
-        let (id, _) = sched
+        let (id, _, _) = sched
             .enqueue(request, (), now + Duration::from_millis(i as u64 + 1))
             .unwrap();
         sched.withdraw(id, Withdrawal::Withdrawn, now);
@@ -406,7 +410,7 @@ fn strangers_are_forgotten_beyond_the_limit_but_the_busy_are_kept() {
 #[test]
 fn positions_follow_the_queue() {
     let now = Instant::now();
-    let mut sched: Scheduler<&str> = Scheduler::new(1, false, []);
+    let mut sched: Scheduler<&str> = Scheduler::single(1, false, []);
     let mut ids = Vec::new();
     for name in ["a", "b", "c", "d"] {
         let request = Request {
@@ -418,7 +422,7 @@ fn positions_follow_the_queue() {
     sched.grant_ready(now);
     sched.withdraw(ids[2], Withdrawal::Withdrawn, now);
     let mut seen = Vec::new();
-    sched.for_each_waiter(|position, name| seen.push((position, *name)));
+    sched.for_each_waiter(|place, name| seen.push((place.position, *name)));
     assert_eq!(seen, [(1, "b"), (2, "d")]);
     let drained = sched.drain_waiters(now);
     assert_eq!(drained, ["b", "d"]);
@@ -460,7 +464,7 @@ proptest! {
         let start = Instant::now();
         let mut now = start;
         // Each waiter's payload is its index in `enqueued`.
-        let mut sched: Scheduler<usize> = Scheduler::new(capacity, false, []);
+        let mut sched: Scheduler<usize> = Scheduler::single(capacity, false, []);
         let mut model_queue: VecDeque<WaiterId> = VecDeque::new();
         let mut model_held: BTreeSet<FencingToken> = BTreeSet::new();
         let mut gone: BTreeSet<WaiterId> = BTreeSet::new();
@@ -473,7 +477,7 @@ proptest! {
             match op {
                 Op::Enqueue(c) => {
                     let request = Request { consumer: format!("c{c}"), ..Request::default() };
-                    let (id, position) = sched.enqueue(request, enqueued.len(), now).unwrap();
+                    let (id, _, position) = sched.enqueue(request, enqueued.len(), now).unwrap();
                     model_queue.push_back(id);
                     enqueued.push(id);
                     prop_assert_eq!(position as usize, model_queue.len());
@@ -506,7 +510,7 @@ proptest! {
                     }
                 }
                 Op::Grant => {
-                    for grant in sched.grant_ready(now) {
+                    for grant in sched.grant_ready(now).grants {
                         prop_assert!(!gone.contains(&grant.waiter), "granted a gone waiter");
                         prop_assert_eq!(Some(grant.waiter), model_queue.pop_front(), "not FIFO");
                         prop_assert_eq!(enqueued[grant.payload], grant.waiter);

@@ -7,18 +7,27 @@ use tonic::{Code, Status};
 
 use crate::broker::{BrokerStatus, EnqueueError, Grant, QueuePosition, lease_id, millis};
 use crate::core::{
-    ConsumerKind, ConsumerRecord, EndCounts, HolderView, Rejection, Request, RevokeReason,
-    WaiterView,
+    ConsumerKind, ConsumerRecord, EndCounts, EvictionStats, GpuChoice, GpuView, HolderView,
+    Rejection, Request, RevokeReason, UnloadRequest, WaiterView,
 };
 use crate::pb::v1 as pb;
 
-/// The request in an `Acquire`, checked.
+/// The request in an `Acquire`.
 pub(crate) fn request(acquire: pb::Acquire) -> Request {
+    let gpu = acquire.gpu.trim();
+    let gpu = if gpu.is_empty() {
+        GpuChoice::Any
+    } else if let Ok(index) = gpu.parse() {
+        GpuChoice::Index(index)
+    } else {
+        GpuChoice::Uuid(gpu.to_owned())
+    };
     Request {
         consumer: acquire.consumer,
         vram_mib: acquire.vram_mib,
         client_pid: acquire.client_pid,
         labels: acquire.labels.into_iter().collect(),
+        gpu,
     }
 }
 
@@ -30,6 +39,12 @@ pub(crate) fn enqueue_error(error: &EnqueueError) -> Status {
         }
         EnqueueError::Rejected(Rejection::UnknownConsumer(_)) => {
             Status::permission_denied(error.to_string())
+        }
+        EnqueueError::Rejected(Rejection::UnknownGpu(..)) => {
+            Status::invalid_argument(error.to_string())
+        }
+        EnqueueError::Rejected(Rejection::TooLarge { .. }) => {
+            Status::resource_exhausted(error.to_string())
         }
         EnqueueError::ShuttingDown => Status::unavailable(error.to_string()),
     }
@@ -64,8 +79,8 @@ pub(crate) fn granted(grant: &Grant) -> pb::LeaseEvent {
         lease_id: grant.lease_id.clone(),
         fencing_token: grant.token.0,
         broker_epoch: grant.epoch,
-        gpu_index: 0,
-        gpu_uuid: String::new(),
+        gpu_index: grant.gpu_index,
+        gpu_uuid: grant.gpu_uuid.clone(),
         waited_ms: millis(grant.waited),
     }))
 }
@@ -75,6 +90,8 @@ pub(crate) fn queued(position: &QueuePosition, epoch: u64) -> pb::LeaseEvent {
         position: position.position,
         queue_depth: position.queue_depth,
         holders: holders(&position.holders, epoch),
+        gpu_index: position.gpu_index,
+        blocked_by: position.blocked_by.clone().unwrap_or_default(),
     }))
 }
 
@@ -92,10 +109,11 @@ fn holder(view: &HolderView, epoch: u64) -> pb::Holder {
         consumer: view.request.consumer.clone(),
         fencing_token: view.token.0,
         held_ms: millis(view.held),
-        gpu_index: 0,
+        gpu_index: view.gpu_index,
         vram_mib: view.request.vram_mib,
         client_pid: view.request.client_pid,
         labels: view.request.labels.clone().into_iter().collect(),
+        peak_mib: view.peak_mib,
     }
 }
 
@@ -107,10 +125,11 @@ fn waiter(view: &WaiterView) -> pb::Waiter {
         vram_mib: view.request.vram_mib,
         client_pid: view.request.client_pid,
         labels: view.request.labels.clone().into_iter().collect(),
+        gpu_index: view.gpu_index,
     }
 }
 
-fn consumer(record: &ConsumerRecord, now: std::time::Instant) -> pb::Consumer {
+fn consumer(record: &ConsumerRecord, unload: &str, now: std::time::Instant) -> pb::Consumer {
     let profile = record.profile.as_ref();
     let kind = match profile.map(|p| p.kind) {
         None => pb::ConsumerKind::Unspecified,
@@ -129,6 +148,88 @@ fn consumer(record: &ConsumerRecord, now: std::time::Instant) -> pb::Consumer {
         last_active_ms_ago: record.idle_for(now).map_or(0, millis),
         holding: record.holding > 0,
         waiting: record.waiting,
+        peak_mib: record.peak_mib,
+        unload: unload.to_owned(),
+    }
+}
+
+fn gpu(view: &GpuView, epoch: u64) -> pb::Gpu {
+    let (used_mib, free_mib, headroom_mib) = match &view.reading {
+        Some(reading) => (reading.used_mib, reading.free_mib, view.headroom_mib),
+        // Unknown size, no readings: nothing to say.
+        None if view.spec.total_mib == 0 => (0, 0, 0),
+        None => {
+            let free = u64::try_from(view.headroom_mib.max(0)).unwrap_or(0);
+            (
+                view.spec.total_mib.saturating_sub(free),
+                free,
+                view.headroom_mib,
+            )
+        }
+    };
+    pb::Gpu {
+        index: view.spec.index,
+        uuid: view.spec.uuid.clone(),
+        name: view.spec.name.clone(),
+        total_mib: view.spec.total_mib,
+        used_mib,
+        free_mib,
+        measured: view.spec.measured,
+        headroom_mib,
+        holders: view.holders.iter().map(|h| holder(h, epoch)).collect(),
+        waiters: view.waiters.iter().map(waiter).collect(),
+        residents: view
+            .residents
+            .iter()
+            .map(|r| pb::Resident {
+                consumer: r.resident.consumer.clone(),
+                footprint_mib: r.resident.footprint_mib,
+                idle_ms: millis(r.idle),
+                pid: r.resident.pid,
+                unload_requested: r.resident.unload_requested.is_some()
+                    && !r.resident.unload_failed,
+                unload_failed: r.resident.unload_failed,
+            })
+            .collect(),
+        blocked_by: view
+            .blocked
+            .as_ref()
+            .map(ToString::to_string)
+            .unwrap_or_default(),
+        unleased: view
+            .unleased
+            .iter()
+            .map(|p| pb::GpuProcess {
+                pid: p.pid,
+                used_mib: p.used_mib,
+            })
+            .collect(),
+    }
+}
+
+fn evictions(stats: &EvictionStats) -> pb::Evictions {
+    pb::Evictions {
+        requested: stats.requested,
+        completed: stats.completed,
+        failed: stats.failed,
+        last_victim: stats.last_victim.clone(),
+        last_unload_ms: millis(stats.last_unload),
+    }
+}
+
+pub(crate) fn unload_requested(
+    request: &UnloadRequest,
+    deadline: std::time::Duration,
+) -> pb::ResidencyCommand {
+    pb::ResidencyCommand {
+        kind: Some(pb::residency_command::Kind::UnloadRequested(
+            pb::UnloadRequested {
+                gpu_index: request.gpu_index,
+                footprint_mib: request.footprint_mib,
+                for_consumer: request.for_consumer.clone(),
+                deadline_ms: millis(deadline),
+            },
+        )),
     }
 }
 
@@ -159,7 +260,11 @@ pub(crate) fn status(status: &BrokerStatus, now: std::time::Instant) -> pb::Stat
             .map(|h| holder(h, status.epoch))
             .collect(),
         waiters: core.waiters.iter().map(waiter).collect(),
-        consumers: core.consumers.iter().map(|c| consumer(c, now)).collect(),
+        consumers: core
+            .consumers
+            .iter()
+            .map(|c| consumer(c, status.unload.get(&c.name).copied().unwrap_or(""), now))
+            .collect(),
         broker: Some(pb::BrokerInfo {
             version: env!("CARGO_PKG_VERSION").to_owned(),
             epoch: status.epoch,
@@ -167,5 +272,8 @@ pub(crate) fn status(status: &BrokerStatus, now: std::time::Instant) -> pb::Stat
             shutting_down: status.shutting_down,
         }),
         ended: Some(ended(core.ended)),
+        gpus: core.gpus.iter().map(|g| gpu(g, status.epoch)).collect(),
+        evictions: Some(evictions(&core.evictions)),
+        inventory: status.inventory.to_owned(),
     }
 }

@@ -55,6 +55,9 @@ type EventSender = mpsc::Sender<Result<pb::LeaseEvent, Status>>;
 /// The stream of events of one `AcquireLease` call.
 pub type LeaseEventStream = ReceiverStream<Result<pb::LeaseEvent, Status>>;
 
+/// The stream of unload requests of one `Residency` call.
+pub type ResidencyStream = ReceiverStream<Result<pb::ResidencyCommand, Status>>;
+
 /// The stream of snapshots of one `WatchStatus` call.
 pub type StatusStream = Pin<Box<dyn Stream<Item = Result<pb::StatusResponse, Status>> + Send>>;
 
@@ -106,6 +109,69 @@ impl LeaseBroker for LeaseService {
         _request: Request<pb::StatusRequest>,
     ) -> Result<Response<pb::StatusResponse>, Status> {
         Ok(Response::new(self.snapshot()))
+    }
+
+    type ResidencyStream = ResidencyStream;
+
+    async fn residency(
+        &self,
+        request: Request<Streaming<pb::ResidencyReport>>,
+    ) -> Result<Response<Self::ResidencyStream>, Status> {
+        let mut inbound = request.into_inner();
+        let consumer = match inbound.message().await? {
+            Some(pb::ResidencyReport {
+                kind: Some(pb::residency_report::Kind::Hello(hello)),
+            }) => hello.consumer,
+            _ => {
+                return Err(Status::invalid_argument(
+                    "the first message of Residency must be `hello`",
+                ));
+            }
+        };
+        crate::core::validate_consumer_name(&consumer)
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let mut listener = self.broker.listen_for_unloads(consumer.clone());
+        let deadline = self.broker.unload_timeout();
+        let shutdown = self.broker.shutdown_token().clone();
+        let (tx, rx) = mpsc::channel(EVENT_BUFFER);
+        let span = info_span!("residency", %consumer);
+        tokio::spawn(
+            async move {
+                loop {
+                    tokio::select! {
+                        request = listener.next() => {
+                            let Some(request) = request else { return };
+                            let command = convert::unload_requested(&request, deadline);
+                            if tx.send(Ok(command)).await.is_err() {
+                                return;
+                            }
+                        }
+                        report = inbound.message() => match report {
+                            Ok(Some(pb::ResidencyReport {
+                                kind: Some(pb::residency_report::Kind::Unloaded(unloaded)),
+                            })) => {
+                                listener.unloaded((!unloaded.all_gpus).then_some(unloaded.gpu_index));
+                            }
+                            Ok(Some(_)) => {
+                                let status = Status::invalid_argument(
+                                    "only `unloaded` may follow `hello` on a Residency stream",
+                                );
+                                let _ = tx.send(Err(status)).await;
+                                return;
+                            }
+                            Ok(None) | Err(_) => return,
+                        },
+                        () = tx.closed() => return,
+                        () = shutdown.cancelled() => {
+                            let _ = tx.send(Err(Status::unavailable("the broker is shutting down"))).await;
+                            return;
+                        }
+                    }
+                }
+            }
+            .instrument(span),
+        );
+        Ok(Response::new(ReceiverStream::new(rx)))
     }
 
     type WatchStatusStream = StatusStream;
@@ -266,7 +332,7 @@ impl Session {
         how: Withdrawal,
         status: Option<Status>,
     ) -> Waited {
-        if let Err(lease) = ticket.withdraw(how) {
+        if let Some(lease) = ticket.withdraw(how) {
             let end = match how {
                 Withdrawal::Withdrawn => LeaseEnd::Disconnected,
                 Withdrawal::Expired => {

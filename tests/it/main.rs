@@ -8,6 +8,7 @@
 
 mod cli;
 mod errors;
+mod gpu;
 mod leases;
 mod lifecycle;
 mod liveness;

@@ -57,6 +57,8 @@ impl Broker {
         let mut command = Command::new(BIN);
         command
             .arg("serve")
+            // Unload commands and relative paths land in the test's directory.
+            .current_dir(dir.path())
             .env_remove("GPULEASE_CONFIG")
             .env("GPULEASE__LISTEN", "127.0.0.1:0")
             .env("RUST_LOG", "info")

@@ -7,7 +7,12 @@
 //! permit back, so a task that is cancelled at any `.await` (a client that
 //! resets its stream, a connection that drops) can never leak either.
 //!
+//! `memory.rs` keeps the core fed with GPU memory readings and carries out
+//! its unload decisions.
+//!
 //! Nothing here knows protobuf: the gRPC layer converts at its edge.
+
+mod memory;
 
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -17,11 +22,14 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-use crate::config::Config;
+use crate::config::{Config, UnloadMethod};
 use crate::core::{
-    FencingToken, HolderView, LeaseEnd, Rejection, Request, Scheduler, Snapshot, WaiterId,
-    Withdrawal,
+    Decisions, FencingToken, HolderView, LeaseEnd, Rejection, Request, Scheduler, Settings,
+    Snapshot, UnloadRequest, WaiterId, Withdrawal,
 };
+use crate::inventory::Inventory;
+
+pub use memory::ResidencyListener;
 
 /// How often waiters are told about a better position, at most. Position
 /// updates are sent by a periodic sweep rather than on every grant, so that
@@ -29,14 +37,31 @@ use crate::core::{
 pub const POSITION_UPDATE_INTERVAL: Duration = Duration::from_millis(250);
 
 /// The broker's shared state. Cheap to share: wrap it in an `Arc`.
-#[derive(Debug)]
 pub struct Broker {
+    /// This broker, for tasks that must not keep it alive.
+    this: std::sync::Weak<Broker>,
     state: Mutex<State>,
     changes: watch::Sender<u64>,
     shutdown: CancellationToken,
     epoch: u64,
     started: Instant,
     max_hold: Option<Duration>,
+    inventory: Arc<dyn Inventory>,
+    unload: std::collections::BTreeMap<String, UnloadMethod>,
+    unload_timeout: Duration,
+    poll_interval: Duration,
+    /// Wakes the memory poller early (a request started waiting for memory).
+    poll_now: tokio::sync::Notify,
+    residency: memory::Listeners,
+}
+
+impl std::fmt::Debug for Broker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Broker")
+            .field("epoch", &self.epoch)
+            .field("inventory", &self.inventory.source())
+            .finish_non_exhaustive()
+    }
 }
 
 #[derive(Debug)]
@@ -61,10 +86,14 @@ struct Seat {
 pub struct QueuePosition {
     /// Its place; 1 is next.
     pub position: u32,
-    /// How many requests wait in all.
+    /// How many requests wait for the same GPU.
     pub queue_depth: u32,
-    /// Who holds the GPU.
+    /// The GPU it waits for.
+    pub gpu_index: u32,
+    /// Who holds that GPU.
     pub holders: Arc<[HolderView]>,
+    /// Why the head of the queue is not granted although a permit is free.
+    pub blocked_by: Option<String>,
 }
 
 /// A granted lease's particulars.
@@ -80,6 +109,10 @@ pub struct Grant {
     pub waited: Duration,
     /// When it was granted.
     pub granted_at: Instant,
+    /// The granted GPU's index.
+    pub gpu_index: u32,
+    /// The granted GPU's UUID; empty when unknown.
+    pub gpu_uuid: String,
 }
 
 /// Why a request cannot join the queue.
@@ -104,18 +137,26 @@ pub struct BrokerStatus {
     pub uptime: Duration,
     /// Whether it refuses new requests.
     pub shutting_down: bool,
+    /// Where GPUs are learned: `"nvml"` or `"static"`.
+    pub inventory: &'static str,
+    /// How each consumer with an unload adapter is asked to unload.
+    pub unload: std::collections::BTreeMap<String, &'static str>,
 }
 
 impl Broker {
-    /// A broker configured by `config`, with a fresh epoch. Spawns the
-    /// position sweep, which stops at shutdown.
-    pub fn start(config: &Config) -> Arc<Self> {
-        let sched = Scheduler::new(
-            config.capacity as usize,
-            config.strict_consumers,
-            config.consumers.iter().cloned(),
-        );
-        let broker = Arc::new(Self {
+    /// A broker configured by `config` over `inventory`, with a fresh
+    /// epoch. Spawns the position sweep and the memory poller, which stop at
+    /// shutdown.
+    pub fn start(config: &Config, inventory: Arc<dyn Inventory>) -> Arc<Self> {
+        let settings = Settings {
+            capacity: config.capacity as usize,
+            strict: config.strict_consumers,
+            safety_margin_mib: config.gpu.safety_margin_mib,
+            unload_timeout: config.gpu.unload_timeout,
+        };
+        let sched = Scheduler::new(settings, inventory.gpus(), config.consumers.iter().cloned());
+        let broker = Arc::new_cyclic(|this| Self {
+            this: this.clone(),
             state: Mutex::new(State {
                 sched,
                 shutting_down: false,
@@ -126,8 +167,15 @@ impl Broker {
             epoch: new_epoch(),
             started: Instant::now(),
             max_hold: config.max_hold,
+            inventory,
+            unload: config.unload.clone(),
+            unload_timeout: config.gpu.unload_timeout,
+            poll_interval: config.gpu.poll_interval,
+            poll_now: tokio::sync::Notify::new(),
+            residency: memory::Listeners::default(),
         });
         tokio::spawn(Arc::clone(&broker).sweep_positions());
+        tokio::spawn(Arc::clone(&broker).poll_memory());
         broker
     }
 
@@ -135,6 +183,11 @@ impl Broker {
     /// that it changes on every start and sorts by start time.
     pub fn epoch(&self) -> u64 {
         self.epoch
+    }
+
+    /// How long a resident asked to unload has.
+    pub fn unload_timeout(&self) -> Duration {
+        self.unload_timeout
     }
 
     /// The longest a lease may be held, if limited.
@@ -152,17 +205,21 @@ impl Broker {
         self.changes.subscribe()
     }
 
-    /// Puts `request` in the queue and grants it at once if a permit is free.
+    /// Puts `request` in a GPU's queue and grants it at once if a permit is
+    /// free and its memory fits.
     pub fn enqueue(self: &Arc<Self>, request: Request) -> Result<Ticket, EnqueueError> {
         let (grant_tx, grant_rx) = oneshot::channel();
         let (position_tx, position_rx) = watch::channel(QueuePosition {
             position: u32::MAX,
             queue_depth: 0,
+            gpu_index: 0,
             holders: Arc::from([]),
+            blocked_by: None,
         });
         let consumer = request.consumer.clone();
         let mut log = Vec::new();
-        let (id, queue_depth) = {
+        let now = Instant::now().into_std();
+        let (id, waiting, unloads) = {
             let mut state = self.lock();
             if state.shutting_down {
                 return Err(EnqueueError::ShuttingDown);
@@ -172,45 +229,47 @@ impl Broker {
                 grant: grant_tx,
                 position: position_tx,
             };
-            let (id, _) = state
-                .sched
-                .enqueue(request, seat, Instant::now().into_std())?;
+            let (id, gpu_index, _) = state.sched.enqueue(request, seat, now)?;
             state.queue_moved = true;
-            self.settle(&mut state, &mut log);
-            let queue_depth = state
-                .sched
-                .is_waiting(id)
-                .then(|| saturating_u32(state.sched.queue_depth()));
-            (id, queue_depth)
+            let unloads = self.settle(&mut state, &mut log);
+            // Still waiting: it is last in its GPU's queue, since nothing
+            // was enqueued after it while the lock was held.
+            let waiting = state.sched.is_waiting(id).then(|| {
+                let depth = saturating_u32(state.sched.queue_len(gpu_index));
+                QueuePosition {
+                    position: depth,
+                    queue_depth: depth,
+                    gpu_index,
+                    holders: state.sched.holders(Some(gpu_index), now).into(),
+                    blocked_by: state.sched.blocked(gpu_index).map(ToString::to_string),
+                }
+            });
+            (id, waiting, unloads)
         };
         self.changed();
         emit(log);
-        // If the request still waits, it is last: nothing was enqueued after
-        // it while the lock was held.
-        let holders = match queue_depth {
-            Some(_) => Arc::from(self.status_holders()),
-            None => Arc::from([]),
-        };
+        self.dispatch(unloads);
+        if waiting.as_ref().is_some_and(|w| w.blocked_by.is_some()) {
+            self.poll_now.notify_one();
+        }
         Ok(Ticket {
             broker: Arc::clone(self),
             id,
             consumer,
             grant: Some(grant_rx),
-            waited: queue_depth.is_some(),
+            waited: waiting.is_some(),
             positions: PositionUpdates {
                 receiver: position_rx,
-                last: QueuePosition {
-                    position: queue_depth.unwrap_or(0),
-                    queue_depth: queue_depth.unwrap_or(0),
-                    holders,
-                },
+                last: waiting.unwrap_or(QueuePosition {
+                    position: 0,
+                    queue_depth: 0,
+                    gpu_index: 0,
+                    holders: Arc::from([]),
+                    blocked_by: None,
+                }),
             },
             done: false,
         })
-    }
-
-    fn status_holders(&self) -> Vec<HolderView> {
-        self.lock().sched.holders(Instant::now().into_std())
     }
 
     /// A snapshot of everything.
@@ -221,6 +280,12 @@ impl Broker {
             epoch: self.epoch,
             uptime: self.started.elapsed(),
             shutting_down: state.shutting_down,
+            inventory: self.inventory.source(),
+            unload: self
+                .unload
+                .iter()
+                .map(|(name, method)| (name.clone(), method.name()))
+                .collect(),
         }
     }
 
@@ -242,47 +307,73 @@ impl Broker {
     /// Ends the lease named by `token`, once; later calls do nothing.
     fn finish(&self, token: FencingToken, how: LeaseEnd) {
         let mut log = Vec::new();
-        {
+        let unloads = {
             let mut state = self.lock();
             let now = Instant::now().into_std();
-            if let Some(ended) = state.sched.end(token, how, now) {
-                log.push(Event::Ended(ended, how, self.lease_id(token)));
-                self.settle(&mut state, &mut log);
-            } else {
+            let Some(ended) = state.sched.end(token, how, now) else {
                 return;
-            }
-        }
+            };
+            log.push(Event::Ended(ended, how, self.lease_id(token)));
+            self.settle(&mut state, &mut log)
+        };
         self.changed();
         emit(log);
+        self.dispatch(unloads);
     }
 
-    /// Takes a waiter out of the queue; `false` if it no longer waits.
+    /// Takes a waiter out of the queue; `false` if it no longer waits. The
+    /// next waiter may fit where this one did not, so grants may follow.
     fn withdraw(&self, id: WaiterId, how: Withdrawal) -> bool {
-        let withdrawn = {
+        let mut log = Vec::new();
+        let unloads = {
             let mut state = self.lock();
-            let seat = state.sched.withdraw(id, how, Instant::now().into_std());
-            if seat.is_some() {
-                state.queue_moved = true;
+            if state
+                .sched
+                .withdraw(id, how, Instant::now().into_std())
+                .is_none()
+            {
+                return false;
             }
-            seat.is_some()
+            self.settle(&mut state, &mut log)
         };
-        if withdrawn {
-            self.changed();
-        }
-        withdrawn
+        self.changed();
+        emit(log);
+        self.dispatch(unloads);
+        true
     }
 
-    /// Grants while permits are free, and delivers each grant. A waiter
-    /// whose receiver is gone is never left holding a permit: its lease ends
-    /// at once and the next waiter is granted instead.
-    fn settle(&self, state: &mut State, log: &mut Vec<Event>) {
+    /// Runs `change` on the core under the lock, then grants what became
+    /// grantable, and reports the change.
+    fn update(&self, change: impl FnOnce(&mut Scheduler<Seat>, std::time::Instant)) {
+        let mut log = Vec::new();
+        let unloads = {
+            let mut state = self.lock();
+            change(&mut state.sched, Instant::now().into_std());
+            self.settle(&mut state, &mut log)
+        };
+        self.changed();
+        emit(log);
+        self.dispatch(unloads);
+    }
+
+    /// Grants while permits are free and memory fits, and delivers each
+    /// grant; returns the unload requests to carry out once the lock is
+    /// released. A waiter whose receiver is gone is never left holding a
+    /// permit: its lease ends at once and the next waiter is granted instead.
+    fn settle(&self, state: &mut State, log: &mut Vec<Event>) -> Vec<UnloadRequest> {
         let now = Instant::now();
+        let mut unloads = Vec::new();
+        // Positions or the reason the head waits may have changed.
+        state.queue_moved = true;
         loop {
-            let grants = state.sched.grant_ready(now.into_std());
+            let Decisions {
+                grants,
+                unloads: asked,
+            } = state.sched.grant_ready(now.into_std());
+            unloads.extend(asked);
             if grants.is_empty() {
-                return;
+                return unloads;
             }
-            state.queue_moved = true;
             for grant in grants {
                 let Seat {
                     consumer,
@@ -295,6 +386,8 @@ impl Broker {
                     epoch: self.epoch,
                     waited: grant.waited,
                     granted_at: now,
+                    gpu_index: grant.gpu_index,
+                    gpu_uuid: grant.gpu_uuid,
                 };
                 log.push(Event::Granted(consumer, info.clone()));
                 if deliver.send(info).is_err() {
@@ -327,7 +420,8 @@ impl Broker {
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    /// Tells waiters whose position improved, every
+    /// Tells waiters whose position improved (or whose reason for waiting
+    /// changed), every
     /// [`POSITION_UPDATE_INTERVAL`] at most, until shutdown.
     async fn sweep_positions(self: Arc<Self>) {
         let mut ticks = tokio::time::interval(POSITION_UPDATE_INTERVAL);
@@ -341,19 +435,29 @@ impl Broker {
             if !std::mem::take(&mut state.queue_moved) {
                 continue;
             }
-            let holders: Arc<[HolderView]> = state.sched.holders(Instant::now().into_std()).into();
-            let queue_depth = saturating_u32(state.sched.queue_depth());
-            state.sched.for_each_waiter(|position, seat| {
+            let now = Instant::now().into_std();
+            let gpus: Vec<u32> = state.sched.gpus().map(|gpu| gpu.index).collect();
+            let holders: Vec<Arc<[HolderView]>> = gpus
+                .iter()
+                .map(|index| state.sched.holders(Some(*index), now).into())
+                .collect();
+            state.sched.for_each_waiter(|place, seat| {
+                let blocked_by = place.blocked.map(ToString::to_string);
                 seat.position.send_if_modified(|current| {
-                    let better = position < current.position;
-                    if better {
+                    let changed = place.position < current.position
+                        || (place.position == current.position && blocked_by != current.blocked_by);
+                    if changed {
+                        let slot = gpus.iter().position(|index| *index == place.gpu_index);
                         *current = QueuePosition {
-                            position,
-                            queue_depth,
-                            holders: Arc::clone(&holders),
+                            position: place.position,
+                            queue_depth: place.queue_depth,
+                            gpu_index: place.gpu_index,
+                            holders: slot
+                                .map_or_else(|| Arc::from([]), |s| Arc::clone(&holders[s])),
+                            blocked_by,
                         };
                     }
-                    better
+                    changed
                 });
             });
         }
@@ -399,7 +503,7 @@ impl PositionUpdates {
                 std::future::pending::<()>().await;
             }
             let latest = self.receiver.borrow_and_update().clone();
-            if latest.position < self.last.position {
+            if latest.position < self.last.position || latest.blocked_by != self.last.blocked_by {
                 self.last = latest;
                 return &self.last;
             }
@@ -463,17 +567,15 @@ impl Ticket {
         }
     }
 
-    /// Stops waiting. Returns the lease instead if the grant came first.
-    pub fn withdraw(mut self, how: Withdrawal) -> Result<(), Lease> {
+    /// Stops waiting. Returns the lease if the grant came first; `None`
+    /// when the request was withdrawn (by this call, or by shutdown).
+    pub fn withdraw(mut self, how: Withdrawal) -> Option<Lease> {
         self.done = true;
         if self.broker.withdraw(self.id, how) {
-            return Ok(());
+            return None;
         }
-        match self.take_grant() {
-            Some(grant) => Err(self.lease(grant)),
-            // Withdrawn by the broker's shutdown.
-            None => Ok(()),
-        }
+        let grant = self.take_grant()?;
+        Some(self.lease(grant))
     }
 
     fn lease(&self, grant: Grant) -> Lease {

@@ -1,0 +1,387 @@
+//! One GPU as the core sees it: its queue and holders, the consumers that
+//! stay resident in its memory while idle, its latest memory reading, and
+//! the admission of the waiter at the head of its queue.
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use super::{FencingToken, Request, WaiterId};
+
+/// A GPU, as the inventory describes it at start.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct GpuSpec {
+    /// Its index, as CUDA and NVML number it.
+    pub index: u32,
+    /// Its UUID (`GPU-…`); empty when unknown.
+    pub uuid: String,
+    /// Its product name; empty when unknown.
+    pub name: String,
+    /// Its memory, in MiB.
+    pub total_mib: u64,
+    /// Whether readings of its memory will come (NVML). Without them the
+    /// core models memory from what it granted and what stays resident.
+    pub measured: bool,
+}
+
+/// A process using a GPU, in a memory reading.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ProcessUsage {
+    /// Its process id.
+    pub pid: u32,
+    /// The GPU memory it uses, in MiB.
+    pub used_mib: u64,
+    /// Its parent, grandparent, … as far as they can be found, so that a
+    /// child of a lease holder counts as the holder's.
+    pub ancestors: Vec<u32>,
+}
+
+impl ProcessUsage {
+    /// Whether this process is `pid` or one of its descendants.
+    pub fn belongs_to(&self, pid: u32) -> bool {
+        pid != 0 && (self.pid == pid || self.ancestors.contains(&pid))
+    }
+}
+
+/// What the inventory read of a GPU's memory.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct MemoryReading {
+    /// Memory in all, in MiB.
+    pub total_mib: u64,
+    /// Memory in use, in MiB.
+    pub used_mib: u64,
+    /// Memory free, in MiB.
+    pub free_mib: u64,
+    /// The processes that use the GPU.
+    pub processes: Vec<ProcessUsage>,
+}
+
+/// A consumer that keeps memory on a GPU while it holds no lease.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Resident {
+    /// The consumer.
+    pub consumer: String,
+    /// The memory it is believed to keep, in MiB.
+    pub footprint_mib: u64,
+    /// When its last lease on this GPU ended.
+    pub idle_since: Instant,
+    /// The process id of its last lease; 0 when unknown.
+    pub pid: u32,
+    /// Whether a reading ever showed its process on this GPU, so that its
+    /// disappearance means it unloaded.
+    pub seen: bool,
+    /// When it was asked to unload, if it was.
+    pub unload_requested: Option<Instant>,
+    /// Whether it let an unload deadline pass without freeing its memory.
+    pub unload_failed: bool,
+}
+
+/// A request to a resident consumer to free its memory.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct UnloadRequest {
+    /// The consumer to ask.
+    pub consumer: String,
+    /// The GPU to free.
+    pub gpu_index: u32,
+    /// The memory it is believed to keep, in MiB.
+    pub footprint_mib: u64,
+    /// For whom: the consumer at the head of the queue.
+    pub for_consumer: String,
+}
+
+/// The state of one GPU.
+#[derive(Debug)]
+pub(super) struct GpuState<W> {
+    pub(super) spec: GpuSpec,
+    /// Waiting requests by id; ids grow with arrival, so this is FIFO order.
+    pub(super) waiting: BTreeMap<WaiterId, Waiting<W>>,
+    /// Held leases by token, in grant order.
+    pub(super) holding: BTreeMap<FencingToken, Holding>,
+    /// Idle consumers keeping memory here, by name.
+    pub(super) residents: BTreeMap<String, Resident>,
+    pub(super) reading: Option<MemoryReading>,
+    /// The head waiter's admission, while it waits for memory.
+    pub(super) admission: Option<Admission>,
+    /// Why the head of the queue is not granted.
+    pub(super) blocked: Option<Blocked>,
+}
+
+#[derive(Debug)]
+pub(super) struct Waiting<W> {
+    pub(super) request: Request,
+    pub(super) since: Instant,
+    pub(super) payload: W,
+}
+
+#[derive(Debug)]
+pub(super) struct Holding {
+    pub(super) request: Request,
+    pub(super) granted_at: Instant,
+    pub(super) waited: Duration,
+    /// The most GPU memory its processes were seen using, in MiB.
+    pub(super) peak_mib: u64,
+}
+
+/// The head waiter's wait for memory: whom it asked to unload, and until
+/// when it waits for them.
+#[derive(Debug)]
+pub(super) struct Admission {
+    pub(super) waiter: WaiterId,
+    pub(super) victims: Vec<String>,
+    pub(super) asked_at: Instant,
+    pub(super) deadline: Instant,
+}
+
+/// What admission decided for the head of a queue.
+pub(super) enum Admit {
+    /// It fits: grant it.
+    Grant,
+    /// It does not fit yet; these consumers should be asked to unload (none
+    /// when it waits for memory to come back on its own).
+    Wait(Vec<UnloadRequest>),
+}
+
+impl<W> GpuState<W> {
+    pub(super) fn new(spec: GpuSpec) -> Self {
+        Self {
+            spec,
+            waiting: BTreeMap::new(),
+            holding: BTreeMap::new(),
+            residents: BTreeMap::new(),
+            reading: None,
+            admission: None,
+            blocked: None,
+        }
+    }
+
+    /// The memory a holder's processes use now, by the latest reading.
+    fn observed_mib(&self, request: &Request) -> u64 {
+        self.reading.as_ref().map_or(0, |reading| {
+            reading
+                .processes
+                .iter()
+                .filter(|p| p.belongs_to(request.client_pid))
+                .map(|p| p.used_mib)
+                .sum()
+        })
+    }
+
+    /// Memory that `consumer` could take now, in MiB (negative when even
+    /// the margin is not free). Its own resident memory counts as room: it
+    /// will reuse what it keeps.
+    pub(super) fn headroom(&self, consumer: &str, margin_mib: u64) -> i128 {
+        let own = self
+            .residents
+            .get(consumer)
+            .map_or(0, |resident| resident.footprint_mib);
+        let margin = i128::from(margin_mib);
+        match (&self.reading, self.spec.measured) {
+            (Some(reading), true) => {
+                // Memory promised to holders that their processes have not
+                // allocated yet is not really free.
+                let promised: u64 = self
+                    .holding
+                    .values()
+                    .map(|h| {
+                        h.request
+                            .vram_mib
+                            .saturating_sub(self.observed_mib(&h.request))
+                    })
+                    .sum();
+                i128::from(reading.free_mib) - i128::from(promised) - margin + i128::from(own)
+            }
+            // A GPU of unknown size and no readings: no memory accounting.
+            _ if self.spec.total_mib == 0 => i128::from(u64::MAX),
+            _ => {
+                let held: u64 = self.holding.values().map(|h| h.request.vram_mib).sum();
+                let resident: u64 = self.residents.values().map(|r| r.footprint_mib).sum();
+                i128::from(self.spec.total_mib) - i128::from(held) - i128::from(resident) - margin
+                    + i128::from(own)
+            }
+        }
+    }
+
+    /// Decides for the head waiter `id`, which needs `request.vram_mib`.
+    /// `evictable` says whether a consumer may be asked to unload.
+    pub(super) fn admit(
+        &mut self,
+        id: WaiterId,
+        request: &Request,
+        margin_mib: u64,
+        unload_timeout: Duration,
+        evictable: impl Fn(&str) -> bool,
+        now: Instant,
+    ) -> Admit {
+        let need_mib = request.vram_mib;
+        let room = self.headroom(&request.consumer, margin_mib);
+        let free_mib = u64::try_from(room.max(0)).unwrap_or(u64::MAX);
+        if need_mib == 0 || i128::from(need_mib) <= room {
+            return Admit::Grant;
+        }
+        if let Some(admission) = &self.admission
+            && admission.waiter == id
+        {
+            if now < admission.deadline {
+                return Admit::Wait(Vec::new());
+            }
+            let culprits: Vec<String> = admission
+                .victims
+                .iter()
+                .filter(|victim| self.residents.contains_key(victim.as_str()))
+                .cloned()
+                .collect();
+            for culprit in &culprits {
+                if let Some(resident) = self.residents.get_mut(culprit) {
+                    resident.unload_failed = true;
+                }
+            }
+            self.admission = None;
+            if !culprits.is_empty() {
+                self.blocked = Some(Blocked::NotFreed {
+                    culprits,
+                    need_mib,
+                    free_mib,
+                    timeout: unload_timeout,
+                });
+                return Admit::Wait(Vec::new());
+            }
+        }
+        // Culprits stay named for as long as they keep their memory.
+        if let Some(Blocked::NotFreed { culprits, .. }) = &self.blocked
+            && culprits
+                .iter()
+                .any(|c| self.residents.get(c).is_some_and(|r| r.unload_failed))
+        {
+            return Admit::Wait(Vec::new());
+        }
+
+        // Idle residents that may not stay beside others, least recently
+        // used first, until the request would fit.
+        let mut candidates: Vec<&Resident> = self
+            .residents
+            .values()
+            .filter(|r| {
+                r.consumer != request.consumer
+                    && !r.unload_failed
+                    && evictable(&r.consumer)
+                    && !self
+                        .holding
+                        .values()
+                        .any(|h| h.request.consumer == r.consumer)
+            })
+            .collect();
+        candidates.sort_by_key(|r| r.idle_since);
+        let mut freed = 0i128;
+        let mut victims = Vec::new();
+        for resident in candidates {
+            if room + freed >= i128::from(need_mib) {
+                break;
+            }
+            freed += i128::from(resident.footprint_mib);
+            victims.push(resident.consumer.clone());
+        }
+        if victims.is_empty() || room + freed < i128::from(need_mib) {
+            self.blocked = Some(Blocked::NoRoom {
+                need_mib,
+                free_mib,
+                holders: !self.holding.is_empty(),
+            });
+            return Admit::Wait(Vec::new());
+        }
+        let mut requests = Vec::with_capacity(victims.len());
+        for victim in &victims {
+            if let Some(resident) = self.residents.get_mut(victim) {
+                resident.unload_requested = Some(now);
+                requests.push(UnloadRequest {
+                    consumer: victim.clone(),
+                    gpu_index: self.spec.index,
+                    footprint_mib: resident.footprint_mib,
+                    for_consumer: request.consumer.clone(),
+                });
+            }
+        }
+        self.blocked = Some(Blocked::Unloading {
+            victims: victims.clone(),
+            need_mib,
+            free_mib,
+        });
+        self.admission = Some(Admission {
+            waiter: id,
+            victims,
+            asked_at: now,
+            deadline: now + unload_timeout,
+        });
+        Admit::Wait(requests)
+    }
+}
+
+/// Why the head of a GPU's queue is not granted.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Blocked {
+    /// Not enough memory, and no idle resident to ask.
+    NoRoom {
+        /// What the head needs, in MiB.
+        need_mib: u64,
+        /// What is free for it, in MiB.
+        free_mib: u64,
+        /// Whether leases are held (their end may make room).
+        holders: bool,
+    },
+    /// These residents were asked to unload; their memory is awaited.
+    Unloading {
+        /// Who was asked.
+        victims: Vec<String>,
+        /// What the head needs, in MiB.
+        need_mib: u64,
+        /// What is free for it, in MiB.
+        free_mib: u64,
+    },
+    /// These residents did not free their memory in time.
+    NotFreed {
+        /// Who did not.
+        culprits: Vec<String>,
+        /// What the head needs, in MiB.
+        need_mib: u64,
+        /// What is free for it, in MiB.
+        free_mib: u64,
+        /// How long they had.
+        timeout: Duration,
+    },
+}
+
+impl std::fmt::Display for Blocked {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::NoRoom {
+                need_mib,
+                free_mib,
+                holders,
+            } => {
+                write!(f, "needs {need_mib} MiB, {free_mib} MiB free")?;
+                if *holders {
+                    write!(f, "; waiting for the holders")?;
+                }
+                Ok(())
+            }
+            Self::Unloading {
+                victims,
+                need_mib,
+                free_mib,
+            } => write!(
+                f,
+                "asked {} to unload; needs {need_mib} MiB, {free_mib} MiB free",
+                victims.join(", ")
+            ),
+            Self::NotFreed {
+                culprits,
+                need_mib,
+                free_mib,
+                timeout,
+            } => write!(
+                f,
+                "{} did not free its memory within {}; needs {need_mib} MiB, {free_mib} MiB free",
+                culprits.join(", "),
+                humantime::format_duration(*timeout)
+            ),
+        }
+    }
+}
