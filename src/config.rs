@@ -30,6 +30,11 @@ pub struct Config {
     pub max_hold: Option<Duration>,
     /// How long shutdown waits for streams to end. Default: 5 s.
     pub shutdown_grace: Duration,
+    /// How long a hand-over after an ungraceful loss may wait for the
+    /// holder's processes to leave the GPU. Default: 5 s.
+    pub lock_delay: Duration,
+    /// Where the state file lives. Default: see `defaults.toml`.
+    pub state_dir: PathBuf,
     /// HTTP/2 keepalive ping interval. Default: 5 s.
     pub keepalive_interval: Duration,
     /// How long a keepalive ping may go unanswered. Default: 5 s.
@@ -157,6 +162,9 @@ struct RawConfig {
     max_hold: Duration,
     #[serde(with = "humantime_serde")]
     shutdown_grace: Duration,
+    #[serde(with = "humantime_serde")]
+    lock_delay: Duration,
+    state_dir: String,
     keepalive: RawKeepalive,
     gpu: RawGpu,
     #[serde(default)]
@@ -284,6 +292,26 @@ fn sizes<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<Vec<u64>, 
     deserializer.deserialize_any(Sizes)
 }
 
+/// `$STATE_DIRECTORY` (set by systemd's `StateDirectory=`), else
+/// `/var/lib/gpulease` for root, else `$XDG_STATE_HOME/gpulease` or
+/// `~/.local/state/gpulease`.
+fn default_state_dir() -> PathBuf {
+    let var = |name| std::env::var_os(name).filter(|v| !v.is_empty());
+    if let Some(dir) = var("STATE_DIRECTORY") {
+        return PathBuf::from(dir);
+    }
+    if nix::unistd::geteuid().is_root() {
+        return PathBuf::from("/var/lib/gpulease");
+    }
+    if let Some(dir) = var("XDG_STATE_HOME") {
+        return PathBuf::from(dir).join("gpulease");
+    }
+    match var("HOME") {
+        Some(home) => PathBuf::from(home).join(".local/state/gpulease"),
+        None => std::env::temp_dir().join("gpulease-state"),
+    }
+}
+
 fn invalid(key: &str, problem: impl Into<String>) -> ConfigError {
     ConfigError::Invalid {
         key: key.to_owned(),
@@ -379,6 +407,12 @@ impl RawConfig {
             strict_consumers: self.strict_consumers,
             max_hold: (!self.max_hold.is_zero()).then_some(self.max_hold),
             shutdown_grace: self.shutdown_grace,
+            lock_delay: self.lock_delay,
+            state_dir: if self.state_dir.is_empty() {
+                default_state_dir()
+            } else {
+                PathBuf::from(self.state_dir)
+            },
             keepalive_interval: self.keepalive.interval,
             keepalive_timeout: self.keepalive.timeout,
             consumers,

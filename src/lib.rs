@@ -11,3 +11,4 @@ pub mod grpc;
 pub mod inventory;
 pub mod pb;
 pub mod server;
+pub mod state;

@@ -8,9 +8,11 @@ use clap::Parser;
 use tracing::{error, info};
 use tracing_subscriber::EnvFilter;
 
+use gpulease::broker::Broker;
 use gpulease::cli::{Cli, Command, ExitCode, ServeArgs};
 use gpulease::config::{Config, DEFAULTS};
 use gpulease::server;
+use gpulease::state::StateFile;
 
 fn main() -> ProcessExit {
     let cli = Cli::parse();
@@ -31,7 +33,8 @@ fn main() -> ProcessExit {
 }
 
 /// init tracing → load and validate config (exit 64 before binding
-/// anything) → open the GPU inventory → bind → print every bound address →
+/// anything) → open the GPU inventory → claim the epoch and tokens in the
+/// state file → bind → print every bound address →
 /// serve until SIGINT or SIGTERM → drain.
 async fn serve(args: ServeArgs) -> ExitCode {
     if args.print_defaults {
@@ -67,6 +70,23 @@ async fn serve(args: ServeArgs) -> ExitCode {
     for gpu in &gpus {
         info!(index = gpu.index, uuid = %gpu.uuid, name = %gpu.name, total_mib = gpu.total_mib, "GPU");
     }
+    let state = match StateFile::open(&config.state_dir)
+        .and_then(|(file, previous)| Broker::claim(&file, previous).map(|claim| (file, claim)))
+    {
+        Ok(state) => state,
+        Err(e) => {
+            let dir = config.state_dir.display();
+            error!(%dir, error = %e, "cannot use the state directory");
+            eprintln!("gpulease: cannot use the state directory {dir}: {e}");
+            return ExitCode::CANNOT_CREATE;
+        }
+    };
+    info!(
+        epoch = state.1.epoch,
+        first_token = state.1.first_token,
+        state = %state.0.path().display(),
+        "fencing tokens claimed"
+    );
     let listeners = match server::bind(&config).await {
         Ok(listeners) => listeners,
         Err(e) => {
@@ -87,7 +107,7 @@ async fn serve(args: ServeArgs) -> ExitCode {
         dead_client_bound = %humantime::format_duration(config.dead_client_bound()),
         "broker ready"
     );
-    match server::serve(&config, inventory, listeners, shutdown_signal()).await {
+    match server::serve(&config, inventory, state, listeners, shutdown_signal()).await {
         Ok(()) => {
             info!("stopped");
             ExitCode::OK

@@ -20,11 +20,12 @@ use tonic::transport::Server;
 use tonic::transport::server::{Router, TcpIncoming};
 use tracing::{info, warn};
 
-use crate::broker::Broker;
+use crate::broker::{Broker, Claim};
 use crate::config::Config;
 use crate::grpc::LeaseService;
 use crate::inventory::Inventory;
 use crate::pb::v1::lease_broker_server::LeaseBrokerServer;
+use crate::state::StateFile;
 
 /// The mode of the Unix socket: owner and group may connect.
 const SOCKET_MODE: u32 = 0o660;
@@ -131,17 +132,19 @@ async fn remove_stale_socket(path: &Path) -> io::Result<()> {
     std::fs::remove_file(path)
 }
 
-/// Serves the broker over `inventory` on `listeners` until `shutdown` resolves, then shuts
+/// Serves the broker over `inventory`, with the tokens claimed in `state`,
+/// on `listeners` until `shutdown` resolves, then shuts
 /// down: refuses new requests, revokes every lease (`Revoked{SHUTDOWN}`),
 /// ends every waiter with `UNAVAILABLE`, and waits up to
 /// `config.shutdown_grace` for the streams to end.
 pub async fn serve(
     config: &Config,
     inventory: Arc<dyn Inventory>,
+    state: (StateFile, Claim),
     listeners: Listeners,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), ServeError> {
-    let broker = Broker::start(config, inventory);
+    let broker = Broker::start(config, inventory, state.0, state.1);
     let (health, health_service) = tonic_health::server::health_reporter();
     health
         .set_serving::<LeaseBrokerServer<LeaseService>>()

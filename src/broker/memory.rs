@@ -207,6 +207,10 @@ impl Broker {
             if measured {
                 let inventory = Arc::clone(&broker.inventory);
                 let indices = gpus.clone();
+                // Stamp readings with when they were taken, not when they
+                // arrive: a reading from before a holder vanished must not
+                // count as proof that its processes left.
+                let taken = Instant::now().into_std();
                 let readings = tokio::task::spawn_blocking(move || {
                     indices
                         .into_iter()
@@ -218,7 +222,7 @@ impl Broker {
                 broker.update(|sched, now| {
                     for (index, reading) in readings {
                         match reading {
-                            Ok(Some(reading)) => sched.observe(index, reading, now),
+                            Ok(Some(reading)) => sched.observe(index, reading, taken),
                             Ok(None) => {}
                             Err(e) => warn!(gpu = index, error = %e, "cannot read GPU memory"),
                         }

@@ -28,6 +28,7 @@ use crate::core::{
     Snapshot, UnloadRequest, WaiterId, Withdrawal,
 };
 use crate::inventory::Inventory;
+use crate::state::{Persisted, StateFile, TOKEN_BLOCK};
 
 pub use memory::ResidencyListener;
 
@@ -52,6 +53,9 @@ pub struct Broker {
     poll_interval: Duration,
     /// Wakes the memory poller early (a request started waiting for memory).
     poll_now: tokio::sync::Notify,
+    state_file: StateFile,
+    /// Whether a higher token ceiling is being written.
+    raising_ceiling: std::sync::atomic::AtomicBool,
     residency: memory::Listeners,
 }
 
@@ -115,6 +119,17 @@ pub struct Grant {
     pub gpu_uuid: String,
 }
 
+/// The epoch and tokens a start claimed in the state file.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Claim {
+    /// This start's epoch.
+    pub epoch: u64,
+    /// The first token it hands out.
+    pub first_token: u64,
+    /// The ceiling on disk.
+    pub ceiling: u64,
+}
+
 /// Why a request cannot join the queue.
 #[derive(Debug, thiserror::Error)]
 pub enum EnqueueError {
@@ -144,17 +159,27 @@ pub struct BrokerStatus {
 }
 
 impl Broker {
-    /// A broker configured by `config` over `inventory`, with a fresh
-    /// epoch. Spawns the position sweep and the memory poller, which stop at
-    /// shutdown.
-    pub fn start(config: &Config, inventory: Arc<dyn Inventory>) -> Arc<Self> {
+    /// A broker configured by `config` over `inventory`. Its epoch and
+    /// first tokens come from `state`, which must already hold `persisted`
+    /// (see [`Broker::claim`]); later ceilings are written there before
+    /// they are used. Spawns the position sweep and the memory poller,
+    /// which stop at shutdown.
+    pub fn start(
+        config: &Config,
+        inventory: Arc<dyn Inventory>,
+        state: StateFile,
+        persisted: Claim,
+    ) -> Arc<Self> {
         let settings = Settings {
             capacity: config.capacity as usize,
             strict: config.strict_consumers,
             safety_margin_mib: config.gpu.safety_margin_mib,
             unload_timeout: config.gpu.unload_timeout,
+            lock_delay: config.lock_delay,
         };
-        let sched = Scheduler::new(settings, inventory.gpus(), config.consumers.iter().cloned());
+        let mut sched =
+            Scheduler::new(settings, inventory.gpus(), config.consumers.iter().cloned());
+        sched.set_tokens(persisted.first_token - 1, persisted.ceiling);
         let broker = Arc::new_cyclic(|this| Self {
             this: this.clone(),
             state: Mutex::new(State {
@@ -164,7 +189,9 @@ impl Broker {
             }),
             changes: watch::Sender::new(0),
             shutdown: CancellationToken::new(),
-            epoch: new_epoch(),
+            epoch: persisted.epoch,
+            state_file: state,
+            raising_ceiling: std::sync::atomic::AtomicBool::new(false),
             started: Instant::now(),
             max_hold: config.max_hold,
             inventory,
@@ -177,6 +204,58 @@ impl Broker {
         tokio::spawn(Arc::clone(&broker).sweep_positions());
         tokio::spawn(Arc::clone(&broker).poll_memory());
         broker
+    }
+
+    /// Claims this start's epoch and a block of tokens in `state`, durably,
+    /// before anything is served: the epoch is the Unix time in
+    /// milliseconds, or one more than the last start's if the clock went
+    /// back; tokens start above the last ceiling written. Blocking.
+    pub fn claim(state: &StateFile, previous: Persisted) -> std::io::Result<Claim> {
+        let epoch = new_epoch().max(previous.epoch + 1);
+        let first_token = previous.token_ceiling + 1;
+        let ceiling = previous.token_ceiling + TOKEN_BLOCK;
+        state.store(Persisted {
+            token_ceiling: ceiling,
+            epoch,
+        })?;
+        Ok(Claim {
+            epoch,
+            first_token,
+            ceiling,
+        })
+    }
+
+    /// Writes a higher token ceiling in the background once fewer than half
+    /// a block of tokens is left, and lets the core use it once it is on
+    /// disk. Grants wait (they are never made above a ceiling on disk) if
+    /// the writing falls behind or fails.
+    fn ensure_tokens(&self, state: &State) {
+        use std::sync::atomic::Ordering;
+        if state.sched.tokens_left() >= TOKEN_BLOCK / 2
+            || self.raising_ceiling.swap(true, Ordering::AcqRel)
+        {
+            return;
+        }
+        let ceiling = state.sched.last_token().0 + state.sched.tokens_left() + TOKEN_BLOCK;
+        let persisted = Persisted {
+            token_ceiling: ceiling,
+            epoch: self.epoch,
+        };
+        let (file, this) = (self.state_file.clone(), self.this.clone());
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            self.raising_ceiling.store(false, Ordering::Release);
+            return;
+        };
+        runtime.spawn(async move {
+            let stored = tokio::task::spawn_blocking(move || file.store(persisted)).await;
+            let Some(broker) = this.upgrade() else { return };
+            match stored {
+                Ok(Ok(())) => broker.update(|sched, _| sched.raise_token_ceiling(ceiling)),
+                Ok(Err(e)) => tracing::error!(error = %e, "cannot write the token ceiling; grants stop at the current one"),
+                Err(e) => tracing::error!(error = %e, "the token ceiling writer failed"),
+            }
+            broker.raising_ceiling.store(false, Ordering::Release);
+        });
     }
 
     /// This start's epoch: the Unix time of the start in milliseconds, so
@@ -372,6 +451,7 @@ impl Broker {
             } = state.sched.grant_ready(now.into_std());
             unloads.extend(asked);
             if grants.is_empty() {
+                self.ensure_tokens(state);
                 return unloads;
             }
             for grant in grants {

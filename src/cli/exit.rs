@@ -18,6 +18,8 @@ impl ExitCode {
     pub const UNAVAILABLE: Self = Self(69);
     /// Something failed inside the broker or this program (`EX_SOFTWARE`).
     pub const SOFTWARE: Self = Self(70);
+    /// A file the broker needs cannot be written (`EX_CANTCREAT`).
+    pub const CANNOT_CREATE: Self = Self(73);
     /// Waiting timed out; try again later (`EX_TEMPFAIL`).
     pub const TEMPFAIL: Self = Self(75);
     /// Not allowed (`EX_NOPERM`).

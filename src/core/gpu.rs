@@ -99,6 +99,10 @@ pub(super) struct GpuState<W> {
     /// Idle consumers keeping memory here, by name.
     pub(super) residents: BTreeMap<String, Resident>,
     pub(super) reading: Option<MemoryReading>,
+    /// When `reading` was taken.
+    pub(super) reading_at: Option<Instant>,
+    /// Hand-overs held back until vanished holders' processes leave.
+    pub(super) fences: Vec<Fence>,
     /// The head waiter's admission, while it waits for memory.
     pub(super) admission: Option<Admission>,
     /// Why the head of the queue is not granted.
@@ -131,6 +135,22 @@ pub(super) struct Admission {
     pub(super) deadline: Instant,
 }
 
+/// A hand-over held back after a holder vanished (or, at start, while
+/// processes that no lease accounts for use the GPU): the next grant waits
+/// until a reading taken after `since` shows none of `pids` on the GPU, or
+/// until `until`, whichever comes first.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Fence {
+    /// The vanished holder; empty for the startup quarantine.
+    pub who: String,
+    /// The processes to wait for; empty when unknown (then the full delay).
+    pub pids: Vec<u32>,
+    /// When the fence went up.
+    pub since: Instant,
+    /// When it comes down regardless.
+    pub until: Instant,
+}
+
 /// What admission decided for the head of a queue.
 pub(super) enum Admit {
     /// It fits: grant it.
@@ -141,6 +161,41 @@ pub(super) enum Admit {
 }
 
 impl<W> GpuState<W> {
+    /// Takes down the fences whose processes have left or whose time is
+    /// up; returns whether a grant may happen now. A measured GPU also
+    /// waits for its first reading.
+    pub(super) fn fences_clear(&mut self, now: Instant) -> bool {
+        if self.spec.measured && self.reading.is_none() {
+            self.blocked = Some(Blocked::NoReading);
+            return false;
+        }
+        let reading = self.reading.as_ref();
+        let reading_at = self.reading_at;
+        self.fences.retain(|fence| {
+            if now >= fence.until {
+                return false;
+            }
+            let fresh = reading_at.is_some_and(|at| at >= fence.since);
+            let present = reading.is_some_and(|r| {
+                r.processes
+                    .iter()
+                    .any(|p| fence.pids.iter().any(|pid| p.belongs_to(*pid)))
+            });
+            !(fresh && !fence.pids.is_empty() && !present)
+        });
+        match self.fences.first() {
+            None => true,
+            Some(fence) => {
+                self.blocked = Some(Blocked::Fenced {
+                    who: fence.who.clone(),
+                    pids: fence.pids.clone(),
+                    left: fence.until.saturating_duration_since(now),
+                });
+                false
+            }
+        }
+    }
+
     pub(super) fn new(spec: GpuSpec) -> Self {
         Self {
             spec,
@@ -148,6 +203,8 @@ impl<W> GpuState<W> {
             holding: BTreeMap::new(),
             residents: BTreeMap::new(),
             reading: None,
+            reading_at: None,
+            fences: Vec::new(),
             admission: None,
             blocked: None,
         }
@@ -317,6 +374,18 @@ impl<W> GpuState<W> {
 /// Why the head of a GPU's queue is not granted.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Blocked {
+    /// The GPU's memory has not been read yet.
+    NoReading,
+    /// A holder vanished without releasing (or, at start, unknown processes
+    /// use the GPU): its processes may still be using it.
+    Fenced {
+        /// The vanished holder; empty at start.
+        who: String,
+        /// Its processes.
+        pids: Vec<u32>,
+        /// How long the wait may still last.
+        left: Duration,
+    },
     /// Not enough memory, and no idle resident to ask.
     NoRoom {
         /// What the head needs, in MiB.
@@ -351,6 +420,31 @@ pub enum Blocked {
 impl std::fmt::Display for Blocked {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
+            Self::NoReading => write!(f, "reading the GPU's memory"),
+            Self::Fenced { who, pids, left } => {
+                let pids: Vec<String> = pids.iter().map(ToString::to_string).collect();
+                let left = humantime::format_duration(Duration::from_millis(
+                    u64::try_from(left.as_millis()).unwrap_or(u64::MAX),
+                ));
+                if who.is_empty() {
+                    write!(
+                        f,
+                        "at start, processes {} held the GPU without a lease; waiting up to {left} for them to leave",
+                        pids.join(", ")
+                    )
+                } else if pids.is_empty() {
+                    write!(
+                        f,
+                        "{who} vanished without releasing; waiting {left} before the next grant"
+                    )
+                } else {
+                    write!(
+                        f,
+                        "{who} vanished without releasing; waiting up to {left} for its processes ({}) to leave the GPU",
+                        pids.join(", ")
+                    )
+                }
+            }
             Self::NoRoom {
                 need_mib,
                 free_mib,

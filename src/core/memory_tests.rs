@@ -34,6 +34,7 @@ fn card(measured: bool, gpus: usize) -> Scheduler<&'static str> {
         strict: false,
         safety_margin_mib: 0,
         unload_timeout: Duration::from_secs(10),
+        lock_delay: Duration::ZERO,
     };
     Scheduler::new(
         settings,
@@ -269,6 +270,7 @@ fn a_request_larger_than_every_gpu_is_refused_at_once() {
 fn processes_without_a_lease_are_flagged_and_peaks_are_learned() {
     let t0 = Instant::now();
     let mut sched = card(true, 1);
+    sched.observe(0, reading(16 * GIB, &[]), t0);
     sched.enqueue(ask("llm", 0, 200), "llm", t0).unwrap();
     let token = sched.grant_ready(t0).grants[0].token;
     // The holder's child (pid 201) uses 11 GiB; pid 666 belongs to nobody.
@@ -327,6 +329,104 @@ fn an_idle_ttl_ends_residency() {
     assert_eq!(resident_names(&sched, t0), ["llm"]);
     sched.expire_residents(t0 + Duration::from_secs(60));
     assert!(resident_names(&sched, t0).is_empty());
+}
+
+#[test]
+fn grants_stop_at_the_token_ceiling_until_it_is_raised() {
+    let t0 = Instant::now();
+    let mut sched = card(false, 1);
+    sched.set_tokens(41, 42);
+    sched.enqueue(ask("a", 0, 0), "a", t0).unwrap();
+    sched.enqueue(ask("b", 0, 0), "b", t0).unwrap();
+    let first = sched.grant_ready(t0).grants;
+    assert_eq!(first[0].token, FencingToken(42));
+    assert_eq!(sched.tokens_left(), 0);
+    sched.end(first[0].token, LeaseEnd::Released, t0).unwrap();
+    assert!(
+        sched.grant_ready(t0).grants.is_empty(),
+        "granted above the ceiling"
+    );
+    sched.raise_token_ceiling(100);
+    assert_eq!(sched.grant_ready(t0).grants[0].token, FencingToken(43));
+}
+
+#[test]
+fn a_vanished_holder_fences_the_gpu_until_its_processes_leave() {
+    let t0 = Instant::now();
+    let settings = Settings {
+        lock_delay: Duration::from_secs(5),
+        ..Settings::default()
+    };
+    let spec = GpuSpec {
+        index: 0,
+        uuid: String::new(),
+        name: String::new(),
+        total_mib: 16 * GIB,
+        measured: true,
+    };
+    let mut sched: Scheduler<&str> = Scheduler::new(settings, vec![spec], []);
+    sched.observe(0, reading(16 * GIB, &[]), t0);
+    // A polite release hands over at once.
+    use_once(&mut sched, "polite", 300, t0);
+    sched
+        .enqueue(ask("crasher", 0, 400), "crasher", t0)
+        .unwrap();
+    let token = sched.grant_ready(t0).grants[0].token;
+    sched.observe(0, reading(8 * GIB, &[(400, 8 * GIB)]), t0);
+    sched.enqueue(ask("next", 0, 500), "next", t0).unwrap();
+    sched.end(token, LeaseEnd::Disconnected, t0).unwrap();
+    assert!(sched.grant_ready(t0).grants.is_empty());
+    let blocked = sched.blocked(0).unwrap().to_string();
+    assert!(
+        blocked.starts_with("crasher vanished without releasing"),
+        "{blocked}"
+    );
+    assert_eq!(sched.next_deadline(), Some(t0 + Duration::from_secs(5)));
+
+    // Its process is still there a moment later; then it leaves.
+    let t1 = t0 + Duration::from_millis(100);
+    sched.observe(0, reading(8 * GIB, &[(400, 8 * GIB)]), t1);
+    assert!(sched.grant_ready(t1).grants.is_empty());
+    sched.observe(0, reading(16 * GIB, &[]), t1);
+    assert_eq!(sched.grant_ready(t1).grants.len(), 1);
+}
+
+#[test]
+fn the_lock_delay_bounds_the_wait_and_startup_strangers_quarantine() {
+    let t0 = Instant::now();
+    let settings = Settings {
+        lock_delay: Duration::from_secs(5),
+        ..Settings::default()
+    };
+    let spec = GpuSpec {
+        index: 0,
+        uuid: String::new(),
+        name: String::new(),
+        total_mib: 16 * GIB,
+        measured: true,
+    };
+    let mut sched: Scheduler<&str> = Scheduler::new(settings, vec![spec], []);
+    sched.enqueue(ask("first", 0, 0), "first", t0).unwrap();
+    assert!(
+        sched.grant_ready(t0).grants.is_empty(),
+        "granted before reading"
+    );
+    assert_eq!(sched.blocked(0), Some(&Blocked::NoReading));
+    // At start, pid 777 uses the GPU without a lease.
+    sched.observe(0, reading(12 * GIB, &[(777, 4 * GIB)]), t0);
+    assert!(sched.grant_ready(t0).grants.is_empty());
+    let blocked = sched.blocked(0).unwrap().to_string();
+    assert!(
+        blocked.starts_with("at start, processes 777 held the GPU"),
+        "{blocked}"
+    );
+    let later = t0 + Duration::from_secs(5);
+    sched.observe(0, reading(12 * GIB, &[(777, 4 * GIB)]), later);
+    assert_eq!(
+        sched.grant_ready(later).grants.len(),
+        1,
+        "the delay is a bound"
+    );
 }
 
 mod interleavings {

@@ -29,7 +29,7 @@ use std::collections::{BTreeMap, VecDeque};
 use std::time::{Duration, Instant};
 
 pub use consumers::{ConsumerKind, ConsumerProfile, ConsumerRecord};
-pub use gpu::{Blocked, GpuSpec, MemoryReading, ProcessUsage, Resident, UnloadRequest};
+pub use gpu::{Blocked, Fence, GpuSpec, MemoryReading, ProcessUsage, Resident, UnloadRequest};
 pub use name::{ConsumerNameError, validate_consumer_name};
 
 use consumers::ConsumerBook;
@@ -83,6 +83,9 @@ pub struct Settings {
     pub safety_margin_mib: u64,
     /// How long a resident asked to unload has to free its memory.
     pub unload_timeout: Duration,
+    /// After a holder vanishes without releasing, how long the next grant on
+    /// a measured GPU may wait for its processes to leave; zero turns it off.
+    pub lock_delay: Duration,
 }
 
 impl Default for Settings {
@@ -92,6 +95,7 @@ impl Default for Settings {
             strict: false,
             safety_margin_mib: 0,
             unload_timeout: Duration::from_secs(10),
+            lock_delay: Duration::ZERO,
         }
     }
 }
@@ -322,6 +326,8 @@ pub struct Scheduler<W> {
     settings: Settings,
     next_waiter: u64,
     last_token: u64,
+    /// No token above this is handed out (the mark persisted on disk).
+    token_ceiling: u64,
     gpus: Vec<GpuState<W>>,
     consumers: ConsumerBook,
     stats: Stats,
@@ -362,6 +368,7 @@ impl<W> Scheduler<W> {
             },
             next_waiter: 0,
             last_token: 0,
+            token_ceiling: u64::MAX,
             gpus: gpus.into_iter().map(GpuState::new).collect(),
             consumers: ConsumerBook::new(consumers),
             stats: Stats::default(),
@@ -400,6 +407,25 @@ impl<W> Scheduler<W> {
     /// The last fencing token handed out; 0 before the first grant.
     pub fn last_token(&self) -> FencingToken {
         FencingToken(self.last_token)
+    }
+
+    /// Hands out tokens after `last_issued`, up to `ceiling` (see
+    /// [`Scheduler::raise_token_ceiling`]). For a broker that persisted
+    /// `ceiling` before it serves, so that tokens never repeat or go back,
+    /// whatever happens to the process.
+    pub fn set_tokens(&mut self, last_issued: u64, ceiling: u64) {
+        self.last_token = self.last_token.max(last_issued);
+        self.token_ceiling = ceiling.max(self.last_token);
+    }
+
+    /// Allows tokens up to `ceiling`, once it is persisted.
+    pub fn raise_token_ceiling(&mut self, ceiling: u64) {
+        self.token_ceiling = self.token_ceiling.max(ceiling);
+    }
+
+    /// How many tokens may still be handed out before the ceiling.
+    pub fn tokens_left(&self) -> u64 {
+        self.token_ceiling - self.last_token
     }
 
     /// The GPUs.
@@ -543,10 +569,17 @@ impl<W> Scheduler<W> {
                 gpu.blocked = None;
                 return;
             };
+            let request = head.request.clone();
             if gpu.admission.as_ref().is_some_and(|a| a.waiter != id) {
                 gpu.admission = None;
             }
-            let request = head.request.clone();
+            if !gpu.fences_clear(now) {
+                return;
+            }
+            if self.last_token >= self.token_ceiling {
+                // The broker persists a higher ceiling and tries again.
+                return;
+            }
             let was_admitting = gpu.admission.is_some();
             let evictable = |name: &str| consumers.is_evictable(name);
             let admit = gpu.admit(id, &request, margin, unload_timeout, evictable, now);
@@ -661,6 +694,17 @@ impl<W> Scheduler<W> {
                 },
             );
         }
+        let ungraceful = matches!(how, LeaseEnd::Disconnected | LeaseEnd::Revoked(_));
+        let lock_delay = self.settings.lock_delay;
+        if ungraceful && !lock_delay.is_zero() && gpu.spec.measured {
+            let pid = holding.request.client_pid;
+            gpu.fences.push(Fence {
+                who: holding.request.consumer.clone(),
+                pids: if pid == 0 { Vec::new() } else { vec![pid] },
+                since: now,
+                until: now + lock_delay,
+            });
+        }
         self.stats.last_hold = held;
         let ended = &mut self.stats.ended;
         match how {
@@ -680,10 +724,36 @@ impl<W> Scheduler<W> {
     /// Takes in a reading of a GPU's memory: learns how much its holders
     /// use, and forgets residents whose processes have left it. Call
     /// [`Scheduler::grant_ready`] afterwards: memory may have come back.
-    pub fn observe(&mut self, gpu_index: u32, reading: MemoryReading, _now: Instant) {
+    ///
+    /// The first reading of a GPU that shows processes no lease accounts for
+    /// quarantines it: nothing is granted there until they leave, or for
+    /// `lock_delay` at most.
+    pub fn observe(&mut self, gpu_index: u32, reading: MemoryReading, now: Instant) {
+        let lock_delay = self.settings.lock_delay;
         let Some(gpu) = self.gpus.iter_mut().find(|g| g.spec.index == gpu_index) else {
             return;
         };
+        if gpu.reading_at.is_none() && !lock_delay.is_zero() {
+            let strangers: Vec<u32> = reading
+                .processes
+                .iter()
+                .filter(|p| {
+                    !gpu.holding
+                        .values()
+                        .any(|h| p.belongs_to(h.request.client_pid))
+                })
+                .map(|p| p.pid)
+                .collect();
+            if !strangers.is_empty() {
+                gpu.fences.push(Fence {
+                    who: String::new(),
+                    pids: strangers,
+                    since: now,
+                    until: now + lock_delay,
+                });
+            }
+        }
+        gpu.reading_at = Some(now);
         for holding in gpu.holding.values_mut() {
             let used: u64 = reading
                 .processes
@@ -733,20 +803,23 @@ impl<W> Scheduler<W> {
     pub fn next_deadline(&self) -> Option<Instant> {
         let deadlines = self.gpus.iter().flat_map(|gpu| {
             let admission = gpu.admission.as_ref().map(|a| a.deadline);
+            let fences = gpu.fences.iter().map(|f| f.until);
             let ttls = gpu.residents.iter().filter_map(|(name, resident)| {
                 self.consumers
                     .idle_ttl(name)
                     .map(|ttl| resident.idle_since + ttl)
             });
-            admission.into_iter().chain(ttls)
+            admission.into_iter().chain(fences).chain(ttls)
         });
         deadlines.min()
     }
 
-    /// Whether some GPU's head waits for memory, so readings should come
-    /// often.
+    /// Whether a decision waits for a reading (memory to come back, a
+    /// vanished holder's processes to leave), so readings should come often.
     pub fn awaiting_memory(&self) -> bool {
-        self.gpus.iter().any(|g| g.blocked.is_some())
+        self.gpus
+            .iter()
+            .any(|g| g.blocked.is_some() || !g.fences.is_empty())
     }
 
     /// How many requests wait for the GPU `gpu_index`.

@@ -95,6 +95,15 @@ unload = "stream"
 
 /// A broker on the fake NVML with `gpus`, and the state file to change.
 async fn broker_with(gpus: &[(&str, u64)]) -> (Broker, FakeGpus) {
+    broker_with_state(gpus, &[], &[]).await
+}
+
+/// The same, with processes on the GPUs from the start and more settings.
+async fn broker_with_state(
+    gpus: &[(&str, u64)],
+    procs: &[(u32, u32, u64)],
+    env: &[(&str, &str)],
+) -> (Broker, FakeGpus) {
     let library = fake_library().display().to_string();
     let state = tempfile::NamedTempFile::new()
         .unwrap()
@@ -102,13 +111,15 @@ async fn broker_with(gpus: &[(&str, u64)]) -> (Broker, FakeGpus) {
         .keep()
         .unwrap();
     let fake = FakeGpus { path: state };
-    fake.set(gpus, &[]);
+    fake.set(gpus, procs);
     let state = fake.path.display().to_string();
+    let mut all_env = vec![
+        ("GPULEASE__GPU__NVML_LIBRARY", library.as_str()),
+        ("FAKE_NVML_STATE", state.as_str()),
+    ];
+    all_env.extend_from_slice(env);
     let broker = Broker::start_with(Options {
-        env: vec![
-            ("GPULEASE__GPU__NVML_LIBRARY", &library),
-            ("FAKE_NVML_STATE", &state),
-        ],
+        env: all_env,
         config: Some(CONSUMERS),
         ..Options::default()
     })
@@ -368,4 +379,75 @@ async fn without_nvml_the_static_inventory_is_used() {
     assert_eq!(status.inventory, "static");
     assert_eq!((status.gpus.len(), status.gpus[0].total_mib), (1, 8 * GIB));
     assert!(!status.gpus[0].measured);
+}
+
+#[tokio::test]
+async fn after_a_holder_vanishes_the_next_grant_waits_for_its_processes() {
+    let card = [("GPU-fake-0", 16 * GIB)];
+    let (broker, fake) = broker_with_state(&card, &[], &[("GPULEASE__LOCK_DELAY", "30s")]).await;
+    let mut request = acquire("crasher");
+    request.client_pid = 4001;
+    let mut crasher = Call::open(&broker, request).await.unwrap();
+    crasher.granted().await;
+    fake.set(&card, &[(0, 4001, 8 * GIB)]);
+    broker
+        .wait_for("the holder's process seen", |s| {
+            s.gpus[0].free_mib == 8 * GIB
+        })
+        .await;
+    let mut next = Call::open(&broker, acquire("next")).await.unwrap();
+    next.queued().await;
+
+    // The holder's connection drops, but its process still uses the GPU.
+    drop(crasher);
+    let fenced = broker
+        .wait_for("the hand-over held back", |s| {
+            s.gpus[0]
+                .blocked_by
+                .contains("crasher vanished without releasing")
+        })
+        .await;
+    assert_eq!((fenced.in_flight, fenced.queue_depth), (0, 1));
+    let update = next.queued().await;
+    assert!(update.blocked_by.contains("(4001)"), "{update:?}");
+
+    fake.set(&card, &[]);
+    next.granted().await;
+}
+
+#[tokio::test]
+async fn a_polite_release_hands_over_at_once_even_with_processes_left() {
+    let card = [("GPU-fake-0", 16 * GIB)];
+    let (broker, fake) = broker_with_state(&card, &[], &[("GPULEASE__LOCK_DELAY", "30s")]).await;
+    let mut request = acquire("polite");
+    request.client_pid = 4002;
+    let mut polite = Call::open(&broker, request).await.unwrap();
+    polite.granted().await;
+    fake.set(&card, &[(0, 4002, 4 * GIB)]);
+    broker
+        .wait_for("the holder's process seen", |s| {
+            s.gpus[0].free_mib == 12 * GIB
+        })
+        .await;
+    let mut next = Call::open(&broker, acquire("next")).await.unwrap();
+    next.queued().await;
+    polite.release().await;
+    next.granted().await;
+}
+
+#[tokio::test]
+async fn at_start_a_gpu_busy_without_a_lease_is_quarantined() {
+    let card = [("GPU-fake-0", 16 * GIB)];
+    let procs = [(0, 777, 2 * GIB)];
+    let (broker, fake) = broker_with_state(&card, &procs, &[("GPULEASE__LOCK_DELAY", "30s")]).await;
+    let mut first = Call::open(&broker, acquire("first")).await.unwrap();
+    let queued = first.queued().await;
+    let status = broker
+        .wait_for("the quarantine reported", |s| {
+            s.gpus[0].blocked_by.contains("at start, processes 777")
+        })
+        .await;
+    assert_eq!(status.in_flight, 0, "{queued:?}");
+    fake.set(&card, &[]);
+    first.granted().await;
 }

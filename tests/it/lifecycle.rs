@@ -124,3 +124,45 @@ async fn shutdown_revokes_holders_ends_waiters_and_exits_zero() {
     let gone = gpulease::client::connect(&broker.addr).await;
     assert!(gone.is_err(), "the broker still answers after shutdown");
 }
+
+#[tokio::test]
+async fn fencing_tokens_keep_increasing_across_a_kill_9() {
+    let state = tempfile::tempdir().unwrap();
+    let state_dir = state.path().display().to_string();
+    let env = [("GPULEASE__STATE_DIR", state_dir.as_str())];
+    let mut last = 0;
+    let mut last_epoch = 0;
+    for _ in 0..3 {
+        let mut broker = Broker::with_env(&env).await;
+        let epoch = broker.status().await.broker.unwrap().epoch;
+        assert!(epoch > last_epoch, "epoch {epoch} after {last_epoch}");
+        last_epoch = epoch;
+        for _ in 0..2 {
+            let mut call = Call::open(&broker, acquire("job")).await.unwrap();
+            let granted = call.granted().await;
+            let token = granted.fencing_token;
+            assert!(token > last, "token {token} after {last}");
+            assert_eq!(granted.broker_epoch, epoch);
+            last = token;
+            call.release().await;
+        }
+        crate::support::signal(&broker.child, nix::sys::signal::Signal::SIGKILL);
+        broker.child.wait().await.unwrap();
+    }
+}
+
+#[test]
+fn an_unusable_state_directory_exits_73() {
+    let dir = tempfile::tempdir().unwrap();
+    let blocker = dir.path().join("file");
+    std::fs::write(&blocker, "not a directory").unwrap();
+    let output = Command::new(BIN)
+        .arg("serve")
+        .env("GPULEASE__LISTEN", "127.0.0.1:0")
+        .env("GPULEASE__STATE_DIR", blocker.join("state"))
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(73), "{output:?}");
+    assert!(String::from_utf8_lossy(&output.stderr).contains("cannot use the state directory"));
+    assert!(output.stdout.is_empty(), "nothing may be bound");
+}

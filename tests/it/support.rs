@@ -61,6 +61,7 @@ impl Broker {
             .current_dir(dir.path())
             .env_remove("GPULEASE_CONFIG")
             .env("GPULEASE__LISTEN", "127.0.0.1:0")
+            .env("GPULEASE__STATE_DIR", dir.path().join("state"))
             .env("RUST_LOG", "info")
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
