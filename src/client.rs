@@ -1,10 +1,16 @@
-//! Connecting to a broker, for the CLI's client commands and the tests.
+//! Connecting to a broker, for the CLI's client commands and the tests:
+//! over TCP (plain or TLS) or a Unix socket, with an optional bearer token.
 
+use std::path::PathBuf;
 use std::time::Duration;
 
 use hyper_util::rt::TokioIo;
 use tokio::net::UnixStream;
-use tonic::transport::{Channel, Endpoint, Uri};
+use tonic::metadata::{Ascii, MetadataValue};
+use tonic::service::Interceptor;
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity, Uri};
+use tonic::{Request, Status};
 
 use crate::pb::v1::lease_broker_client::LeaseBrokerClient;
 
@@ -14,12 +20,31 @@ pub const DEFAULT_BROKER: &str = "127.0.0.1:50051";
 /// How long connecting may take before the broker counts as unreachable.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// A connected client.
+pub type Client = LeaseBrokerClient<InterceptedService<Channel, BearerToken>>;
+
+/// How to reach and prove oneself to a broker.
+#[derive(Clone, Debug, Default)]
+pub struct ConnectOptions {
+    /// The bearer token to send, if any.
+    pub token: Option<String>,
+    /// The CA bundle that signed the broker's certificate; implies TLS.
+    pub ca: Option<PathBuf>,
+    /// A client certificate and key, for mutual TLS.
+    pub identity: Option<(PathBuf, PathBuf)>,
+}
+
 /// Why a broker could not be reached.
 #[derive(Debug, thiserror::Error)]
 pub enum ConnectError {
     /// The address is not one we understand.
-    #[error("{0:?} is not a broker address: use HOST:PORT, http://HOST:PORT or unix:/PATH")]
+    #[error(
+        "{0:?} is not a broker address: use HOST:PORT, http://HOST:PORT, https://HOST:PORT or unix:/PATH"
+    )]
     BadAddress(String),
+    /// A TLS file or the token is unusable.
+    #[error("{0}")]
+    BadCredentials(String),
     /// Nothing answered there.
     #[error("cannot reach the broker at {address}: {source}")]
     Unreachable {
@@ -30,12 +55,42 @@ pub enum ConnectError {
     },
 }
 
-/// Connects to the broker at `address`: `HOST:PORT`, `http://HOST:PORT`, or
-/// `unix:/PATH` for a Unix-domain socket.
-pub async fn connect(address: &str) -> Result<LeaseBrokerClient<Channel>, ConnectError> {
+/// Adds `authorization: Bearer TOKEN` to every call, when there is a token.
+#[derive(Clone, Debug)]
+pub struct BearerToken(Option<MetadataValue<Ascii>>);
+
+impl Interceptor for BearerToken {
+    fn call(&mut self, mut request: Request<()>) -> Result<Request<()>, Status> {
+        if let Some(value) = &self.0 {
+            request
+                .metadata_mut()
+                .insert("authorization", value.clone());
+        }
+        Ok(request)
+    }
+}
+
+/// Connects to the broker at `address` without credentials.
+pub async fn connect(address: &str) -> Result<Client, ConnectError> {
+    connect_with(address, &ConnectOptions::default()).await
+}
+
+/// Connects to the broker at `address`: `HOST:PORT`, `http://HOST:PORT`,
+/// `https://HOST:PORT` (TLS), or `unix:/PATH` for a Unix-domain socket.
+pub async fn connect_with(address: &str, options: &ConnectOptions) -> Result<Client, ConnectError> {
     let unreachable = |source| ConnectError::Unreachable {
         address: address.to_owned(),
         source,
+    };
+    let token = match &options.token {
+        None => None,
+        Some(token) => Some(
+            format!("Bearer {}", token.trim())
+                .parse::<MetadataValue<Ascii>>()
+                .map_err(|_| {
+                    ConnectError::BadCredentials("the token is not printable ASCII".into())
+                })?,
+        ),
     };
     let channel = if let Some(path) = address.strip_prefix("unix:") {
         let path = path.trim_start_matches("//").to_owned();
@@ -52,18 +107,43 @@ pub async fn connect(address: &str) -> Result<LeaseBrokerClient<Channel>, Connec
             .await
             .map_err(unreachable)?
     } else {
-        let uri = if address.contains("://") {
-            address.to_owned()
-        } else {
-            format!("http://{address}")
+        let tls = options.ca.is_some() || address.starts_with("https://");
+        let uri = match address.split_once("://") {
+            Some(("http" | "https", rest)) if tls => format!("https://{rest}"),
+            Some(("http" | "https", _)) => address.to_owned(),
+            Some(_) => return Err(ConnectError::BadAddress(address.to_owned())),
+            None if tls => format!("https://{address}"),
+            None => format!("http://{address}"),
         };
-        Endpoint::from_shared(uri)
+        let mut endpoint = Endpoint::from_shared(uri)
             .map_err(|_| ConnectError::BadAddress(address.to_owned()))?
             .connect_timeout(CONNECT_TIMEOUT)
-            .tcp_nodelay(true)
-            .connect()
-            .await
-            .map_err(unreachable)?
+            .tcp_nodelay(true);
+        if tls {
+            endpoint = endpoint
+                .tls_config(client_tls(options)?)
+                .map_err(|e| ConnectError::BadCredentials(format!("TLS: {e}")))?;
+        }
+        endpoint.connect().await.map_err(unreachable)?
     };
-    Ok(LeaseBrokerClient::new(channel))
+    Ok(LeaseBrokerClient::with_interceptor(
+        channel,
+        BearerToken(token),
+    ))
+}
+
+fn client_tls(options: &ConnectOptions) -> Result<ClientTlsConfig, ConnectError> {
+    let read = |path: &PathBuf| {
+        std::fs::read(path).map_err(|e| {
+            ConnectError::BadCredentials(format!("cannot read {}: {e}", path.display()))
+        })
+    };
+    let mut tls = ClientTlsConfig::new();
+    if let Some(ca) = &options.ca {
+        tls = tls.ca_certificate(Certificate::from_pem(read(ca)?));
+    }
+    if let Some((cert, key)) = &options.identity {
+        tls = tls.identity(Identity::from_pem(read(cert)?, read(key)?));
+    }
+    Ok(tls)
 }

@@ -45,6 +45,47 @@ pub struct Config {
     pub unload: BTreeMap<String, UnloadMethod>,
     /// The GPUs and their memory.
     pub gpu: GpuConfig,
+    /// Who may call.
+    pub auth: AuthConfig,
+    /// Each consumer's token and Unix users, by name.
+    pub consumer_auth: BTreeMap<String, ConsumerAuth>,
+}
+
+/// The `[auth]` section.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct AuthConfig {
+    /// The operator's token. Default: none.
+    pub admin_token: Option<String>,
+    /// Whether Status needs a token once tokens exist. Default: false.
+    pub status_requires_token: bool,
+    /// TLS for the TCP listener. Default: none.
+    pub tls: Option<TlsFiles>,
+    /// The Unix socket's mode. Default: 0o660.
+    pub socket_mode: u32,
+    /// The Unix socket's group. Default: the broker's.
+    pub socket_group: Option<String>,
+}
+
+/// TLS certificate files, in PEM.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TlsFiles {
+    /// The certificate chain.
+    pub cert: PathBuf,
+    /// Its private key.
+    pub key: PathBuf,
+    /// The CA that client certificates must be signed by (mutual TLS).
+    pub client_ca: Option<PathBuf>,
+}
+
+/// Who may act as one consumer.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ConsumerAuth {
+    /// Its bearer token.
+    pub token: Option<String>,
+    /// Over the Unix socket, the users (names or ids) that may act as it.
+    pub unix_users: Vec<String>,
+    /// Over the Unix socket, the groups (names or ids) that may act as it.
+    pub unix_groups: Vec<String>,
 }
 
 /// Where the broker learns about GPUs.
@@ -167,8 +208,22 @@ struct RawConfig {
     state_dir: String,
     keepalive: RawKeepalive,
     gpu: RawGpu,
+    auth: RawAuth,
     #[serde(default)]
     consumers: BTreeMap<String, RawConsumer>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAuth {
+    admin_token: String,
+    admin_token_file: String,
+    status_requires_token: bool,
+    tls_cert: String,
+    tls_key: String,
+    tls_client_ca: String,
+    socket_mode: String,
+    socket_group: String,
 }
 
 #[derive(Debug, Deserialize)]
@@ -207,6 +262,14 @@ struct RawConsumer {
     idle_ttl: Option<Duration>,
     #[serde(default)]
     unload: Option<RawUnload>,
+    #[serde(default)]
+    token: String,
+    #[serde(default)]
+    token_file: String,
+    #[serde(default)]
+    unix_users: Vec<String>,
+    #[serde(default)]
+    unix_groups: Vec<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -292,6 +355,32 @@ fn sizes<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<Vec<u64>, 
     deserializer.deserialize_any(Sizes)
 }
 
+/// A secret given inline (`key`) or in a file (`key_file`), trimmed; never
+/// both.
+fn secret(key: &str, inline: String, file: String) -> Result<Option<String>, ConfigError> {
+    match (inline.is_empty(), file.is_empty()) {
+        (true, true) => Ok(None),
+        (false, false) => Err(invalid(
+            key,
+            format!("give `{key}` or `{key}_file`, not both"),
+        )),
+        (false, true) => Ok(Some(inline.trim().to_owned())),
+        (true, false) => {
+            let text = std::fs::read_to_string(&file)
+                .map_err(|e| invalid(&format!("{key}_file"), format!("cannot read {file}: {e}")))?;
+            let token = text.trim().to_owned();
+            if token.is_empty() {
+                return Err(invalid(&format!("{key}_file"), format!("{file} is empty")));
+            }
+            Ok(Some(token))
+        }
+    }
+}
+
+fn optional_path(path: String) -> Option<PathBuf> {
+    (!path.is_empty()).then(|| PathBuf::from(path))
+}
+
 /// `$STATE_DIRECTORY` (set by systemd's `StateDirectory=`), else
 /// `/var/lib/gpulease` for root, else `$XDG_STATE_HOME/gpulease` or
 /// `~/.local/state/gpulease`.
@@ -362,9 +451,19 @@ impl RawConfig {
         }
         let mut consumers = Vec::with_capacity(self.consumers.len());
         let mut unload = BTreeMap::new();
+        let mut consumer_auth = BTreeMap::new();
         for (name, consumer) in self.consumers {
             let key = format!("consumers.{name}");
             validate_consumer_name(&name).map_err(|e| invalid(&key, e.to_string()))?;
+            let token = secret(&format!("{key}.token"), consumer.token, consumer.token_file)?;
+            consumer_auth.insert(
+                name.clone(),
+                ConsumerAuth {
+                    token,
+                    unix_users: consumer.unix_users,
+                    unix_groups: consumer.unix_groups,
+                },
+            );
             let method = match consumer.unload {
                 None => None,
                 Some(RawUnload::Stream(word)) if word == "stream" => Some(UnloadMethod::Stream),
@@ -391,6 +490,53 @@ impl RawConfig {
                 unload.insert(name, method);
             }
         }
+        let auth = self.auth;
+        let socket_mode = u32::from_str_radix(auth.socket_mode.trim_start_matches("0o"), 8)
+            .ok()
+            .filter(|mode| *mode <= 0o777)
+            .ok_or_else(|| {
+                invalid(
+                    "auth.socket_mode",
+                    format!(
+                        "{:?} is not an octal mode such as \"0660\"",
+                        auth.socket_mode
+                    ),
+                )
+            })?;
+        let tls = match (optional_path(auth.tls_cert), optional_path(auth.tls_key)) {
+            (None, None) if auth.tls_client_ca.is_empty() => None,
+            (Some(cert), Some(key)) => Some(TlsFiles {
+                cert,
+                key,
+                client_ca: optional_path(auth.tls_client_ca),
+            }),
+            _ => {
+                return Err(invalid(
+                    "auth.tls_cert",
+                    "TLS needs both `tls_cert` and `tls_key` (and `tls_client_ca` needs them too)",
+                ));
+            }
+        };
+        let mut tokens: Vec<&String> = consumer_auth
+            .values()
+            .filter_map(|a| a.token.as_ref())
+            .collect();
+        let admin_token = secret("auth.admin_token", auth.admin_token, auth.admin_token_file)?;
+        tokens.extend(admin_token.as_ref());
+        let distinct: std::collections::BTreeSet<&String> = tokens.iter().copied().collect();
+        if distinct.len() != tokens.len() {
+            return Err(invalid(
+                "auth",
+                "two identities share a token; each needs its own",
+            ));
+        }
+        let auth = AuthConfig {
+            admin_token,
+            status_requires_token: auth.status_requires_token,
+            tls,
+            socket_mode,
+            socket_group: (!auth.socket_group.is_empty()).then_some(auth.socket_group),
+        };
         let gpu = GpuConfig {
             source: self.gpu.source,
             nvml_library: (!self.gpu.nvml_library.is_empty())
@@ -418,6 +564,8 @@ impl RawConfig {
             consumers,
             unload,
             gpu,
+            auth,
+            consumer_auth,
         })
     }
 }
@@ -530,7 +678,12 @@ mod tests {
         let mut examples = 0;
         for block in readme.split("```toml\n").skip(1) {
             let example = block.split("```").next().unwrap();
-            load(example, &[]).unwrap_or_else(|e| panic!("{e}\n{example}"));
+            match load(example, &[]) {
+                Ok(_) => {}
+                // The examples name files that exist on the reader's machine.
+                Err(e) if e.to_string().contains("cannot read /etc/gpulease/") => {}
+                Err(e) => panic!("{e}\n{example}"),
+            }
             examples += 1;
         }
         assert!(examples >= 5, "only {examples} examples found");
@@ -551,5 +704,13 @@ mod tests {
         assert!(error("[gpu]\nsource = \"cuda\"", &[]).contains("cuda"));
         assert!(error("[consumers.x]\nunload = \"please\"", &[]).contains("`consumers.x.unload`"));
         assert!(error("[consumers.x]\nunload = { command = [] }", &[]).contains("is empty"));
+        assert!(error("[auth]\nsocket_mode = \"rw\"", &[]).contains("`auth.socket_mode`"));
+        assert!(error("[auth]\ntls_cert = \"a.pem\"", &[]).contains("tls_key"));
+        let both = "[consumers.x]\ntoken = \"t\"\ntoken_file = \"/f\"";
+        assert!(error(both, &[]).contains("not both"));
+        let shared = "[auth]\nadmin_token = \"t\"\n[consumers.x]\ntoken = \"t\"";
+        assert!(error(shared, &[]).contains("share a token"));
+        let missing = "[consumers.x]\ntoken_file = \"/nonexistent/token\"";
+        assert!(error(missing, &[]).contains("`consumers.x.token_file`"));
     }
 }

@@ -2,6 +2,7 @@
 //!
 //! See `ARCHITECTURE.md` for the map of the modules and their invariants.
 
+pub mod auth;
 pub mod broker;
 pub mod cli;
 pub mod client;

@@ -34,7 +34,7 @@ fn main() -> ProcessExit {
 
 /// init tracing → load and validate config (exit 64 before binding
 /// anything) → open the GPU inventory → claim the epoch and tokens in the
-/// state file → bind → print every bound address →
+/// state file → install signal handlers → bind → print every bound address →
 /// serve until SIGINT or SIGTERM → drain.
 async fn serve(args: ServeArgs) -> ExitCode {
     if args.print_defaults {
@@ -87,6 +87,17 @@ async fn serve(args: ServeArgs) -> ExitCode {
         state = %state.0.path().display(),
         "fencing tokens claimed"
     );
+    if let Err(e) = server::tls(&config) {
+        eprintln!("gpulease: invalid configuration: {e}");
+        return ExitCode::USAGE;
+    }
+    let shutdown = match shutdown_signal() {
+        Ok(shutdown) => shutdown,
+        Err(e) => {
+            eprintln!("gpulease: cannot install signal handlers: {e}");
+            return ExitCode::SOFTWARE;
+        }
+    };
     let listeners = match server::bind(&config).await {
         Ok(listeners) => listeners,
         Err(e) => {
@@ -107,7 +118,7 @@ async fn serve(args: ServeArgs) -> ExitCode {
         dead_client_bound = %humantime::format_duration(config.dead_client_bound()),
         "broker ready"
     );
-    match server::serve(&config, inventory, state, listeners, shutdown_signal()).await {
+    match server::serve(&config, inventory, state, listeners, shutdown).await {
         Ok(()) => {
             info!("stopped");
             ExitCode::OK
@@ -128,21 +139,17 @@ fn init_tracing() {
         .init();
 }
 
-async fn shutdown_signal() {
+/// Installs the SIGINT and SIGTERM handlers now, so that a signal that
+/// arrives as soon as the broker says it listens is a graceful shutdown, and
+/// returns the future that resolves on the first of them.
+fn shutdown_signal() -> std::io::Result<impl Future<Output = ()>> {
     use tokio::signal::unix::{SignalKind, signal};
-    match (
-        signal(SignalKind::interrupt()),
-        signal(SignalKind::terminate()),
-    ) {
-        (Ok(mut interrupt), Ok(mut terminate)) => {
-            tokio::select! {
-                _ = interrupt.recv() => info!("SIGINT received"),
-                _ = terminate.recv() => info!("SIGTERM received"),
-            }
+    let mut interrupt = signal(SignalKind::interrupt())?;
+    let mut terminate = signal(SignalKind::terminate())?;
+    Ok(async move {
+        tokio::select! {
+            _ = interrupt.recv() => info!("SIGINT received"),
+            _ = terminate.recv() => info!("SIGTERM received"),
         }
-        _ => {
-            error!("cannot install signal handlers; stop the broker with SIGKILL");
-            std::future::pending::<()>().await;
-        }
-    }
+    })
 }

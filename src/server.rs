@@ -12,14 +12,17 @@ use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use std::time::Duration;
 use tokio::net::{TcpListener, UnixListener, UnixStream};
 use tokio::task::JoinSet;
 use tokio_stream::wrappers::UnixListenerStream;
 use tokio_util::sync::CancellationToken;
-use tonic::transport::Server;
+
 use tonic::transport::server::{Router, TcpIncoming};
+use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
 use tracing::{info, warn};
 
+use crate::auth::{AuthInterceptor, Authority};
 use crate::broker::{Broker, Claim};
 use crate::config::Config;
 use crate::grpc::LeaseService;
@@ -27,8 +30,10 @@ use crate::inventory::Inventory;
 use crate::pb::v1::lease_broker_server::LeaseBrokerServer;
 use crate::state::StateFile;
 
-/// The mode of the Unix socket: owner and group may connect.
-const SOCKET_MODE: u32 = 0o660;
+/// After every stream has ended at shutdown, how long connections get to
+/// flush their last frames before they are closed. Idle connections are not
+/// waited for any longer than this.
+const FLUSH_GRACE: Duration = Duration::from_millis(250);
 
 /// The broker's listeners, bound but not yet serving.
 #[derive(Debug)]
@@ -48,6 +53,9 @@ pub enum ServeError {
         /// Why.
         source: io::Error,
     },
+    /// The TLS files could not be used.
+    #[error("TLS: {0}")]
+    Tls(String),
     /// The reflection service could not be built.
     #[error("cannot build the reflection service: {0}")]
     Reflection(#[from] tonic_reflection::server::Error),
@@ -101,8 +109,28 @@ pub async fn bind(config: &Config) -> Result<Listeners, ServeError> {
             };
             remove_stale_socket(path).await.map_err(bind_error)?;
             let listener = UnixListener::bind(path).map_err(bind_error)?;
-            std::fs::set_permissions(path, std::fs::Permissions::from_mode(SOCKET_MODE))
-                .map_err(bind_error)?;
+            std::fs::set_permissions(
+                path,
+                std::fs::Permissions::from_mode(config.auth.socket_mode),
+            )
+            .map_err(bind_error)?;
+            if let Some(group) = &config.auth.socket_group {
+                let gid = match group.parse::<u32>() {
+                    Ok(gid) => Some(nix::unistd::Gid::from_raw(gid)),
+                    Err(_) => nix::unistd::Group::from_name(group)
+                        .ok()
+                        .flatten()
+                        .map(|g| g.gid),
+                };
+                let gid = gid.ok_or_else(|| {
+                    bind_error(io::Error::new(
+                        io::ErrorKind::NotFound,
+                        format!("auth.socket_group: no group {group:?}"),
+                    ))
+                })?;
+                nix::unistd::chown(path, None, Some(gid))
+                    .map_err(|e| bind_error(io::Error::from(e)))?;
+            }
             Some((listener, path.clone()))
         }
         None => None,
@@ -156,16 +184,26 @@ pub async fn serve(
     };
     let reflection_v1 = reflection().build_v1()?;
     let reflection_v1alpha = reflection().build_v1alpha()?;
-    let lease_service = LeaseBrokerServer::new(LeaseService::new(Arc::clone(&broker)));
+    let authority = Arc::new(Authority::new(&config.auth, &config.consumer_auth));
+    let lease_service = LeaseBrokerServer::with_interceptor(
+        LeaseService::new(Arc::clone(&broker), Arc::clone(&authority)),
+        AuthInterceptor::new(authority),
+    );
 
-    let router = || -> Router {
-        Server::builder()
+    let router = |tls: Option<ServerTlsConfig>| -> Result<Router, ServeError> {
+        let mut builder = Server::builder();
+        if let Some(tls) = tls {
+            builder = builder
+                .tls_config(tls)
+                .map_err(|e| ServeError::Tls(e.to_string()))?;
+        }
+        Ok(builder
             .http2_keepalive_interval(Some(config.keepalive_interval))
             .http2_keepalive_timeout(Some(config.keepalive_timeout))
             .add_service(lease_service.clone())
             .add_service(health_service.clone())
             .add_service(reflection_v1.clone())
-            .add_service(reflection_v1alpha.clone())
+            .add_service(reflection_v1alpha.clone()))
     };
 
     let stop = CancellationToken::new();
@@ -174,13 +212,15 @@ pub async fn serve(
     if let Some(listener) = listeners.tcp {
         let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
         let stop = stop.clone();
-        let server = router().serve_with_incoming_shutdown(incoming, stop.cancelled_owned());
+        let server =
+            router(tls(config)?)?.serve_with_incoming_shutdown(incoming, stop.cancelled_owned());
         servers.spawn(server);
     }
     if let Some((listener, _)) = listeners.unix {
         let incoming = UnixListenerStream::new(listener);
         let stop = stop.clone();
-        let server = router().serve_with_incoming_shutdown(incoming, stop.cancelled_owned());
+        // Local peers prove who they are by their credentials, not TLS.
+        let server = router(None)?.serve_with_incoming_shutdown(incoming, stop.cancelled_owned());
         servers.spawn(server);
     }
 
@@ -195,7 +235,20 @@ pub async fn serve(
         .await;
     broker.shut_down();
     stop.cancel();
-    let drained = tokio::time::timeout(config.shutdown_grace, async {
+    // Every stream has been told to end; wait for them, then give the
+    // connections a moment to flush, but do not wait for idle ones.
+    let deadline = tokio::time::Instant::now() + config.shutdown_grace;
+    let streams_ended = tokio::time::timeout_at(deadline, broker.sessions_ended())
+        .await
+        .is_ok();
+    if !streams_ended {
+        warn!(
+            grace = %humantime::format_duration(config.shutdown_grace),
+            "streams still open after the shutdown grace period; closing them"
+        );
+    }
+    let flush = deadline.min(tokio::time::Instant::now() + FLUSH_GRACE);
+    let _ = tokio::time::timeout_at(flush, async {
         while let Some(result) = servers.join_next().await {
             if let Ok(Err(e)) = result {
                 warn!(error = %e, "server ended with an error");
@@ -203,13 +256,7 @@ pub async fn serve(
         }
     })
     .await;
-    if drained.is_err() {
-        warn!(
-            grace = %humantime::format_duration(config.shutdown_grace),
-            "streams still open after the shutdown grace period; closing them"
-        );
-        servers.abort_all();
-    }
+    servers.abort_all();
     if let Some(path) = socket_path {
         let _ = std::fs::remove_file(path);
     }
@@ -217,4 +264,23 @@ pub async fn serve(
         Some(Ok(Err(e))) => Err(e.into()),
         _ => Ok(()),
     }
+}
+
+/// The TLS settings of the TCP listener, if configured: the files are read
+/// now, so that a missing or unreadable one stops the broker at start.
+pub fn tls(config: &Config) -> Result<Option<ServerTlsConfig>, ServeError> {
+    let Some(files) = &config.auth.tls else {
+        return Ok(None);
+    };
+    let read = |key: &str, path: &Path| {
+        std::fs::read(path).map_err(|e| {
+            ServeError::Tls(format!("auth.{key}: cannot read {}: {e}", path.display()))
+        })
+    };
+    let identity = Identity::from_pem(read("tls_cert", &files.cert)?, read("tls_key", &files.key)?);
+    let mut tls = ServerTlsConfig::new().identity(identity);
+    if let Some(ca) = &files.client_ca {
+        tls = tls.client_ca_root(Certificate::from_pem(read("tls_client_ca", ca)?));
+    }
+    Ok(Some(tls))
 }

@@ -54,6 +54,8 @@ pub struct Broker {
     /// Wakes the memory poller early (a request started waiting for memory).
     poll_now: tokio::sync::Notify,
     state_file: StateFile,
+    /// Streams being served (lease sessions, watchers, residency listeners).
+    sessions: watch::Sender<usize>,
     /// Whether a higher token ceiling is being written.
     raising_ceiling: std::sync::atomic::AtomicBool,
     residency: memory::Listeners,
@@ -71,6 +73,8 @@ impl std::fmt::Debug for Broker {
 #[derive(Debug)]
 struct State {
     sched: Scheduler<Seat>,
+    /// How to tell each held lease's session that an operator revoked it.
+    revocations: std::collections::HashMap<FencingToken, Arc<Revocation>>,
     shutting_down: bool,
     /// Set when the queue's order changed since the last position sweep.
     queue_moved: bool,
@@ -117,6 +121,47 @@ pub struct Grant {
     pub gpu_index: u32,
     /// The granted GPU's UUID; empty when unknown.
     pub gpu_uuid: String,
+    /// Fires when an operator revokes the lease.
+    pub revocation: Arc<Revocation>,
+}
+
+/// An operator's revocation of one lease.
+#[derive(Debug, Default)]
+pub struct Revocation {
+    fired: CancellationToken,
+    message: std::sync::OnceLock<String>,
+}
+
+impl PartialEq for Revocation {
+    fn eq(&self, other: &Self) -> bool {
+        std::ptr::eq(self, other)
+    }
+}
+
+impl Eq for Revocation {}
+
+impl Revocation {
+    /// Resolves once the lease is revoked. Cancel-safe.
+    pub async fn fired(&self) {
+        self.fired.cancelled().await;
+    }
+
+    /// The operator's message.
+    pub fn message(&self) -> &str {
+        self.message.get().map_or("", String::as_str)
+    }
+}
+
+/// What [`Broker::revoke`] did.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum RevokeOutcome {
+    /// The lease was held, and its session is told to end it.
+    Revoked {
+        /// Who held it.
+        consumer: String,
+    },
+    /// Nothing was held under that name; nothing changed.
+    NotHeld(String),
 }
 
 /// The epoch and tokens a start claimed in the state file.
@@ -184,6 +229,7 @@ impl Broker {
             this: this.clone(),
             state: Mutex::new(State {
                 sched,
+                revocations: std::collections::HashMap::new(),
                 shutting_down: false,
                 queue_moved: false,
             }),
@@ -191,6 +237,7 @@ impl Broker {
             shutdown: CancellationToken::new(),
             epoch: persisted.epoch,
             state_file: state,
+            sessions: watch::Sender::new(0),
             raising_ceiling: std::sync::atomic::AtomicBool::new(false),
             started: Instant::now(),
             max_hold: config.max_hold,
@@ -272,6 +319,21 @@ impl Broker {
     /// The longest a lease may be held, if limited.
     pub fn max_hold(&self) -> Option<Duration> {
         self.max_hold
+    }
+
+    /// Counts a stream being served until the guard is dropped, so that
+    /// shutdown knows when every stream has ended.
+    pub fn session(self: &Arc<Self>) -> SessionGuard {
+        self.sessions.send_modify(|n| *n += 1);
+        SessionGuard {
+            broker: Arc::clone(self),
+        }
+    }
+
+    /// Resolves once no stream is being served.
+    pub async fn sessions_ended(&self) {
+        let mut sessions = self.sessions.subscribe();
+        let _ = sessions.wait_for(|n| *n == 0).await;
     }
 
     /// Cancelled when the broker starts shutting down.
@@ -368,6 +430,50 @@ impl Broker {
         }
     }
 
+    /// Revokes the lease named by `token` (and `epoch`, when the caller
+    /// named one), on an operator's behalf. Fenced and idempotent: a token
+    /// that is not held now, or one from another start of the broker,
+    /// changes nothing.
+    pub fn revoke(&self, epoch: Option<u64>, token: FencingToken, message: &str) -> RevokeOutcome {
+        let name = lease_id(epoch.unwrap_or(self.epoch), token);
+        if epoch.is_some_and(|e| e != self.epoch) {
+            return RevokeOutcome::NotHeld(format!(
+                "lease {name} is from an earlier start of the broker; nothing was revoked"
+            ));
+        }
+        let state = self.lock();
+        let holder = state
+            .sched
+            .holders(None, Instant::now().into_std())
+            .into_iter()
+            .find(|h| h.token == token);
+        match (holder, state.revocations.get(&token)) {
+            (Some(holder), Some(revocation)) => {
+                let _ = revocation.message.set(message.to_owned());
+                revocation.fired.cancel();
+                RevokeOutcome::Revoked {
+                    consumer: holder.request.consumer,
+                }
+            }
+            _ => {
+                let held: Vec<String> = state
+                    .sched
+                    .holders(None, Instant::now().into_std())
+                    .iter()
+                    .map(|h| format!("{} ({})", self.lease_id(h.token), h.request.consumer))
+                    .collect();
+                let now = if held.is_empty() {
+                    "no lease is held".to_owned()
+                } else {
+                    format!("held now: {}", held.join(", "))
+                };
+                RevokeOutcome::NotHeld(format!(
+                    "lease {name} is not held (it ended, or was never granted); nothing was revoked; {now}"
+                ))
+            }
+        }
+    }
+
     /// Starts shutting down: refuses new requests, withdraws every waiter
     /// (their `Ticket::granted` returns `None`) and tells every session to
     /// revoke its lease.
@@ -392,6 +498,7 @@ impl Broker {
             let Some(ended) = state.sched.end(token, how, now) else {
                 return;
             };
+            state.revocations.remove(&token);
             log.push(Event::Ended(ended, how, self.lease_id(token)));
             self.settle(&mut state, &mut log)
         };
@@ -460,6 +567,10 @@ impl Broker {
                     grant: deliver,
                     ..
                 } = grant.payload;
+                let revocation = Arc::new(Revocation::default());
+                state
+                    .revocations
+                    .insert(grant.token, Arc::clone(&revocation));
                 let info = Grant {
                     lease_id: self.lease_id(grant.token),
                     token: grant.token,
@@ -468,6 +579,7 @@ impl Broker {
                     granted_at: now,
                     gpu_index: grant.gpu_index,
                     gpu_uuid: grant.gpu_uuid,
+                    revocation,
                 };
                 log.push(Event::Granted(consumer, info.clone()));
                 if deliver.send(info).is_err() {
@@ -541,6 +653,20 @@ impl Broker {
                 });
             });
         }
+    }
+}
+
+/// A stream being served; see [`Broker::session`].
+#[derive(Debug)]
+pub struct SessionGuard {
+    broker: Arc<Broker>,
+}
+
+impl Drop for SessionGuard {
+    fn drop(&mut self) {
+        self.broker
+            .sessions
+            .send_modify(|n| *n = n.saturating_sub(1));
     }
 }
 
@@ -699,6 +825,11 @@ impl Lease {
     /// The consumer holding it.
     pub fn consumer(&self) -> &str {
         &self.consumer
+    }
+
+    /// Fires when an operator revokes this lease.
+    pub fn revocation(&self) -> &Revocation {
+        &self.grant.revocation
     }
 
     /// When the broker's `max_hold` ends this lease, if it is limited.

@@ -49,7 +49,8 @@ impl Failure {
 impl From<crate::client::ConnectError> for Failure {
     fn from(error: crate::client::ConnectError) -> Self {
         let code = match error {
-            crate::client::ConnectError::BadAddress(_) => ExitCode::USAGE,
+            crate::client::ConnectError::BadAddress(_)
+            | crate::client::ConnectError::BadCredentials(_) => ExitCode::USAGE,
             crate::client::ConnectError::Unreachable { .. } => ExitCode::UNAVAILABLE,
         };
         // The innermost cause says what happened ("Connection refused").

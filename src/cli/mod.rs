@@ -2,6 +2,7 @@
 //! and `run` are its clients.
 
 mod exit;
+mod revoke;
 mod run;
 mod status;
 
@@ -35,6 +36,8 @@ pub enum Command {
     Watch(BrokerArg),
     /// Hold a lease while a command runs: gpulease run --consumer NAME -- CMD ARGS...
     Run(RunArgs),
+    /// End a held lease on an operator's behalf (admin token or the socket's owner).
+    Revoke(revoke::RevokeArgs),
 }
 
 /// Options of `gpulease serve`.
@@ -51,12 +54,59 @@ pub struct ServeArgs {
     pub print_defaults: bool,
 }
 
-/// Where the broker is.
+/// Where the broker is, and how to prove who we are.
 #[derive(Debug, Args)]
 pub struct BrokerArg {
-    /// The broker: HOST:PORT, http://HOST:PORT or unix:/PATH.
+    /// The broker: HOST:PORT, http://HOST:PORT, https://HOST:PORT or unix:/PATH.
     #[arg(long, env = "GPULEASE_BROKER", default_value = DEFAULT_BROKER, value_name = "ADDR")]
     pub broker: String,
+    /// Bearer token to send (prefer --token-file or GPULEASE_TOKEN: arguments are visible to others).
+    #[arg(
+        long,
+        env = "GPULEASE_TOKEN",
+        hide_env_values = true,
+        value_name = "TOKEN"
+    )]
+    pub token: Option<String>,
+    /// File holding the bearer token.
+    #[arg(
+        long,
+        env = "GPULEASE_TOKEN_FILE",
+        value_name = "FILE",
+        conflicts_with = "token"
+    )]
+    pub token_file: Option<PathBuf>,
+    /// CA bundle (PEM) that signed the broker's certificate; implies TLS.
+    #[arg(long, env = "GPULEASE_CA", value_name = "FILE")]
+    pub ca: Option<PathBuf>,
+    /// Client certificate (PEM), for mutual TLS.
+    #[arg(long, env = "GPULEASE_CERT", value_name = "FILE", requires = "key")]
+    pub cert: Option<PathBuf>,
+    /// Client certificate's key (PEM), for mutual TLS.
+    #[arg(long, env = "GPULEASE_KEY", value_name = "FILE", requires = "cert")]
+    pub key: Option<PathBuf>,
+}
+
+impl BrokerArg {
+    /// Connects as these options say.
+    pub(crate) async fn connect(&self) -> Result<crate::client::Client, exit::Failure> {
+        let token = match (&self.token, &self.token_file) {
+            (Some(token), _) => Some(token.clone()),
+            (None, Some(file)) => Some(std::fs::read_to_string(file).map_err(|e| {
+                exit::Failure::new(
+                    ExitCode::USAGE,
+                    format!("cannot read the token file {}: {e}", file.display()),
+                )
+            })?),
+            (None, None) => None,
+        };
+        let options = crate::client::ConnectOptions {
+            token,
+            ca: self.ca.clone(),
+            identity: self.cert.clone().zip(self.key.clone()),
+        };
+        Ok(crate::client::connect_with(&self.broker, &options).await?)
+    }
 }
 
 /// Options of `gpulease status`.
@@ -72,9 +122,10 @@ pub struct StatusArgs {
 /// Runs a client subcommand.
 pub async fn run_client(command: Command) -> ExitCode {
     let result = match command {
-        Command::Status(args) => status::status(&args.broker.broker, args.json).await,
-        Command::Watch(args) => status::watch(&args.broker).await,
+        Command::Status(args) => status::status(&args.broker, args.json).await,
+        Command::Watch(args) => status::watch(&args).await,
         Command::Run(args) => run::run(args).await,
+        Command::Revoke(args) => revoke::revoke(args).await,
         Command::Serve(_) => unreachable!("serve is not a client command"),
     };
     match result {

@@ -25,7 +25,6 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::Streaming;
 
-use crate::client::connect;
 use crate::pb::v1 as pb;
 use crate::pb::v1::lease_event::Kind as EventKind;
 use crate::pb::v1::lease_request::Kind as RequestKind;
@@ -86,7 +85,7 @@ pub(super) async fn run(args: RunArgs) -> Result<ExitCode, Failure> {
         })?,
     };
     let mut signals = Signals::new()?;
-    let mut client = connect(&args.broker.broker).await?;
+    let mut client = args.broker.connect().await?;
     let (requests, outgoing) = mpsc::channel(2);
     let acquire = pb::Acquire {
         consumer: args.consumer.clone(),

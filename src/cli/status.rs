@@ -4,14 +4,13 @@ use std::fmt::Write as _;
 use std::io::{IsTerminal, Write as _};
 use std::time::Duration;
 
-use crate::client::connect;
 use crate::pb::v1 as pb;
 
-use super::ExitCode;
 use super::exit::Failure;
+use super::{BrokerArg, ExitCode};
 
-pub(super) async fn status(broker: &str, json: bool) -> Result<ExitCode, Failure> {
-    let mut client = connect(broker).await?;
+pub(super) async fn status(broker: &BrokerArg, json: bool) -> Result<ExitCode, Failure> {
+    let mut client = broker.connect().await?;
     let snapshot = client.status(pb::StatusRequest {}).await?.into_inner();
     if json {
         let text = serde_json::to_string_pretty(&snapshot)
@@ -23,8 +22,8 @@ pub(super) async fn status(broker: &str, json: bool) -> Result<ExitCode, Failure
     Ok(ExitCode::OK)
 }
 
-pub(super) async fn watch(broker: &str) -> Result<ExitCode, Failure> {
-    let mut client = connect(broker).await?;
+pub(super) async fn watch(broker: &BrokerArg) -> Result<ExitCode, Failure> {
+    let mut client = broker.connect().await?;
     let mut snapshots = client
         .watch_status(pb::StatusRequest {})
         .await?

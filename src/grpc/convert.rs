@@ -31,6 +31,13 @@ pub(crate) fn request(acquire: pb::Acquire) -> Request {
     }
 }
 
+/// The epoch and token of a lease id (`EPOCH-TOKEN`, the epoch in hex).
+pub(crate) fn parse_lease_id(lease_id: &str) -> Option<(Option<u64>, u64)> {
+    let (epoch, token) = lease_id.trim().split_once('-')?;
+    let epoch = u64::from_str_radix(epoch, 16).ok()?;
+    Some((Some(epoch), token.parse().ok()?))
+}
+
 /// The gRPC status for a request that cannot join the queue.
 pub(crate) fn enqueue_error(error: &EnqueueError) -> Status {
     match error {

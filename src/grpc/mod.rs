@@ -20,8 +20,9 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 use tracing::{Instrument, debug, info_span};
 
-use crate::broker::{Broker, Lease, Ticket};
-use crate::core::{LeaseEnd, RevokeReason, Withdrawal};
+use crate::auth::Authority;
+use crate::broker::{Broker, Lease, RevokeOutcome, Ticket};
+use crate::core::{FencingToken, LeaseEnd, RevokeReason, Withdrawal};
 use crate::pb::v1 as pb;
 use crate::pb::v1::lease_broker_server::LeaseBroker;
 use crate::pb::v1::lease_request::Kind as RequestKind;
@@ -41,12 +42,13 @@ const FAREWELL_TIMEOUT: Duration = Duration::from_secs(1);
 #[derive(Clone, Debug)]
 pub struct LeaseService {
     broker: Arc<Broker>,
+    authority: Arc<Authority>,
 }
 
 impl LeaseService {
-    /// A service answering for `broker`.
-    pub fn new(broker: Arc<Broker>) -> Self {
-        Self { broker }
+    /// A service answering for `broker`, by the rules of `authority`.
+    pub fn new(broker: Arc<Broker>, authority: Arc<Authority>) -> Self {
+        Self { broker, authority }
     }
 }
 
@@ -70,6 +72,7 @@ impl LeaseBroker for LeaseService {
         request: Request<Streaming<pb::LeaseRequest>>,
     ) -> Result<Response<Self::AcquireLeaseStream>, Status> {
         let peer = request.remote_addr();
+        let caller = Authority::caller(&request);
         let mut inbound = request.into_inner();
         let acquire = match inbound.message().await? {
             Some(pb::LeaseRequest {
@@ -86,6 +89,7 @@ impl LeaseBroker for LeaseService {
                 ));
             }
         };
+        self.authority.may_act_as(&caller, &acquire.consumer)?;
         let max_wait = (acquire.max_wait_ms > 0)
             .then(|| Duration::from_millis(u64::from(acquire.max_wait_ms)));
         let request = convert::request(acquire);
@@ -100,15 +104,70 @@ impl LeaseBroker for LeaseService {
             inbound,
             events,
         };
-        tokio::spawn(session.run(ticket, max_wait).instrument(span));
+        let guard = self.broker.session();
+        tokio::spawn(
+            async move {
+                session.run(ticket, max_wait).await;
+                drop(guard);
+            }
+            .instrument(span),
+        );
         Ok(Response::new(ReceiverStream::new(rx)))
     }
 
     async fn status(
         &self,
-        _request: Request<pb::StatusRequest>,
+        request: Request<pb::StatusRequest>,
     ) -> Result<Response<pb::StatusResponse>, Status> {
+        self.authority
+            .may_read_status(&Authority::caller(&request))?;
         Ok(Response::new(self.snapshot()))
+    }
+
+    async fn revoke_lease(
+        &self,
+        request: Request<pb::RevokeLeaseRequest>,
+    ) -> Result<Response<pb::RevokeLeaseResponse>, Status> {
+        self.authority
+            .may_administer(&Authority::caller(&request))?;
+        let request = request.into_inner();
+        let (epoch, token) = if request.lease_id.is_empty() {
+            (None, request.fencing_token)
+        } else {
+            convert::parse_lease_id(&request.lease_id).ok_or_else(|| {
+                Status::invalid_argument(format!(
+                    "{:?} is not a lease id (EPOCH-TOKEN, as in Granted.lease_id)",
+                    request.lease_id
+                ))
+            })?
+        };
+        if token == 0 {
+            return Err(Status::invalid_argument(
+                "name the lease by lease_id or fencing_token",
+            ));
+        }
+        let message = if request.message.is_empty() {
+            "revoked by an operator".to_owned()
+        } else {
+            request.message
+        };
+        let outcome = self.broker.revoke(epoch, FencingToken(token), &message);
+        let response = match outcome {
+            RevokeOutcome::Revoked { consumer } => {
+                tracing::warn!(%consumer, token, %message, "lease revoked by an operator");
+                pb::RevokeLeaseResponse {
+                    revoked: true,
+                    message: format!("revoked the lease of {consumer}"),
+                    consumer,
+                }
+            }
+            RevokeOutcome::NotHeld(message) => pb::RevokeLeaseResponse {
+                revoked: false,
+                message,
+                consumer: String::new(),
+            },
+        };
+        Ok(Response::new(response))
     }
 
     type ResidencyStream = ResidencyStream;
@@ -117,6 +176,7 @@ impl LeaseBroker for LeaseService {
         &self,
         request: Request<Streaming<pb::ResidencyReport>>,
     ) -> Result<Response<Self::ResidencyStream>, Status> {
+        let caller = Authority::caller(&request);
         let mut inbound = request.into_inner();
         let consumer = match inbound.message().await? {
             Some(pb::ResidencyReport {
@@ -130,13 +190,16 @@ impl LeaseBroker for LeaseService {
         };
         crate::core::validate_consumer_name(&consumer)
             .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        self.authority.may_act_as(&caller, &consumer)?;
         let mut listener = self.broker.listen_for_unloads(consumer.clone());
         let deadline = self.broker.unload_timeout();
         let shutdown = self.broker.shutdown_token().clone();
         let (tx, rx) = mpsc::channel(EVENT_BUFFER);
         let span = info_span!("residency", %consumer);
+        let guard = self.broker.session();
         tokio::spawn(
             async move {
+                let _guard = guard;
                 loop {
                     tokio::select! {
                         request = listener.next() => {
@@ -178,12 +241,16 @@ impl LeaseBroker for LeaseService {
 
     async fn watch_status(
         &self,
-        _request: Request<pb::StatusRequest>,
+        request: Request<pb::StatusRequest>,
     ) -> Result<Response<Self::WatchStatusStream>, Status> {
+        self.authority
+            .may_read_status(&Authority::caller(&request))?;
         let service = self.clone();
         let mut changes = self.broker.subscribe();
         let (tx, rx) = mpsc::channel(1);
+        let guard = self.broker.session();
         tokio::spawn(async move {
+            let _guard = guard;
             loop {
                 changes.borrow_and_update();
                 if tx.send(Ok(service.snapshot())).await.is_err() {
@@ -239,7 +306,11 @@ impl Session {
         };
         let (how, status) = self.hold(&lease).await;
         if let LeaseEnd::Revoked(reason) = how {
-            let message = convert::revoked_status(reason).message().to_owned();
+            let mut message = convert::revoked_status(reason).message().to_owned();
+            let operator = lease.revocation().message();
+            if reason == RevokeReason::Admin && !operator.is_empty() {
+                message = format!("{message}: {operator}");
+            }
             self.farewell(Ok(convert::revoked(reason, &message))).await;
             lease.end(how);
             self.farewell(Err(convert::revoked_status(reason))).await;
@@ -380,6 +451,7 @@ impl Session {
             () = self.events.closed() => (LeaseEnd::Disconnected, None),
             () = shutdown.cancelled() => (LeaseEnd::Revoked(RevokeReason::Shutdown), None),
             () = sleep_until(deadline) => (LeaseEnd::Revoked(RevokeReason::MaxHoldExceeded), None),
+            () = lease.revocation().fired() => (LeaseEnd::Revoked(RevokeReason::Admin), None),
         }
     }
 

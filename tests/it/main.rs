@@ -6,6 +6,7 @@
 // `support` is shared by the modules of this one crate only.
 #![allow(unreachable_pub)]
 
+mod auth;
 mod cli;
 mod errors;
 mod gpu;

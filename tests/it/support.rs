@@ -5,14 +5,12 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use gpulease::pb::v1 as pb;
-use gpulease::pb::v1::lease_broker_client::LeaseBrokerClient;
 use gpulease::pb::v1::lease_event::Kind as EventKind;
 use gpulease::pb::v1::lease_request::Kind as RequestKind;
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
-use tonic::transport::Channel;
 use tonic::{Code, Status, Streaming};
 
 /// The `gpulease` binary under test.
@@ -105,8 +103,22 @@ impl Broker {
         }
     }
 
-    pub async fn client(&self) -> LeaseBrokerClient<Channel> {
+    pub async fn client(&self) -> gpulease::client::Client {
         gpulease::client::connect(&self.addr).await.unwrap()
+    }
+
+    pub async fn status_with(&self, token: Option<&str>) -> pb::StatusResponse {
+        let options = gpulease::client::ConnectOptions {
+            token: token.map(str::to_owned),
+            ..Default::default()
+        };
+        gpulease::client::connect_with(&self.addr, &options)
+            .await
+            .unwrap()
+            .status(pb::StatusRequest {})
+            .await
+            .unwrap()
+            .into_inner()
     }
 
     pub async fn status(&self) -> pb::StatusResponse {
@@ -182,6 +194,27 @@ impl Call {
     /// Opens a call and sends `acquire` as its first message.
     pub async fn open(broker: &Broker, acquire: pb::Acquire) -> Result<Self, Status> {
         Self::open_with(broker, vec![RequestKind::Acquire(acquire)]).await
+    }
+
+    /// Opens a call on `client` and sends `acquire` as its first message.
+    pub async fn open_with_client(
+        mut client: gpulease::client::Client,
+        acquire: pb::Acquire,
+    ) -> Result<Self, Status> {
+        let (tx, rx) = mpsc::channel(8);
+        tx.send(pb::LeaseRequest {
+            kind: Some(RequestKind::Acquire(acquire)),
+        })
+        .await
+        .unwrap();
+        let events = client
+            .acquire_lease(ReceiverStream::new(rx))
+            .await?
+            .into_inner();
+        Ok(Self {
+            requests: Some(tx),
+            events,
+        })
     }
 
     /// Opens a call whose first messages are `first`; with no messages, the

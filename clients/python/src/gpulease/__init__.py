@@ -1,0 +1,41 @@
+"""gpulease: the Python client of the gpulease GPU lease broker.
+
+Hold the GPU around GPU work::
+
+    import gpulease
+
+    with gpulease.lease("mvoice", vram_mib=4000, max_wait=30) as lease:
+        print("holding", lease.lease_id, "token", lease.fencing_token)
+        ...  # use the GPU
+
+The same as a decorator (``@gpulease.lease("mvoice")``), on asyncio
+(``async with gpulease.aio.lease("mvoice")``), and `Client` for the broker's
+Status and WatchStatus. The messages are the ones generated from the broker's
+proto, in `gpulease.v1.lease_pb2`.
+"""
+
+from . import aio
+from ._blocking import Client, Lease, lease
+from ._protocol import BROKER_ENV, DEFAULT_BROKER
+from .errors import BrokerUnavailable, LeaseError, LeaseLost, LeaseRejected, LeaseTimeout
+from .v1.lease_pb2 import Granted, Queued, RevokeReason, StatusResponse
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BROKER_ENV",
+    "DEFAULT_BROKER",
+    "BrokerUnavailable",
+    "Client",
+    "Granted",
+    "Lease",
+    "LeaseError",
+    "LeaseLost",
+    "LeaseRejected",
+    "LeaseTimeout",
+    "Queued",
+    "RevokeReason",
+    "StatusResponse",
+    "aio",
+    "lease",
+]

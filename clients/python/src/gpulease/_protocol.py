@@ -1,0 +1,384 @@
+"""What the blocking and the asyncio clients share, so that they cannot drift
+apart: the broker address, the channel options, a lease's options, the rules
+of the `AcquireLease` conversation (without any I/O), and the one mapping from
+gRPC status codes to `LeaseError`s.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from dataclasses import dataclass, field
+from datetime import timedelta
+from typing import Callable, List, Mapping, Optional, Tuple, Union
+
+import grpc
+
+from .errors import BrokerUnavailable, LeaseError, LeaseLost, LeaseRejected, LeaseTimeout
+from .v1 import lease_pb2
+
+logger = logging.getLogger("gpulease")
+
+#: The broker address used when neither `broker=` nor `$GPULEASE_BROKER` is set.
+DEFAULT_BROKER = "127.0.0.1:50051"
+
+#: The environment variable naming the broker (as for the `gpulease` CLI).
+BROKER_ENV = "GPULEASE_BROKER"
+
+#: How long leaving a lease waits for the broker to confirm the release before
+#: it cancels the call instead (which ends the lease too).
+RELEASE_TIMEOUT_S = 5.0
+
+#: The largest `max_wait_ms` the wire format carries (uint32).
+_MAX_WAIT_MS_LIMIT = 2**32 - 1
+
+#: Options for every channel to the broker.
+#:
+#: Keepalive pings let a client that holds a lease notice a broker that froze
+#: or a network that silently dropped: the lease's `lost` signal fires within
+#: about 15 s. `max_pings_without_data = 0` is needed because a held lease
+#: sends no data for as long as it is held, and gRPC would otherwise stop
+#: pinging after two pings; and gRPC waits for a ping's answer for
+#: `ping_timeout_ms` (one minute by default), not for `keepalive_timeout_ms`
+#: alone. The broker is local infrastructure, so an `http_proxy` in the
+#: environment is never used for it.
+CHANNEL_OPTIONS: List[Tuple[str, Union[int, str]]] = [
+    ("grpc.keepalive_time_ms", 10_000),
+    ("grpc.keepalive_timeout_ms", 5_000),
+    ("grpc.http2.ping_timeout_ms", 5_000),
+    ("grpc.http2.max_pings_without_data", 0),
+    ("grpc.enable_http_proxy", 0),
+]
+
+
+def channel_options(target: str) -> List[Tuple[str, Union[int, str]]]:
+    """The options for a channel to `target`.
+
+    Over a Unix socket, gRPC's default `:authority` is not one that the
+    broker's HTTP/2 server accepts (it resets every stream with
+    PROTOCOL_ERROR), so the authority is set to ``localhost`` there.
+    """
+    options = list(CHANNEL_OPTIONS)
+    if target.startswith("unix:"):
+        options.append(("grpc.default_authority", "localhost"))
+    return options
+
+
+QueuedCallback = Callable[[lease_pb2.Queued], object]
+"""Called with each `Queued` event while a request waits."""
+
+LostCallback = Callable[[LeaseLost], object]
+"""Called once with the `LeaseLost` error when a held lease ends on its own."""
+
+MaxWait = Union[float, int, timedelta, None]
+
+
+def resolve_target(broker: Optional[str]) -> str:
+    """The gRPC target for a broker address.
+
+    `broker` is ``HOST:PORT``, ``http://HOST:PORT`` or ``unix:/PATH`` (as the
+    `gpulease` CLI takes them); ``None`` or ``""`` means `$GPULEASE_BROKER`,
+    else `DEFAULT_BROKER`.
+    """
+    address = (broker or os.environ.get(BROKER_ENV) or DEFAULT_BROKER).strip()
+    if address.startswith("unix:"):
+        # gRPC understands unix:/path, unix:///path and unix:relative itself.
+        return address
+    if address.startswith("http://"):
+        address = address[len("http://") :].rstrip("/")
+    elif "://" in address:
+        raise ValueError(
+            f"{address!r} is not a broker address: use HOST:PORT, http://HOST:PORT or unix:/PATH"
+        )
+    if not address or "/" in address:
+        raise ValueError(
+            f"{address!r} is not a broker address: use HOST:PORT, http://HOST:PORT or unix:/PATH"
+        )
+    return address
+
+
+def max_wait_ms(max_wait: MaxWait) -> int:
+    """`max_wait` (seconds or a timedelta) as the wire's `max_wait_ms`.
+
+    ``None`` waits forever (0 on the wire). ``0`` does not wait: it is sent as
+    1 ms, so the lease is granted only if the GPU is free right now.
+    """
+    if max_wait is None:
+        return 0
+    if isinstance(max_wait, timedelta):
+        seconds = max_wait.total_seconds()
+    elif isinstance(max_wait, (int, float)) and not isinstance(max_wait, bool):
+        seconds = float(max_wait)
+    else:
+        raise TypeError(f"max_wait must be seconds or a timedelta, not {type(max_wait).__name__}")
+    if not seconds >= 0:  # also refuses NaN
+        raise ValueError(f"max_wait must not be negative, got {max_wait!r}")
+    millis = max(1, math.ceil(seconds * 1000))
+    if millis > _MAX_WAIT_MS_LIMIT:
+        raise ValueError(f"max_wait is at most {_MAX_WAIT_MS_LIMIT // 1000} s, got {max_wait!r}")
+    return millis
+
+
+@dataclass(frozen=True)
+class LeaseOptions:
+    """What one lease asks for, checked once and shared by both clients."""
+
+    consumer: str
+    vram_mib: int = 0
+    max_wait_ms: int = 0
+    labels: Mapping[str, str] = field(default_factory=dict)
+    on_queued: Optional[QueuedCallback] = None
+    on_lost: Optional[LostCallback] = None
+
+    @classmethod
+    def build(
+        cls,
+        consumer: str,
+        *,
+        vram_mib: int = 0,
+        max_wait: MaxWait = None,
+        labels: Optional[Mapping[str, str]] = None,
+        on_queued: Optional[QueuedCallback] = None,
+        on_lost: Optional[LostCallback] = None,
+    ) -> LeaseOptions:
+        """Checks the arguments of `gpulease.lease()` / `gpulease.aio.lease()`.
+
+        The consumer name itself is checked by the broker (INVALID_ARGUMENT),
+        so that the rule lives in one place.
+        """
+        if not isinstance(consumer, str):
+            raise TypeError(f"consumer must be a str, not {type(consumer).__name__}")
+        if isinstance(vram_mib, bool) or not isinstance(vram_mib, int) or vram_mib < 0:
+            raise ValueError(f"vram_mib must be a non-negative int, got {vram_mib!r}")
+        checked_labels = dict(labels or {})
+        for key, value in checked_labels.items():
+            if not isinstance(key, str) or not isinstance(value, str):
+                raise TypeError(f"labels must map str to str, got {key!r}: {value!r}")
+        return cls(
+            consumer=consumer,
+            vram_mib=vram_mib,
+            max_wait_ms=max_wait_ms(max_wait),
+            labels=checked_labels,
+            on_queued=on_queued,
+            on_lost=on_lost,
+        )
+
+    def acquire_request(self) -> lease_pb2.LeaseRequest:
+        """The first message of the stream; the pid is read now, not at import,
+        so that a forked worker reports its own."""
+        return lease_pb2.LeaseRequest(
+            acquire=lease_pb2.Acquire(
+                consumer=self.consumer,
+                vram_mib=self.vram_mib,
+                max_wait_ms=self.max_wait_ms,
+                client_pid=os.getpid(),
+                labels=dict(self.labels),
+            )
+        )
+
+
+RELEASE_REQUEST = lease_pb2.LeaseRequest(release=lease_pb2.Release())
+
+_REJECTED = frozenset(
+    {
+        grpc.StatusCode.INVALID_ARGUMENT,
+        grpc.StatusCode.PERMISSION_DENIED,
+        grpc.StatusCode.UNAUTHENTICATED,
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+    }
+)
+
+
+def error_from_status(
+    code: Optional[grpc.StatusCode], details: Optional[str], *, doing: str
+) -> LeaseError:
+    """The one mapping from a gRPC status to a `LeaseError`, for any call but
+    a lease that is already held (see `Conversation.on_hold_end`).
+
+    `doing` names the call for the message, e.g. ``"lease for 'tts' at
+    127.0.0.1:50051"``. DEADLINE_EXCEEDED is a `LeaseTimeout`: the broker
+    sends it when `max_wait` passes (the client never puts a deadline on
+    `AcquireLease`); on the other calls it can only mean the broker did not
+    answer in time, which `Conversation` never sees.
+    """
+    details = details or ""
+    name = code.name if code is not None else "no status"
+    message = f"{doing}: {details} ({name})" if details else f"{doing}: {name}"
+    if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+        return LeaseTimeout(message, code=code, details=details)
+    if code in _REJECTED:
+        return LeaseRejected(message, code=code, details=details)
+    if code == grpc.StatusCode.UNAVAILABLE:
+        return BrokerUnavailable(message, code=code, details=details)
+    return LeaseError(message, code=code, details=details)
+
+
+def call_error(
+    code: Optional[grpc.StatusCode], details: Optional[str], *, doing: str
+) -> LeaseError:
+    """`error_from_status` for Status and WatchStatus, whose own deadline
+    passing means the broker did not answer: `BrokerUnavailable`."""
+    if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+        details = details or "no answer in time"
+        return BrokerUnavailable(f"{doing}: {details} ({code.name})", code=code, details=details)
+    return error_from_status(code, details, doing=doing)
+
+
+class Conversation:
+    """The rules of one `AcquireLease` stream, without I/O.
+
+    The blocking and the asyncio lease both feed it what they read and act on
+    what it returns; neither decides anything about the protocol itself.
+    """
+
+    def __init__(self, options: LeaseOptions, target: str) -> None:
+        self.options = options
+        self.target = target
+        self.granted: Optional[lease_pb2.Granted] = None
+        #: The loss of the held lease, once there was one.
+        self.lost: Optional[LeaseLost] = None
+        #: Set when the client began to end the lease itself.
+        self.releasing = False
+
+    @property
+    def doing(self) -> str:
+        return f"lease for {self.options.consumer!r} at {self.target}"
+
+    def first_request(self) -> lease_pb2.LeaseRequest:
+        return self.options.acquire_request()
+
+    def on_wait_event(self, event: lease_pb2.LeaseEvent) -> Optional[lease_pb2.Queued]:
+        """Reads one event before the grant; returns a `Queued` to report.
+
+        After it returns with `granted` set, the lease is held.
+        """
+        kind = event.WhichOneof("kind")
+        if kind == "granted":
+            self.granted = event.granted
+        elif kind == "queued":
+            return event.queued
+        # A `revoked` before the grant is never sent; the end of the stream
+        # that follows it says what happened.
+        return None
+
+    def wait_failed(self, code: Optional[grpc.StatusCode], details: Optional[str]) -> LeaseError:
+        """The error for a stream that ended before the grant."""
+        if code == grpc.StatusCode.OK:
+            return LeaseError(
+                f"{self.doing}: the broker ended the call without granting the lease",
+                code=code,
+                details=details or "",
+            )
+        return error_from_status(code, details, doing=self.doing)
+
+    def on_hold_event(self, event: lease_pb2.LeaseEvent) -> Optional[LeaseLost]:
+        """Reads one event while the lease is held; returns a new loss."""
+        if event.WhichOneof("kind") != "revoked" or self.lost is not None:
+            return None
+        revoked = event.revoked
+        self.lost = LeaseLost(
+            f"{self._lease_name()} was revoked by the broker"
+            f" ({_reason_name(revoked.reason)}): {revoked.message}",
+            reason=revoked.reason,
+            details=revoked.message,
+        )
+        return self.lost
+
+    def on_hold_end(
+        self, code: Optional[grpc.StatusCode], details: Optional[str]
+    ) -> Optional[LeaseLost]:
+        """Reads the end of the stream of a held lease; returns a new loss.
+
+        The end the client asked for (after `releasing`) is no loss.
+        """
+        if self.lost is not None:
+            # Revoked first: the status that follows only confirms it.
+            if self.lost.code is None:
+                self.lost.code = code
+            return None
+        if self.releasing:
+            return None
+        name = code.name if code is not None else "no status"
+        self.lost = LeaseLost(
+            f"{self._lease_name()} was lost: the stream to the broker ended"
+            f" ({name}: {details or 'no details'})",
+            code=code,
+            details=details or "",
+        )
+        return self.lost
+
+    def _lease_name(self) -> str:
+        lease_id = self.granted.lease_id if self.granted is not None else "?"
+        return f"lease {lease_id} of {self.options.consumer!r} at {self.target}"
+
+
+def _reason_name(reason: int) -> str:
+    try:
+        return lease_pb2.RevokeReason.Name(reason)
+    except ValueError:  # a reason newer than these stubs
+        return str(reason)
+
+
+def report_callback_error(what: str) -> None:
+    """Logs an exception raised by a user's `on_lost` callback, which runs
+    where nobody could catch it."""
+    logger.exception("gpulease: the %s callback raised", what)
+
+
+class GrantView:
+    """The read-only view of a lease that both `Lease` classes expose."""
+
+    _conversation: Optional[Conversation]
+
+    @property
+    def granted(self) -> lease_pb2.Granted:
+        """The broker's `Granted` message. Raises `LeaseError` before the grant."""
+        conversation = self._conversation
+        if conversation is None or conversation.granted is None:
+            raise LeaseError("the lease has not been granted: use it inside `with`")
+        return conversation.granted
+
+    @property
+    def lease_id(self) -> str:
+        """The lease's unique name, for logs and Status."""
+        return self.granted.lease_id
+
+    @property
+    def fencing_token(self) -> int:
+        """Strictly increasing over all grants of one broker process; a resource
+        that remembers the highest token it saw can refuse a late writer."""
+        return self.granted.fencing_token
+
+    @property
+    def broker_epoch(self) -> int:
+        """Changes on every broker start; with `fencing_token` it names the grant."""
+        return self.granted.broker_epoch
+
+    @property
+    def gpu_index(self) -> int:
+        """The index of the granted GPU."""
+        return self.granted.gpu_index
+
+    @property
+    def gpu_uuid(self) -> str:
+        """The UUID of the granted GPU; empty when the broker does not know it."""
+        return self.granted.gpu_uuid
+
+    @property
+    def waited_ms(self) -> int:
+        """How long the request waited in the queue, in milliseconds."""
+        return self.granted.waited_ms
+
+    @property
+    def lost_error(self) -> Optional[LeaseLost]:
+        """Why the held lease was lost, once it was; else ``None``."""
+        conversation = self._conversation
+        return conversation.lost if conversation is not None else None
+
+    def raise_if_lost(self) -> None:
+        """Raises `LeaseLost` if the lease was lost; call it between steps of
+        long GPU work."""
+        error = self.lost_error
+        if error is not None:
+            raise error

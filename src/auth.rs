@@ -1,0 +1,246 @@
+//! Who may call what: bearer tokens per consumer (checked by a tonic
+//! interceptor), peer credentials on the Unix socket, and the operator.
+//!
+//! The interceptor only establishes *who* the caller is (a presented token
+//! that matches nothing is refused there with UNAUTHENTICATED); each handler
+//! then asks [`Authority`] whether that caller may do what it asks, since
+//! only the handler knows the consumer named in the request.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+
+use tonic::service::Interceptor;
+use tonic::transport::server::UdsConnectInfo;
+use tonic::{Request, Status};
+
+use crate::config::{AuthConfig, ConsumerAuth};
+
+/// Who a caller is, as far as the broker can tell.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Caller {
+    /// Whose token it presented, if any.
+    pub token_of: Option<Identity>,
+    /// Its Unix credentials, when it came over the Unix socket.
+    pub unix: Option<UnixPeer>,
+}
+
+/// The owner of a token.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Identity {
+    /// The operator.
+    Admin,
+    /// A consumer.
+    Consumer(String),
+}
+
+/// A Unix-socket peer's credentials (`SO_PEERCRED`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct UnixPeer {
+    /// Its user id.
+    pub uid: u32,
+    /// Its primary group id.
+    pub gid: u32,
+}
+
+/// The broker's rules, from the configuration.
+#[derive(Debug)]
+pub struct Authority {
+    tokens: HashMap<String, Identity>,
+    consumers: BTreeMap<String, ConsumerAuth>,
+    status_requires_token: bool,
+    broker_uid: u32,
+}
+
+impl Authority {
+    /// The rules of `auth` and the consumers' `consumers`.
+    pub fn new(auth: &AuthConfig, consumers: &BTreeMap<String, ConsumerAuth>) -> Self {
+        let mut tokens = HashMap::new();
+        if let Some(token) = &auth.admin_token {
+            tokens.insert(token.clone(), Identity::Admin);
+        }
+        for (name, consumer) in consumers {
+            if let Some(token) = &consumer.token {
+                tokens.insert(token.clone(), Identity::Consumer(name.clone()));
+            }
+        }
+        Self {
+            tokens,
+            consumers: consumers.clone(),
+            status_requires_token: auth.status_requires_token,
+            broker_uid: nix::unistd::geteuid().as_raw(),
+        }
+    }
+
+    /// Whether any token is configured; then TCP calls need one.
+    pub fn tokens_required(&self) -> bool {
+        !self.tokens.is_empty()
+    }
+
+    /// Who made `request`: its token and its Unix credentials. A token that
+    /// matches nothing is UNAUTHENTICATED.
+    pub fn identify<T>(&self, request: &Request<T>) -> Result<Caller, Status> {
+        let unix = request
+            .extensions()
+            .get::<UdsConnectInfo>()
+            .and_then(|info| info.peer_cred)
+            .map(|cred| UnixPeer {
+                uid: cred.uid(),
+                gid: cred.gid(),
+            });
+        let token_of = match request.metadata().get("authorization") {
+            None => None,
+            Some(value) => {
+                let token = value
+                    .to_str()
+                    .ok()
+                    .and_then(|v| v.strip_prefix("Bearer "))
+                    .map(str::trim)
+                    .ok_or_else(|| {
+                        Status::unauthenticated("the authorization header is not `Bearer TOKEN`")
+                    })?;
+                Some(
+                    self.tokens
+                        .get(token)
+                        .cloned()
+                        .ok_or_else(|| Status::unauthenticated("unknown token"))?,
+                )
+            }
+        };
+        Ok(Caller { token_of, unix })
+    }
+
+    /// The caller of a request that passed [`AuthInterceptor`].
+    pub fn caller<T>(request: &Request<T>) -> Caller {
+        request
+            .extensions()
+            .get::<Caller>()
+            .cloned()
+            .unwrap_or_default()
+    }
+
+    /// Whether `caller` may lease (or listen for unloads) as `consumer`.
+    pub fn may_act_as(&self, caller: &Caller, consumer: &str) -> Result<(), Status> {
+        match &caller.token_of {
+            Some(Identity::Admin) => return Ok(()),
+            Some(Identity::Consumer(owner)) if owner == consumer => return Ok(()),
+            Some(Identity::Consumer(owner)) => {
+                return Err(Status::permission_denied(format!(
+                    "the token belongs to consumer {owner:?}, not {consumer:?}"
+                )));
+            }
+            None => {}
+        }
+        let rules = self.consumers.get(consumer);
+        let restricted =
+            rules.is_some_and(|r| !r.unix_users.is_empty() || !r.unix_groups.is_empty());
+        match caller.unix {
+            Some(peer) if self.is_owner(peer) => Ok(()),
+            Some(peer) if restricted => {
+                let rules = rules.expect("restricted implies configured");
+                if unix_peer_matches(peer, &rules.unix_users, &rules.unix_groups) {
+                    Ok(())
+                } else {
+                    Err(Status::permission_denied(format!(
+                        "uid {} may not act as consumer {consumer:?} (unix_users/unix_groups)",
+                        peer.uid
+                    )))
+                }
+            }
+            // Over the socket, a consumer without Unix rules is open unless
+            // it has a token of its own.
+            Some(_) if rules.is_some_and(|r| r.token.is_some()) => Err(Status::unauthenticated(
+                format!("consumer {consumer:?} needs its token"),
+            )),
+            Some(_) => Ok(()),
+            None if self.tokens_required() => Err(Status::unauthenticated(
+                "this broker requires `authorization: Bearer TOKEN`",
+            )),
+            None if restricted => Err(Status::permission_denied(format!(
+                "consumer {consumer:?} may only be used over the Unix socket"
+            ))),
+            None => Ok(()),
+        }
+    }
+
+    /// Whether `caller` may read the status.
+    pub fn may_read_status(&self, caller: &Caller) -> Result<(), Status> {
+        if !self.status_requires_token || caller.token_of.is_some() || caller.unix.is_some() {
+            return Ok(());
+        }
+        Err(Status::unauthenticated(
+            "Status needs a token on this broker (auth.status_requires_token)",
+        ))
+    }
+
+    /// Whether `caller` may act as the operator: the admin token, or the
+    /// Unix socket's owner (the broker's user, or root).
+    pub fn may_administer(&self, caller: &Caller) -> Result<(), Status> {
+        if caller.token_of == Some(Identity::Admin) || caller.unix.is_some_and(|p| self.is_owner(p))
+        {
+            return Ok(());
+        }
+        if caller.token_of.is_none() && caller.unix.is_none() {
+            return Err(Status::unauthenticated(
+                "operator calls need the admin token, or the Unix socket as the broker's user",
+            ));
+        }
+        Err(Status::permission_denied(
+            "operator calls need the admin token, or the Unix socket as the broker's user",
+        ))
+    }
+
+    fn is_owner(&self, peer: UnixPeer) -> bool {
+        peer.uid == 0 || peer.uid == self.broker_uid
+    }
+}
+
+/// Whether a Unix peer is one of `users` (names or numeric ids) or in one of
+/// `groups` (its primary group or a supplementary one).
+fn unix_peer_matches(peer: UnixPeer, users: &[String], groups: &[String]) -> bool {
+    use nix::unistd::{Gid, Group, Uid, User};
+    let user = User::from_uid(Uid::from_raw(peer.uid)).ok().flatten();
+    let user_ok = users.iter().any(|wanted| {
+        wanted.parse::<u32>().is_ok_and(|uid| uid == peer.uid)
+            || user.as_ref().is_some_and(|u| &u.name == wanted)
+    });
+    if user_ok {
+        return true;
+    }
+    let mut gids = vec![Gid::from_raw(peer.gid)];
+    if let Some(user) = &user
+        && let Ok(name) = std::ffi::CString::new(user.name.clone())
+        && let Ok(more) = nix::unistd::getgrouplist(&name, user.gid)
+    {
+        gids.extend(more);
+    }
+    groups.iter().any(|wanted| {
+        let wanted_gid = wanted
+            .parse::<u32>()
+            .ok()
+            .map(Gid::from_raw)
+            .or_else(|| Group::from_name(wanted).ok().flatten().map(|g| g.gid));
+        wanted_gid.is_some_and(|g| gids.contains(&g))
+    })
+}
+
+/// The tonic interceptor: identifies the caller and stores a [`Caller`] in
+/// the request's extensions.
+#[derive(Clone, Debug)]
+pub struct AuthInterceptor {
+    authority: Arc<Authority>,
+}
+
+impl AuthInterceptor {
+    /// An interceptor for `authority`.
+    pub fn new(authority: Arc<Authority>) -> Self {
+        Self { authority }
+    }
+}
+
+impl Interceptor for AuthInterceptor {
+    fn call(&mut self, mut request: Request<()>) -> Result<Request<()>, Status> {
+        let caller = self.authority.identify(&request)?;
+        request.extensions_mut().insert(caller);
+        Ok(request)
+    }
+}
