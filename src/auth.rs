@@ -56,11 +56,11 @@ impl Authority {
     pub fn new(auth: &AuthConfig, consumers: &BTreeMap<String, ConsumerAuth>) -> Self {
         let mut tokens = HashMap::new();
         if let Some(token) = &auth.admin_token {
-            tokens.insert(token.clone(), Identity::Admin);
+            tokens.insert(token.expose().to_owned(), Identity::Admin);
         }
         for (name, consumer) in consumers {
             if let Some(token) = &consumer.token {
-                tokens.insert(token.clone(), Identity::Consumer(name.clone()));
+                tokens.insert(token.expose().to_owned(), Identity::Consumer(name.clone()));
             }
         }
         Self {

@@ -51,11 +51,29 @@ pub struct Config {
     pub consumer_auth: BTreeMap<String, ConsumerAuth>,
 }
 
+/// A token: compared, sent, never printed (`gpulease serve --check` and logs
+/// show it redacted).
+#[derive(Clone, PartialEq, Eq, Hash)]
+pub struct Secret(String);
+
+impl Secret {
+    /// The token itself.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("<redacted>")
+    }
+}
+
 /// The `[auth]` section.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct AuthConfig {
     /// The operator's token. Default: none.
-    pub admin_token: Option<String>,
+    pub admin_token: Option<Secret>,
     /// Whether Status needs a token once tokens exist. Default: false.
     pub status_requires_token: bool,
     /// TLS for the TCP listener. Default: none.
@@ -81,7 +99,7 @@ pub struct TlsFiles {
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct ConsumerAuth {
     /// Its bearer token.
-    pub token: Option<String>,
+    pub token: Option<Secret>,
     /// Over the Unix socket, the users (names or ids) that may act as it.
     pub unix_users: Vec<String>,
     /// Over the Unix socket, the groups (names or ids) that may act as it.
@@ -357,14 +375,14 @@ fn sizes<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<Vec<u64>, 
 
 /// A secret given inline (`key`) or in a file (`key_file`), trimmed; never
 /// both.
-fn secret(key: &str, inline: String, file: String) -> Result<Option<String>, ConfigError> {
+fn secret(key: &str, inline: String, file: String) -> Result<Option<Secret>, ConfigError> {
     match (inline.is_empty(), file.is_empty()) {
         (true, true) => Ok(None),
         (false, false) => Err(invalid(
             key,
             format!("give `{key}` or `{key}_file`, not both"),
         )),
-        (false, true) => Ok(Some(inline.trim().to_owned())),
+        (false, true) => Ok(Some(Secret(inline.trim().to_owned()))),
         (true, false) => {
             let text = std::fs::read_to_string(&file)
                 .map_err(|e| invalid(&format!("{key}_file"), format!("cannot read {file}: {e}")))?;
@@ -372,7 +390,7 @@ fn secret(key: &str, inline: String, file: String) -> Result<Option<String>, Con
             if token.is_empty() {
                 return Err(invalid(&format!("{key}_file"), format!("{file} is empty")));
             }
-            Ok(Some(token))
+            Ok(Some(Secret(token)))
         }
     }
 }
@@ -517,13 +535,13 @@ impl RawConfig {
                 ));
             }
         };
-        let mut tokens: Vec<&String> = consumer_auth
+        let mut tokens: Vec<&Secret> = consumer_auth
             .values()
             .filter_map(|a| a.token.as_ref())
             .collect();
         let admin_token = secret("auth.admin_token", auth.admin_token, auth.admin_token_file)?;
         tokens.extend(admin_token.as_ref());
-        let distinct: std::collections::BTreeSet<&String> = tokens.iter().copied().collect();
+        let distinct: std::collections::HashSet<&Secret> = tokens.iter().copied().collect();
         if distinct.len() != tokens.len() {
             return Err(invalid(
                 "auth",
@@ -710,6 +728,11 @@ mod tests {
         assert!(error(both, &[]).contains("not both"));
         let shared = "[auth]\nadmin_token = \"t\"\n[consumers.x]\ntoken = \"t\"";
         assert!(error(shared, &[]).contains("share a token"));
+        let config = load("[auth]\nadmin_token = \"hunter2\"", &[]).unwrap();
+        assert!(
+            !format!("{config:?}").contains("hunter2"),
+            "a token was printed"
+        );
         let missing = "[consumers.x]\ntoken_file = \"/nonexistent/token\"";
         assert!(error(missing, &[]).contains("`consumers.x.token_file`"));
     }

@@ -168,3 +168,35 @@ async fn status_prints_a_table() {
     assert!(text.contains("mvoice"), "{text}");
     assert!(text.contains("no waiters"), "{text}");
 }
+
+#[tokio::test]
+async fn watch_prints_a_snapshot_on_every_change() {
+    use tokio::io::{AsyncBufReadExt, BufReader};
+
+    let broker = Broker::start().await;
+    let mut watch = Command::new(BIN)
+        .args(["watch", "--broker", &broker.addr])
+        .stdout(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(watch.stdout.take().unwrap()).lines();
+    let mut until = async |wanted: &str| {
+        let found = tokio::time::timeout(crate::support::PATIENCE, async {
+            while let Some(line) = lines.next_line().await.unwrap() {
+                if line.contains(wanted) {
+                    return;
+                }
+            }
+            panic!("gpulease watch ended");
+        })
+        .await;
+        assert!(found.is_ok(), "no line with {wanted:?}");
+    };
+    until("in flight 0  queued 0").await;
+    let mut holder = Call::open(&broker, acquire("mvoice")).await.unwrap();
+    holder.granted().await;
+    until("in flight 1  queued 0").await;
+    holder.release().await;
+    until("released 1").await;
+}
