@@ -350,11 +350,10 @@ fn grants_stop_at_the_token_ceiling_until_it_is_raised() {
     assert_eq!(sched.grant_ready(t0).grants[0].token, FencingToken(43));
 }
 
-#[test]
-fn a_vanished_holder_fences_the_gpu_until_its_processes_leave() {
-    let t0 = Instant::now();
+/// One measured 16 GiB GPU with a lock delay and no configured consumers.
+fn fenced_card(lock_delay: Duration) -> Scheduler<&'static str> {
     let settings = Settings {
-        lock_delay: Duration::from_secs(5),
+        lock_delay,
         ..Settings::default()
     };
     let spec = GpuSpec {
@@ -364,7 +363,13 @@ fn a_vanished_holder_fences_the_gpu_until_its_processes_leave() {
         total_mib: 16 * GIB,
         measured: true,
     };
-    let mut sched: Scheduler<&str> = Scheduler::new(settings, vec![spec], []);
+    Scheduler::new(settings, vec![spec], [])
+}
+
+#[test]
+fn a_vanished_holder_fences_the_gpu_until_its_processes_leave() {
+    let t0 = Instant::now();
+    let mut sched = fenced_card(Duration::from_secs(5));
     sched.observe(0, reading(16 * GIB, &[]), t0);
     // A polite release hands over at once.
     use_once(&mut sched, "polite", 300, t0);
@@ -394,18 +399,7 @@ fn a_vanished_holder_fences_the_gpu_until_its_processes_leave() {
 #[test]
 fn the_lock_delay_bounds_the_wait_and_startup_strangers_quarantine() {
     let t0 = Instant::now();
-    let settings = Settings {
-        lock_delay: Duration::from_secs(5),
-        ..Settings::default()
-    };
-    let spec = GpuSpec {
-        index: 0,
-        uuid: String::new(),
-        name: String::new(),
-        total_mib: 16 * GIB,
-        measured: true,
-    };
-    let mut sched: Scheduler<&str> = Scheduler::new(settings, vec![spec], []);
+    let mut sched = fenced_card(Duration::from_secs(5));
     sched.enqueue(ask("first", 0, 0), "first", t0).unwrap();
     assert!(
         sched.grant_ready(t0).grants.is_empty(),
