@@ -583,13 +583,12 @@ impl Broker {
                 };
                 log.push(Event::Granted(consumer, info.clone()));
                 if deliver.send(info).is_err() {
-                    let ended =
-                        state
-                            .sched
-                            .end(grant.token, LeaseEnd::Disconnected, now.into_std());
+                    let ended = state
+                        .sched
+                        .end(grant.token, LeaseEnd::Unclaimed, now.into_std());
                     if let Some(ended) = ended {
                         let lease_id = self.lease_id(ended.token);
-                        log.push(Event::Ended(ended, LeaseEnd::Disconnected, lease_id));
+                        log.push(Event::Ended(ended, LeaseEnd::Unclaimed, lease_id));
                     }
                 }
             }
@@ -799,9 +798,9 @@ impl Drop for Ticket {
         if self.done || self.broker.withdraw(self.id, Withdrawal::Withdrawn) {
             return;
         }
-        // Granted, but nobody took the lease: end it at once.
+        // Granted, but nobody took the lease: end it at once, unclaimed.
         if let Some(grant) = self.take_grant() {
-            drop(self.lease(grant));
+            self.lease(grant).end(LeaseEnd::Unclaimed);
         }
     }
 }
@@ -890,6 +889,7 @@ pub fn end_name(how: LeaseEnd) -> &'static str {
         LeaseEnd::Released => "released",
         LeaseEnd::HalfClosed => "half_closed",
         LeaseEnd::Disconnected => "disconnected",
+        LeaseEnd::Unclaimed => "unclaimed",
         LeaseEnd::Revoked(crate::core::RevokeReason::Shutdown) => "revoked_shutdown",
         LeaseEnd::Revoked(crate::core::RevokeReason::MaxHoldExceeded) => "revoked_max_hold",
         LeaseEnd::Revoked(crate::core::RevokeReason::Admin) => "revoked_admin",

@@ -131,6 +131,9 @@ pub enum LeaseEnd {
     HalfClosed,
     /// The call was cancelled or the connection was lost.
     Disconnected,
+    /// Granted just as the consumer stopped waiting, so the grant never
+    /// reached it: no GPU work can have happened under this lease.
+    Unclaimed,
     /// The broker ended the lease.
     Revoked(RevokeReason),
 }
@@ -711,6 +714,7 @@ impl<W> Scheduler<W> {
             LeaseEnd::Released => ended.released += 1,
             LeaseEnd::HalfClosed => ended.half_closed += 1,
             LeaseEnd::Disconnected => ended.disconnected += 1,
+            LeaseEnd::Unclaimed => ended.withdrawn += 1,
             LeaseEnd::Revoked(_) => ended.revoked += 1,
         }
         Some(EndedLease {

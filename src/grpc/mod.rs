@@ -396,7 +396,8 @@ impl Session {
     }
 
     /// Withdraws the ticket; if the grant won the race, the lease ends at
-    /// once with the same cause.
+    /// once, unclaimed (the consumer never heard of it), unless the wait
+    /// merely expired, in which case the grant stands.
     async fn stop_waiting(
         &mut self,
         ticket: Ticket,
@@ -404,14 +405,11 @@ impl Session {
         status: Option<Status>,
     ) -> Waited {
         if let Some(lease) = ticket.withdraw(how) {
-            let end = match how {
-                Withdrawal::Withdrawn => LeaseEnd::Disconnected,
-                Withdrawal::Expired => {
-                    // The grant came first: it stands.
-                    return self.granted(lease).await;
-                }
-            };
-            lease.end(end);
+            if how == Withdrawal::Expired {
+                // The grant came first: it stands.
+                return self.granted(lease).await;
+            }
+            lease.end(LeaseEnd::Unclaimed);
         }
         Waited::Over(status)
     }
@@ -423,7 +421,8 @@ impl Session {
             .await
             .is_err()
         {
-            // The client is gone; dropping the lease ends it.
+            // The client is gone before it heard of the grant.
+            lease.end(LeaseEnd::Unclaimed);
             return Waited::Over(None);
         }
         Waited::Granted(lease)
