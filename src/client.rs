@@ -28,9 +28,10 @@ pub type Client = LeaseBrokerClient<InterceptedService<Channel, BearerToken>>;
 pub struct ConnectOptions {
     /// The bearer token to send, if any.
     pub token: Option<String>,
-    /// The CA bundle that signed the broker's certificate; implies TLS.
+    /// The CA bundle that signed the broker's certificate; implies TLS, and
+    /// TLS needs it (the system's roots are not used).
     pub ca: Option<PathBuf>,
-    /// A client certificate and key, for mutual TLS.
+    /// A client certificate and key, for mutual TLS; implies TLS.
     pub identity: Option<(PathBuf, PathBuf)>,
 }
 
@@ -107,7 +108,14 @@ pub async fn connect_with(address: &str, options: &ConnectOptions) -> Result<Cli
             .await
             .map_err(unreachable)?
     } else {
-        let tls = options.ca.is_some() || address.starts_with("https://");
+        let tls =
+            options.ca.is_some() || options.identity.is_some() || address.starts_with("https://");
+        if tls && options.ca.is_none() {
+            return Err(ConnectError::BadCredentials(
+                "TLS needs the CA that signed the broker's certificate (--ca FILE or GPULEASE_CA)"
+                    .into(),
+            ));
+        }
         let uri = match address.split_once("://") {
             Some(("http" | "https", rest)) if tls => format!("https://{rest}"),
             Some(("http" | "https", _)) => address.to_owned(),

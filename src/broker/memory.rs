@@ -31,6 +31,10 @@ type Streams = HashMap<String, Vec<(u64, mpsc::Sender<UnloadRequest>)>>;
 #[derive(Debug, Default)]
 pub(super) struct Listeners {
     streams: Mutex<Streams>,
+    /// Unload requests that found no open stream, by consumer: handed to
+    /// the consumer's next stream, so that one that reconnects a moment too
+    /// late still hears it.
+    undelivered: Mutex<HashMap<String, Vec<UnloadRequest>>>,
     next_id: std::sync::atomic::AtomicU64,
 }
 
@@ -87,10 +91,14 @@ impl Broker {
             .residency
             .next_id
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        lock(&self.residency.streams)
-            .entry(consumer.clone())
-            .or_default()
-            .push((id, tx));
+        let mut streams = lock(&self.residency.streams);
+        let undelivered = lock(&self.residency.undelivered).remove(&consumer);
+        for request in undelivered.into_iter().flatten() {
+            info!(consumer = %request.consumer, "handing an earlier unload request to the new Residency stream");
+            let _ = tx.try_send(request);
+        }
+        streams.entry(consumer.clone()).or_default().push((id, tx));
+        drop(streams);
         ResidencyListener {
             broker: Arc::clone(self),
             consumer,
@@ -140,8 +148,13 @@ impl Broker {
         if !sent {
             warn!(
                 consumer = %request.consumer,
-                "no Residency stream is open for this consumer; it cannot be asked to unload"
+                "no Residency stream is open for this consumer; it will be asked when one opens"
             );
+            let mut undelivered = lock(&self.residency.undelivered);
+            let waiting = undelivered.entry(request.consumer.clone()).or_default();
+            // One outstanding request per GPU is enough.
+            waiting.retain(|r| r.gpu_index != request.gpu_index);
+            waiting.push(request);
         }
     }
 

@@ -66,9 +66,10 @@ impl From<crate::client::ConnectError> for Failure {
 impl From<Status> for Failure {
     fn from(status: Status) -> Self {
         let code = match status.code() {
-            Code::InvalidArgument => ExitCode::DATA,
+            // A request larger than any GPU never fits: retrying is useless.
+            Code::InvalidArgument | Code::ResourceExhausted => ExitCode::DATA,
             Code::PermissionDenied | Code::Unauthenticated => ExitCode::NOPERM,
-            Code::DeadlineExceeded | Code::ResourceExhausted => ExitCode::TEMPFAIL,
+            Code::DeadlineExceeded => ExitCode::TEMPFAIL,
             Code::Unavailable | Code::Cancelled | Code::Aborted => ExitCode::UNAVAILABLE,
             _ => ExitCode::SOFTWARE,
         };

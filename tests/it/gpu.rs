@@ -451,3 +451,47 @@ async fn at_start_a_gpu_busy_without_a_lease_is_quarantined() {
     fake.set(&card, &[]);
     first.granted().await;
 }
+
+#[tokio::test]
+async fn an_unload_request_waits_for_a_residency_stream_that_opens_late() {
+    let card = [("GPU-fake-0", 16 * GIB)];
+    let (broker, fake) = broker_with(&card).await;
+    fake.set(&card, &[(0, 2002, 10 * GIB)]);
+    use_once(&broker, "streamer", 2002).await;
+    broker
+        .wait_for("the streamer resident", |s| s.gpus[0].free_mib == 6 * GIB)
+        .await;
+    let mut request = acquire("image");
+    request.vram_mib = 12 * GIB;
+    let mut image = Call::open(&broker, request).await.unwrap();
+    broker
+        .wait_for("the unload asked for", |s| {
+            s.evictions.as_ref().is_some_and(|e| e.requested == 1)
+        })
+        .await;
+
+    // Only now does the streamer connect; it still hears the request.
+    let (reports, rx) = mpsc::channel(4);
+    reports
+        .send(pb::ResidencyReport {
+            kind: Some(pb::residency_report::Kind::Hello(pb::ResidencyHello {
+                consumer: "streamer".into(),
+            })),
+        })
+        .await
+        .unwrap();
+    let mut commands = broker
+        .client()
+        .await
+        .residency(ReceiverStream::new(rx))
+        .await
+        .unwrap()
+        .into_inner();
+    let command = commands.message().await.unwrap().unwrap();
+    assert!(matches!(
+        command.kind,
+        Some(pb::residency_command::Kind::UnloadRequested(_))
+    ));
+    fake.set(&card, &[]);
+    image.granted().await;
+}

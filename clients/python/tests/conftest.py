@@ -2,19 +2,23 @@
 
 The broker prints one ``listening on ADDR`` line per listener once it accepts
 calls; the fixture reads those lines, so no test ever sleeps to wait for it.
-Each test gets its own broker, so that counts in Status start from zero.
+Each test gets its own broker, with its own state directory, so that counts
+in Status start from zero. `certs` makes a CA and certificates for the TLS
+tests with the `openssl` command.
 """
 
 from __future__ import annotations
 
 import os
 import queue
+import shutil
 import signal
 import subprocess
 import sys
 import threading
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Dict, Iterator, List, Optional
+from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional
 
 import pytest
 
@@ -38,11 +42,25 @@ def broker_binary() -> Path:
 
 
 class Broker:
-    """One `gpulease serve` process."""
+    """One `gpulease serve` process.
 
-    def __init__(self, log: Path, *, socket: Optional[Path] = None, **settings: str) -> None:
+    `config` is the text of a TOML configuration file; `settings` become
+    ``GPULEASE__KEY`` variables (``gpu__source="static"``). `client` are the
+    credentials of the broker's own `client` (``token=``, ``ca=``, ...).
+    """
+
+    def __init__(
+        self,
+        log: Path,
+        *,
+        socket: Optional[Path] = None,
+        config: Optional[str] = None,
+        client: Optional[Mapping[str, Any]] = None,
+        **settings: str,
+    ) -> None:
         env = {k: v for k, v in os.environ.items() if not k.startswith("GPULEASE")}
         env["GPULEASE__LISTEN"] = "127.0.0.1:0"
+        env["GPULEASE__STATE_DIR"] = str(log.with_suffix(".state"))
         # After SIGTERM the broker waits for every connection to close, and a
         # grpc-python connection sometimes answers the broker's shutdown ping
         # only after about 5 s; a shorter grace keeps such tests quick. A test
@@ -53,10 +71,15 @@ class Broker:
             env["GPULEASE__SOCKET"] = str(socket)
         for key, value in settings.items():
             env[f"GPULEASE__{key.upper()}"] = value
+        command = [str(broker_binary()), "serve"]
+        if config is not None:
+            config_file = log.with_suffix(".toml")
+            config_file.write_text(config)
+            command += ["--config", str(config_file)]
         self.log = log
         self._log_file = open(log, "wb")
         self.process = subprocess.Popen(
-            [str(broker_binary()), "serve"],
+            command,
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             stderr=self._log_file,
@@ -77,7 +100,9 @@ class Broker:
             self.addresses.append(line[len("listening on ") :].strip())
         #: The TCP address, HOST:PORT.
         self.address = next(a for a in self.addresses if not a.startswith("unix:"))
-        self.client = gpulease.Client(self.address)
+        #: The client's credentials, for tests that make more clients.
+        self.credentials: Dict[str, Any] = dict(client or {})
+        self.client = gpulease.Client(self.address, **self.credentials)
 
     def _read_stdout(self, lines: queue.Queue[Optional[str]]) -> None:
         assert self.process.stdout is not None
@@ -145,15 +170,20 @@ class Broker:
 
 @pytest.fixture
 def start_broker(tmp_path: Path) -> Iterator[Callable[..., Broker]]:
-    """Starts brokers with settings (``capacity="2"``, ``socket=path``, ...)
-    and stops them after the test, showing their log if it failed."""
+    """Starts brokers with settings (``capacity="2"``, ``socket=path``,
+    ``config="...toml..."``, ``client={"token": ...}``) and stops them after
+    the test, showing their log if it failed."""
     brokers: List[Broker] = []
 
-    def start(**settings: object) -> Broker:
+    def start(**settings: Any) -> Broker:
         socket = settings.pop("socket", None)
+        config = settings.pop("config", None)
+        client = settings.pop("client", None)
         broker = Broker(
             tmp_path / f"broker-{len(brokers)}.log",
             socket=Path(str(socket)) if socket is not None else None,
+            config=config,
+            client=client,
             **{k: str(v) for k, v in settings.items()},
         )
         brokers.append(broker)
@@ -241,3 +271,74 @@ def ended(status: lease_pb2.StatusResponse) -> Dict[str, int]:
         "withdrawn": e.withdrawn,
         "expired": e.expired,
     }
+
+
+@dataclass(frozen=True)
+class Certs:
+    """PEM files: a CA, a server certificate for 127.0.0.1 and a client
+    certificate, both signed by the CA, and a CA that signed neither."""
+
+    ca: Path
+    server_cert: Path
+    server_key: Path
+    client_cert: Path
+    client_key: Path
+    other_ca: Path
+
+
+def _openssl(*args: str, cwd: Path) -> None:
+    done = subprocess.run(
+        ["openssl", *args], cwd=cwd, capture_output=True, text=True, timeout=PATIENCE_S
+    )
+    assert done.returncode == 0, f"openssl {' '.join(args)} failed:\n{done.stderr}"
+
+
+def _make_ca(name: str, cwd: Path) -> None:
+    _openssl(
+        "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
+        "-nodes", "-keyout", f"{name}.key", "-out", f"{name}.pem", "-days", "2",
+        "-subj", f"/CN=gpulease test {name}",
+        "-addext", "basicConstraints=critical,CA:TRUE",
+        "-addext", "keyUsage=critical,keyCertSign,cRLSign",
+        cwd=cwd,
+    )  # fmt: skip
+
+
+def _make_leaf(name: str, extensions: str, cwd: Path) -> None:
+    (cwd / f"{name}.ext").write_text(extensions)
+    _openssl(
+        "req", "-new", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
+        "-nodes", "-keyout", f"{name}.key", "-out", f"{name}.csr",
+        "-subj", f"/CN=gpulease test {name}",
+        cwd=cwd,
+    )  # fmt: skip
+    _openssl(
+        "x509", "-req", "-in", f"{name}.csr", "-CA", "ca.pem", "-CAkey", "ca.key",
+        "-CAcreateserial", "-out", f"{name}.pem", "-days", "2", "-extfile", f"{name}.ext",
+        cwd=cwd,
+    )  # fmt: skip
+
+
+@pytest.fixture(scope="session")
+def certs(tmp_path_factory: pytest.TempPathFactory) -> Certs:
+    """Test certificates, made once per run with the `openssl` command."""
+    if shutil.which("openssl") is None:
+        pytest.skip("the TLS tests need the openssl command")
+    cwd = tmp_path_factory.mktemp("certs")
+    _make_ca("ca", cwd)
+    _make_ca("other-ca", cwd)
+    leaf = "basicConstraints=CA:FALSE\nkeyUsage=critical,digitalSignature\n"
+    _make_leaf(
+        "server",
+        leaf + "extendedKeyUsage=serverAuth\nsubjectAltName=IP:127.0.0.1,DNS:localhost\n",
+        cwd,
+    )
+    _make_leaf("client", leaf + "extendedKeyUsage=clientAuth\n", cwd)
+    return Certs(
+        ca=cwd / "ca.pem",
+        server_cert=cwd / "server.pem",
+        server_key=cwd / "server.key",
+        client_cert=cwd / "client.pem",
+        client_key=cwd / "client.key",
+        other_ca=cwd / "other-ca.pem",
+    )

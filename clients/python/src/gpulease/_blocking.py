@@ -1,6 +1,6 @@
 """The blocking client: `lease()` as a context manager and a decorator, and
-`Client` for Status and WatchStatus. `gpulease.aio` is the same on asyncio;
-both drive the shared `Conversation`.
+`Client` for Status, WatchStatus and RevokeLease. `gpulease.aio` is the same
+on asyncio; both drive the shared `Conversation`.
 
 A held lease is one open `AcquireLease` stream. It never carries a gRPC
 deadline, since a deadline would also end the lease once granted; waiting is
@@ -12,23 +12,24 @@ from __future__ import annotations
 import functools
 import inspect
 import threading
-from typing import Any, Callable, Iterator, Mapping, Optional, TypeVar, cast
+from typing import Any, Callable, Iterator, Mapping, Optional, TypeVar, Union, cast
 
 import grpc
 
 from ._protocol import (
     RELEASE_REQUEST,
     RELEASE_TIMEOUT_S,
+    Connection,
     Conversation,
     GrantView,
     LeaseOptions,
     LostCallback,
     MaxWait,
+    PathArg,
     QueuedCallback,
     call_error,
-    channel_options,
     report_callback_error,
-    resolve_target,
+    revoke_request,
 )
 from .errors import LeaseLost
 from .v1 import lease_pb2
@@ -61,11 +62,12 @@ class Lease(GrantView):
     def __init__(
         self,
         options: LeaseOptions,
-        target: str,
+        connection: Connection,
         channel: Optional[grpc.Channel] = None,
     ) -> None:
         self._options = options
-        self._target = target
+        self._connection = connection
+        self._target = connection.target
         self._shared_channel = channel
         self._conversation: Optional[Conversation] = None
         #: Set when the held lease ends on its own while the body still runs.
@@ -92,13 +94,13 @@ class Lease(GrantView):
         self._conversation = conversation
         channel = self._shared_channel
         if channel is None:
-            channel = self._owned_channel = grpc.insecure_channel(
-                self._target, options=channel_options(self._target)
-            )
+            channel = self._owned_channel = self._connection.open_channel(grpc)
         self._feed = _RequestFeed(conversation.first_request())
         try:
             # No timeout: see the module's docs.
-            self._call = LeaseBrokerStub(channel).AcquireLease(iter(self._feed))
+            self._call = LeaseBrokerStub(channel).AcquireLease(
+                iter(self._feed), metadata=self._connection.metadata
+            )
             self._wait(self._call, conversation)
         except BaseException:
             # Rejected, timed out, interrupted, or a callback raised: cancel
@@ -140,7 +142,7 @@ class Lease(GrantView):
 
         @functools.wraps(func)
         def leased(*args: Any, **kwargs: Any) -> Any:
-            with Lease(self._options, self._target, self._shared_channel):
+            with Lease(self._options, self._connection, self._shared_channel):
                 return func(*args, **kwargs)
 
         return cast(F, leased)
@@ -250,6 +252,11 @@ def lease(
     labels: Optional[Mapping[str, str]] = None,
     on_queued: Optional[QueuedCallback] = None,
     on_lost: Optional[LostCallback] = None,
+    token: Optional[str] = None,
+    token_file: Optional[PathArg] = None,
+    ca: Optional[PathArg] = None,
+    cert: Optional[PathArg] = None,
+    key: Optional[PathArg] = None,
 ) -> Lease:
     """A lease of the GPU for `consumer`, to use with `with` or as a decorator.
 
@@ -257,13 +264,19 @@ def lease(
     - `max_wait`: seconds (or a timedelta) to wait at most; ``None`` waits
       forever, ``0`` takes the lease only if the GPU is free right now.
       Raises `LeaseTimeout` when it passes.
-    - `broker`: ``HOST:PORT``, ``http://HOST:PORT`` or ``unix:/PATH``;
-      default `$GPULEASE_BROKER`, else ``127.0.0.1:50051``.
+    - `broker`: ``HOST:PORT``, ``http://HOST:PORT``, ``https://HOST:PORT``
+      (TLS) or ``unix:/PATH``; default `$GPULEASE_BROKER`, else
+      ``127.0.0.1:50051``.
     - `labels`: free-form strings shown in the broker's Status.
     - `on_queued`: called with each `Queued` event (position, queue depth,
       holders) while waiting, in the waiting thread.
     - `on_lost`: called once with the `LeaseLost` error if the lease ends
       while the body runs, from a background thread.
+    - `token` or `token_file`: the bearer token (default `$GPULEASE_TOKEN`,
+      else the file `$GPULEASE_TOKEN_FILE`); `ca`: the CA bundle that signed
+      the broker's certificate (default `$GPULEASE_CA`; implies TLS); `cert`
+      and `key`: a client certificate for mutual TLS (default
+      `$GPULEASE_CERT`, `$GPULEASE_KEY`). See `Client`.
 
     Each lease opens its own connection; `Client.lease()` shares the client's.
     """
@@ -275,19 +288,48 @@ def lease(
         on_queued=on_queued,
         on_lost=on_lost,
     )
-    return Lease(options, resolve_target(broker))
+    connection = Connection.resolve(
+        broker, token=token, token_file=token_file, ca=ca, cert=cert, key=key
+    )
+    return Lease(options, connection)
 
 
 class Client:
-    """A connection to the broker, for Status, WatchStatus and leases.
+    """A connection to the broker, for Status, WatchStatus, RevokeLease and
+    leases. Close it with `close()` or use it as a context manager.
 
-    `broker` is as for `gpulease.lease()`. Close it with `close()` or use it
-    as a context manager.
+    - `broker`: ``HOST:PORT``, ``http://HOST:PORT``, ``https://HOST:PORT``
+      (TLS) or ``unix:/PATH``; default `$GPULEASE_BROKER`, else
+      ``127.0.0.1:50051``.
+    - `token`: the bearer token, sent with every call as ``authorization:
+      Bearer TOKEN``; or `token_file`, a file holding it. When neither is
+      given: `$GPULEASE_TOKEN`, else the file `$GPULEASE_TOKEN_FILE`.
+    - `ca`: the CA bundle (PEM) that signed the broker's certificate; it
+      implies TLS. Default `$GPULEASE_CA`; an ``https://`` broker without one
+      is checked against gRPC's default roots (its bundled Mozilla CAs, or
+      the file `$GRPC_DEFAULT_SSL_ROOTS_FILE_PATH`).
+    - `cert` and `key`: a client certificate and its key (PEM) for mutual
+      TLS. Default `$GPULEASE_CERT` and `$GPULEASE_KEY`.
+
+    The files are read here; one that cannot be read is a `ValueError`.
     """
 
-    def __init__(self, broker: Optional[str] = None) -> None:
-        self.target = resolve_target(broker)
-        self._channel = grpc.insecure_channel(self.target, options=channel_options(self.target))
+    def __init__(
+        self,
+        broker: Optional[str] = None,
+        *,
+        token: Optional[str] = None,
+        token_file: Optional[PathArg] = None,
+        ca: Optional[PathArg] = None,
+        cert: Optional[PathArg] = None,
+        key: Optional[PathArg] = None,
+    ) -> None:
+        self._connection = Connection.resolve(
+            broker, token=token, token_file=token_file, ca=ca, cert=cert, key=key
+        )
+        self.target = self._connection.target
+        self._metadata = self._connection.metadata
+        self._channel = self._connection.open_channel(grpc)
         self._stub = LeaseBrokerStub(self._channel)
 
     def __repr__(self) -> str:
@@ -309,7 +351,9 @@ class Client:
         try:
             return cast(
                 lease_pb2.StatusResponse,
-                self._stub.Status(lease_pb2.StatusRequest(), timeout=timeout),
+                self._stub.Status(
+                    lease_pb2.StatusRequest(), timeout=timeout, metadata=self._metadata
+                ),
             )
         except grpc.RpcError as error:
             raise call_error(
@@ -320,7 +364,9 @@ class Client:
         """A snapshot at once, then a new one after every change (bursts are
         coalesced), until the broker stops or, with `timeout`, that many
         seconds have passed. Leaving the loop early ends the call."""
-        call = self._stub.WatchStatus(lease_pb2.StatusRequest(), timeout=timeout)
+        call = self._stub.WatchStatus(
+            lease_pb2.StatusRequest(), timeout=timeout, metadata=self._metadata
+        )
         try:
             for snapshot in call:
                 yield snapshot
@@ -332,6 +378,33 @@ class Client:
             ) from None
         finally:
             call.cancel()
+
+    def revoke(
+        self,
+        lease: Union[str, int],
+        message: str = "",
+        *,
+        timeout: Optional[float] = 10.0,
+    ) -> lease_pb2.RevokeLeaseResponse:
+        """Ends a held lease on an operator's behalf (RevokeLease): its holder
+        gets `LeaseLost` with reason ``REVOKE_REASON_ADMIN``.
+
+        `lease` is its id (``lease.lease_id``, as Status shows it) or its
+        fencing token. `message` tells the holder why. The answer's `revoked`
+        says whether a held lease ended; a lease that is no longer held is
+        left alone, which is no error. Needs the admin token (or the Unix
+        socket as the broker's user): `LeaseUnauthorized` otherwise.
+        """
+        request = revoke_request(lease, message)
+        try:
+            return cast(
+                lease_pb2.RevokeLeaseResponse,
+                self._stub.RevokeLease(request, timeout=timeout, metadata=self._metadata),
+            )
+        except grpc.RpcError as error:
+            raise call_error(
+                error.code(), error.details(), doing=f"RevokeLease at {self.target}"
+            ) from None
 
     def lease(
         self,
@@ -352,4 +425,4 @@ class Client:
             on_queued=on_queued,
             on_lost=on_lost,
         )
-        return Lease(options, self.target, self._channel)
+        return Lease(options, self._connection, self._channel)

@@ -1,7 +1,8 @@
 """What the blocking and the asyncio clients share, so that they cannot drift
-apart: the broker address, the channel options, a lease's options, the rules
-of the `AcquireLease` conversation (without any I/O), and the one mapping from
-gRPC status codes to `LeaseError`s.
+apart: the broker address and credentials (`Connection`), the channel
+options, a lease's options, the rules of the `AcquireLease` and `Residency`
+conversations (without any I/O), and the one mapping from gRPC status codes
+to `LeaseError`s.
 """
 
 from __future__ import annotations
@@ -9,13 +10,21 @@ from __future__ import annotations
 import logging
 import math
 import os
+import random
 from dataclasses import dataclass, field
 from datetime import timedelta
-from typing import Callable, List, Mapping, Optional, Tuple, Union
+from typing import Any, Callable, List, Mapping, Optional, Tuple, Union
 
 import grpc
 
-from .errors import BrokerUnavailable, LeaseError, LeaseLost, LeaseRejected, LeaseTimeout
+from .errors import (
+    BrokerUnavailable,
+    LeaseError,
+    LeaseLost,
+    LeaseRejected,
+    LeaseTimeout,
+    LeaseUnauthorized,
+)
 from .v1 import lease_pb2
 
 logger = logging.getLogger("gpulease")
@@ -25,6 +34,15 @@ DEFAULT_BROKER = "127.0.0.1:50051"
 
 #: The environment variable naming the broker (as for the `gpulease` CLI).
 BROKER_ENV = "GPULEASE_BROKER"
+
+#: The environment variables of the credentials, as for the `gpulease` CLI:
+#: the bearer token, or a file holding it; the CA bundle (PEM) that signed
+#: the broker's certificate; a client certificate and its key, for mutual TLS.
+TOKEN_ENV = "GPULEASE_TOKEN"
+TOKEN_FILE_ENV = "GPULEASE_TOKEN_FILE"
+CA_ENV = "GPULEASE_CA"
+CERT_ENV = "GPULEASE_CERT"
+KEY_ENV = "GPULEASE_KEY"
 
 #: How long leaving a lease waits for the broker to confirm the release before
 #: it cancels the call instead (which ends the lease too).
@@ -74,28 +92,176 @@ LostCallback = Callable[[LeaseLost], object]
 MaxWait = Union[float, int, timedelta, None]
 
 
-def resolve_target(broker: Optional[str]) -> str:
-    """The gRPC target for a broker address.
+_ADDRESS_FORMS = "use HOST:PORT, http://HOST:PORT, https://HOST:PORT or unix:/PATH"
 
-    `broker` is ``HOST:PORT``, ``http://HOST:PORT`` or ``unix:/PATH`` (as the
-    `gpulease` CLI takes them); ``None`` or ``""`` means `$GPULEASE_BROKER`,
-    else `DEFAULT_BROKER`.
+
+def parse_broker(broker: Optional[str]) -> Tuple[str, bool]:
+    """The gRPC target for a broker address, and whether it asked for TLS.
+
+    `broker` is ``HOST:PORT``, ``http://HOST:PORT``, ``https://HOST:PORT``
+    (TLS) or ``unix:/PATH`` (as the `gpulease` CLI takes them); ``None`` or
+    ``""`` means `$GPULEASE_BROKER`, else `DEFAULT_BROKER`.
     """
     address = (broker or os.environ.get(BROKER_ENV) or DEFAULT_BROKER).strip()
     if address.startswith("unix:"):
         # gRPC understands unix:/path, unix:///path and unix:relative itself.
-        return address
-    if address.startswith("http://"):
-        address = address[len("http://") :].rstrip("/")
+        return address, False
+    https = address.startswith("https://")
+    if address.startswith(("http://", "https://")):
+        address = address.split("://", 1)[1].rstrip("/")
     elif "://" in address:
-        raise ValueError(
-            f"{address!r} is not a broker address: use HOST:PORT, http://HOST:PORT or unix:/PATH"
-        )
+        raise ValueError(f"{address!r} is not a broker address: {_ADDRESS_FORMS}")
     if not address or "/" in address:
-        raise ValueError(
-            f"{address!r} is not a broker address: use HOST:PORT, http://HOST:PORT or unix:/PATH"
+        raise ValueError(f"{address!r} is not a broker address: {_ADDRESS_FORMS}")
+    return address, https
+
+
+def resolve_target(broker: Optional[str]) -> str:
+    """The gRPC target for a broker address; see `parse_broker`."""
+    return parse_broker(broker)[0]
+
+
+PathArg = Union[str, "os.PathLike[str]"]
+"""A file name, as a str or a `pathlib.Path`."""
+
+
+def _read_file(path: PathArg, what: str) -> bytes:
+    try:
+        with open(path, "rb") as file:
+            return file.read()
+    except OSError as error:
+        raise ValueError(f"cannot read {what} {os.fspath(path)!r}: {error.strerror}") from error
+
+
+def _checked_token(token: str, where: str) -> str:
+    """The token without surrounding whitespace; refuses one that cannot be
+    sent in a header. The message never shows the token itself."""
+    if not isinstance(token, str):
+        raise TypeError(f"the token must be a str, not {type(token).__name__}")
+    token = token.strip()
+    if not token:
+        raise ValueError(f"the token ({where}) is empty")
+    if not all(" " <= c <= "~" for c in token):
+        raise ValueError(f"the token ({where}) is not printable ASCII")
+    return token
+
+
+def _from_env(value: Optional[PathArg], env: str) -> Optional[PathArg]:
+    """`value`, else the environment variable `env` if it is set and not empty."""
+    if value is not None:
+        return value
+    return os.environ.get(env) or None
+
+
+@dataclass(frozen=True)
+class Connection:
+    """Where the broker is and how to prove who we are, resolved once from
+    the arguments and the environment and shared by every client.
+
+    The token goes with every call as ``authorization: Bearer TOKEN``. TLS is
+    on for an ``https://`` address, a CA bundle or a client certificate; a
+    Unix socket never uses it (the broker checks the caller's Unix
+    credentials there instead).
+    """
+
+    target: str
+    token: Optional[str] = field(default=None, repr=False)
+    tls: bool = False
+    root_certificates: Optional[bytes] = field(default=None, repr=False)
+    certificate_chain: Optional[bytes] = field(default=None, repr=False)
+    private_key: Optional[bytes] = field(default=None, repr=False)
+
+    @classmethod
+    def resolve(
+        cls,
+        broker: Optional[str] = None,
+        *,
+        token: Optional[str] = None,
+        token_file: Optional[PathArg] = None,
+        ca: Optional[PathArg] = None,
+        cert: Optional[PathArg] = None,
+        key: Optional[PathArg] = None,
+    ) -> Connection:
+        """Checks the connection arguments that every client takes.
+
+        - `broker`: see `parse_broker`.
+        - `token`, or `token_file` (a file holding it; surrounding whitespace
+          is ignored): the bearer token. When both are ``None``:
+          `$GPULEASE_TOKEN`, else the file `$GPULEASE_TOKEN_FILE`, else none.
+        - `ca`: the CA bundle (PEM) that signed the broker's certificate;
+          implies TLS. Default `$GPULEASE_CA`; without one, an ``https://``
+          broker is checked against gRPC's default roots.
+        - `cert` and `key`: a client certificate and its key (PEM), for
+          mutual TLS; they imply TLS. Default `$GPULEASE_CERT` and
+          `$GPULEASE_KEY`.
+
+        The files are read now: a missing one is a `ValueError` here, not a
+        failed call later.
+        """
+        target, https = parse_broker(broker)
+        if token is not None and token_file is not None:
+            raise ValueError("give either token or token_file, not both")
+        if token is not None:
+            token = _checked_token(token, "token=")
+        elif token_file is not None:
+            token = _checked_token(
+                _read_file(token_file, "the token file").decode("utf-8", "replace"),
+                f"in {os.fspath(token_file)!r}",
+            )
+        elif os.environ.get(TOKEN_ENV):
+            token = _checked_token(os.environ[TOKEN_ENV], f"${TOKEN_ENV}")
+        elif os.environ.get(TOKEN_FILE_ENV):
+            path = os.environ[TOKEN_FILE_ENV]
+            token = _checked_token(
+                _read_file(path, f"the token file (${TOKEN_FILE_ENV})").decode("utf-8", "replace"),
+                f"in {path!r}",
+            )
+
+        if target.startswith("unix:"):
+            # TLS settings from the environment are meant for TCP brokers.
+            if ca is not None or cert is not None or key is not None:
+                raise ValueError("TLS (ca, cert, key) is for TCP brokers, not a Unix socket")
+            return cls(target=target, token=token)
+        ca = _from_env(ca, CA_ENV)
+        cert = _from_env(cert, CERT_ENV)
+        key = _from_env(key, KEY_ENV)
+        if (cert is None) != (key is None):
+            raise ValueError(
+                f"mutual TLS needs both a client certificate and its key (cert/${CERT_ENV}"
+                f" and key/${KEY_ENV})"
+            )
+        if not (https or ca is not None or cert is not None):
+            return cls(target=target, token=token)
+        return cls(
+            target=target,
+            token=token,
+            tls=True,
+            root_certificates=_read_file(ca, "the CA bundle") if ca is not None else None,
+            certificate_chain=(
+                _read_file(cert, "the client certificate") if cert is not None else None
+            ),
+            private_key=_read_file(key, "the client key") if key is not None else None,
         )
-    return address
+
+    @property
+    def metadata(self) -> Optional[Tuple[Tuple[str, str], ...]]:
+        """The metadata of every call: the bearer token, if there is one."""
+        if self.token is None:
+            return None
+        return (("authorization", f"Bearer {self.token}"),)
+
+    def open_channel(self, api: Any) -> Any:
+        """A new channel to the broker from `api`, which is `grpc` (a
+        `grpc.Channel`) or `grpc.aio` (a `grpc.aio.Channel`)."""
+        options = channel_options(self.target)
+        if not self.tls:
+            return api.insecure_channel(self.target, options=options)
+        credentials = grpc.ssl_channel_credentials(
+            root_certificates=self.root_certificates,
+            private_key=self.private_key,
+            certificate_chain=self.certificate_chain,
+        )
+        return api.secure_channel(self.target, credentials, options=options)
 
 
 def max_wait_ms(max_wait: MaxWait) -> int:
@@ -180,14 +346,9 @@ class LeaseOptions:
 
 RELEASE_REQUEST = lease_pb2.LeaseRequest(release=lease_pb2.Release())
 
-_REJECTED = frozenset(
-    {
-        grpc.StatusCode.INVALID_ARGUMENT,
-        grpc.StatusCode.PERMISSION_DENIED,
-        grpc.StatusCode.UNAUTHENTICATED,
-        grpc.StatusCode.RESOURCE_EXHAUSTED,
-    }
-)
+_UNAUTHORIZED = frozenset({grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.UNAUTHENTICATED})
+
+_REJECTED = frozenset({grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.RESOURCE_EXHAUSTED})
 
 
 def error_from_status(
@@ -207,6 +368,8 @@ def error_from_status(
     message = f"{doing}: {details} ({name})" if details else f"{doing}: {name}"
     if code == grpc.StatusCode.DEADLINE_EXCEEDED:
         return LeaseTimeout(message, code=code, details=details)
+    if code in _UNAUTHORIZED:
+        return LeaseUnauthorized(message, code=code, details=details)
     if code in _REJECTED:
         return LeaseRejected(message, code=code, details=details)
     if code == grpc.StatusCode.UNAVAILABLE:
@@ -217,12 +380,95 @@ def error_from_status(
 def call_error(
     code: Optional[grpc.StatusCode], details: Optional[str], *, doing: str
 ) -> LeaseError:
-    """`error_from_status` for Status and WatchStatus, whose own deadline
-    passing means the broker did not answer: `BrokerUnavailable`."""
+    """`error_from_status` for Status, WatchStatus, RevokeLease and Residency,
+    whose own deadline passing means the broker did not answer:
+    `BrokerUnavailable`."""
     if code == grpc.StatusCode.DEADLINE_EXCEEDED:
         details = details or "no answer in time"
         return BrokerUnavailable(f"{doing}: {details} ({code.name})", code=code, details=details)
     return error_from_status(code, details, doing=doing)
+
+
+def revoke_request(lease: Union[str, int], message: str = "") -> lease_pb2.RevokeLeaseRequest:
+    """The `RevokeLease` request for a lease named by its id (``"EPOCH-TOKEN"``,
+    as `Granted.lease_id` and Status show it) or its fencing token (an int, or
+    a str of digits, as `gpulease revoke` takes it)."""
+    if not isinstance(message, str):
+        raise TypeError(f"message must be a str, not {type(message).__name__}")
+    if isinstance(lease, int) and not isinstance(lease, bool):
+        if lease <= 0:
+            raise ValueError(f"a fencing token is a positive int, got {lease!r}")
+        return lease_pb2.RevokeLeaseRequest(fencing_token=lease, message=message)
+    if not isinstance(lease, str):
+        raise TypeError(f"name the lease by its id (str) or fencing token (int), not {lease!r}")
+    lease = lease.strip()
+    if lease.isdigit() and lease.isascii():
+        return lease_pb2.RevokeLeaseRequest(fencing_token=int(lease), message=message)
+    if not lease:
+        raise ValueError("name the lease by its id or fencing token")
+    return lease_pb2.RevokeLeaseRequest(lease_id=lease, message=message)
+
+
+UnloadCallback = Callable[[lease_pb2.UnloadRequested], object]
+"""Called with each `UnloadRequested` of a `Residency` stream; returns once
+the memory is free."""
+
+
+def residency_hello(consumer: str) -> lease_pb2.ResidencyReport:
+    """The first message of a `Residency` stream."""
+    return lease_pb2.ResidencyReport(hello=lease_pb2.ResidencyHello(consumer=consumer))
+
+
+def unloaded_report(gpu_index: Optional[int]) -> lease_pb2.ResidencyReport:
+    """`unloaded` for one GPU, or for every GPU with ``None``."""
+    if gpu_index is None:
+        return lease_pb2.ResidencyReport(unloaded=lease_pb2.Unloaded(all_gpus=True))
+    return lease_pb2.ResidencyReport(unloaded=lease_pb2.Unloaded(gpu_index=gpu_index))
+
+
+class Backoff:
+    """How long a `Residency` helper waits before it calls again: from
+    `first` seconds, doubling up to `most`, with some jitter so that helpers
+    do not call in step; back to `first` once a stream was open."""
+
+    def __init__(self, first: float = 0.5, most: float = 30.0) -> None:
+        self.first = first
+        self.most = most
+        self._next = first
+
+    def reset(self) -> None:
+        self._next = self.first
+
+    def next_delay(self) -> float:
+        delay = self._next
+        self._next = min(self.most, self._next * 2)
+        return delay * random.uniform(0.8, 1.2)
+
+
+def report_residency_failure(
+    error: LeaseError, consumer: str, delay: float, was_open: bool
+) -> None:
+    """Logs why a `Residency` stream failed or ended, and when the next try is."""
+    if isinstance(error, LeaseRejected):
+        # Retrying does not help until the broker's configuration or the
+        # token changes, but a background helper has nobody to raise to.
+        logger.error(
+            "gpulease: residency of %r refused: %s; retrying in %.1f s", consumer, error, delay
+        )
+    elif was_open:
+        logger.warning(
+            "gpulease: the residency stream of %r ended: %s; reconnecting in %.1f s",
+            consumer,
+            error,
+            delay,
+        )
+    else:
+        logger.warning(
+            "gpulease: cannot open the residency stream of %r: %s; retrying in %.1f s",
+            consumer,
+            error,
+            delay,
+        )
 
 
 class Conversation:
@@ -321,8 +567,8 @@ def _reason_name(reason: int) -> str:
 
 
 def report_callback_error(what: str) -> None:
-    """Logs an exception raised by a user's `on_lost` callback, which runs
-    where nobody could catch it."""
+    """Logs an exception raised by a user's `on_lost` or `on_unload`
+    callback, which runs where nobody could catch it."""
     logger.exception("gpulease: the %s callback raised", what)
 
 

@@ -1,5 +1,5 @@
-"""The asyncio client, on `grpc.aio`: ``async with gpulease.aio.lease(...)``
-and `gpulease.aio.Client`.
+"""The asyncio client, on `grpc.aio`: ``async with gpulease.aio.lease(...)``,
+`gpulease.aio.Client` and ``async with gpulease.aio.residency(...)``.
 
 It behaves as the blocking client does (see `gpulease.lease`) and shares its
 options, protocol rules and error mapping; only the waiting differs. The
@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import inspect
-from typing import Any, AsyncIterator, Callable, Mapping, Optional, TypeVar, cast
+from typing import Any, AsyncIterator, Callable, Mapping, Optional, Tuple, TypeVar, Union, cast
 
 import grpc
 import grpc.aio
@@ -19,22 +19,30 @@ import grpc.aio
 from ._protocol import (
     RELEASE_REQUEST,
     RELEASE_TIMEOUT_S,
+    Backoff,
+    Connection,
     Conversation,
     GrantView,
     LeaseOptions,
     LostCallback,
     MaxWait,
+    PathArg,
     QueuedCallback,
+    UnloadCallback,
     call_error,
-    channel_options,
+    logger,
     report_callback_error,
-    resolve_target,
+    report_residency_failure,
+    residency_hello,
+    revoke_request,
+    unloaded_report,
 )
-from .errors import LeaseLost
+from ._residency import CLOSE_TIMEOUT_S
+from .errors import LeaseError, LeaseLost, LeaseRejected
 from .v1 import lease_pb2
 from .v1.lease_pb2_grpc import LeaseBrokerStub
 
-__all__ = ["Client", "Lease", "lease"]
+__all__ = ["Client", "Lease", "Residency", "lease", "residency"]
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -52,11 +60,12 @@ class Lease(GrantView):
     def __init__(
         self,
         options: LeaseOptions,
-        target: str,
+        connection: Connection,
         client: Optional[Client] = None,
     ) -> None:
         self._options = options
-        self._target = target
+        self._connection = connection
+        self._target = connection.target
         self._client = client
         self._conversation: Optional[Conversation] = None
         # Made on entry, in the running loop (Python 3.9 binds an Event to
@@ -90,12 +99,10 @@ class Lease(GrantView):
         if self._client is not None:
             channel = self._client._channel_in_loop()
         else:
-            channel = self._owned_channel = grpc.aio.insecure_channel(
-                self._target, options=channel_options(self._target)
-            )
+            channel = self._owned_channel = self._connection.open_channel(grpc.aio)
         try:
             # No timeout: a deadline would also end the granted lease.
-            self._call = LeaseBrokerStub(channel).AcquireLease()
+            self._call = LeaseBrokerStub(channel).AcquireLease(metadata=self._connection.metadata)
             await self._wait(self._call, conversation)
         except BaseException:
             await self._abandon()
@@ -135,7 +142,7 @@ class Lease(GrantView):
 
         @functools.wraps(func)
         async def leased(*args: Any, **kwargs: Any) -> Any:
-            async with Lease(self._options, self._target, self._client):
+            async with Lease(self._options, self._connection, self._client):
                 return await func(*args, **kwargs)
 
         return cast(F, leased)
@@ -215,6 +222,11 @@ def lease(
     labels: Optional[Mapping[str, str]] = None,
     on_queued: Optional[QueuedCallback] = None,
     on_lost: Optional[LostCallback] = None,
+    token: Optional[str] = None,
+    token_file: Optional[PathArg] = None,
+    ca: Optional[PathArg] = None,
+    cert: Optional[PathArg] = None,
+    key: Optional[PathArg] = None,
 ) -> Lease:
     """A lease of the GPU for `consumer`, to use with ``async with`` or to
     decorate a coroutine function. The arguments are those of
@@ -227,15 +239,32 @@ def lease(
         on_queued=on_queued,
         on_lost=on_lost,
     )
-    return Lease(options, resolve_target(broker))
+    connection = Connection.resolve(
+        broker, token=token, token_file=token_file, ca=ca, cert=cert, key=key
+    )
+    return Lease(options, connection)
 
 
 class Client:
-    """A connection to the broker on asyncio, for Status, WatchStatus and
-    leases. The channel opens on first use, in the running event loop."""
+    """A connection to the broker on asyncio, for Status, WatchStatus,
+    RevokeLease and leases. The arguments are those of `gpulease.Client`. The
+    channel opens on first use, in the running event loop."""
 
-    def __init__(self, broker: Optional[str] = None) -> None:
-        self.target = resolve_target(broker)
+    def __init__(
+        self,
+        broker: Optional[str] = None,
+        *,
+        token: Optional[str] = None,
+        token_file: Optional[PathArg] = None,
+        ca: Optional[PathArg] = None,
+        cert: Optional[PathArg] = None,
+        key: Optional[PathArg] = None,
+    ) -> None:
+        self._connection = Connection.resolve(
+            broker, token=token, token_file=token_file, ca=ca, cert=cert, key=key
+        )
+        self.target = self._connection.target
+        self._metadata = self._connection.metadata
         self._channel: Optional[grpc.aio.Channel] = None
 
     def __repr__(self) -> str:
@@ -255,9 +284,7 @@ class Client:
 
     def _channel_in_loop(self) -> grpc.aio.Channel:
         if self._channel is None:
-            self._channel = grpc.aio.insecure_channel(
-                self.target, options=channel_options(self.target)
-            )
+            self._channel = self._connection.open_channel(grpc.aio)
         return self._channel
 
     def _stub(self) -> LeaseBrokerStub:
@@ -266,7 +293,9 @@ class Client:
     async def status(self, *, timeout: Optional[float] = 10.0) -> lease_pb2.StatusResponse:
         """One snapshot of the broker; see `gpulease.Client.status`."""
         try:
-            response = await self._stub().Status(lease_pb2.StatusRequest(), timeout=timeout)
+            response = await self._stub().Status(
+                lease_pb2.StatusRequest(), timeout=timeout, metadata=self._metadata
+            )
         except grpc.aio.AioRpcError as error:
             raise call_error(
                 error.code(), error.details(), doing=f"Status at {self.target}"
@@ -277,7 +306,9 @@ class Client:
         self, *, timeout: Optional[float] = None
     ) -> AsyncIterator[lease_pb2.StatusResponse]:
         """Snapshots as they change; see `gpulease.Client.watch`."""
-        call = self._stub().WatchStatus(lease_pb2.StatusRequest(), timeout=timeout)
+        call = self._stub().WatchStatus(
+            lease_pb2.StatusRequest(), timeout=timeout, metadata=self._metadata
+        )
         try:
             while True:
                 snapshot = await call.read()
@@ -292,6 +323,26 @@ class Client:
             ) from None
         finally:
             call.cancel()
+
+    async def revoke(
+        self,
+        lease: Union[str, int],
+        message: str = "",
+        *,
+        timeout: Optional[float] = 10.0,
+    ) -> lease_pb2.RevokeLeaseResponse:
+        """Ends a held lease on an operator's behalf; see
+        `gpulease.Client.revoke`."""
+        request = revoke_request(lease, message)
+        try:
+            response = await self._stub().RevokeLease(
+                request, timeout=timeout, metadata=self._metadata
+            )
+        except grpc.aio.AioRpcError as error:
+            raise call_error(
+                error.code(), error.details(), doing=f"RevokeLease at {self.target}"
+            ) from None
+        return cast(lease_pb2.RevokeLeaseResponse, response)
 
     def lease(
         self,
@@ -312,4 +363,225 @@ class Client:
             on_queued=on_queued,
             on_lost=on_lost,
         )
-        return Lease(options, self.target, self)
+        return Lease(options, self._connection, self)
+
+
+class Residency:
+    """Listens for the broker's unload requests for one consumer, in a task
+    of the running event loop, until `close()` or the end of its
+    ``async with`` block; see `gpulease.Residency`.
+
+    `on_unload` runs in the event loop: a coroutine function (or one that
+    returns an awaitable) is awaited. Blocking work in a plain function
+    blocks the loop; wrap it with `asyncio.to_thread`.
+    """
+
+    def __init__(self, consumer: str, on_unload: UnloadCallback, connection: Connection) -> None:
+        if not isinstance(consumer, str):
+            raise TypeError(f"consumer must be a str, not {type(consumer).__name__}")
+        if not callable(on_unload):
+            raise TypeError("on_unload must be callable")
+        loop = asyncio.get_running_loop()  # RuntimeError outside of one
+        self.consumer = consumer
+        self.target = connection.target
+        self._connection = connection
+        self._on_unload = on_unload
+        self._backoff = Backoff()
+        # Made here, in the running loop (Python 3.9 binds them to it).
+        self._changed = asyncio.Condition()
+        self._closed = asyncio.Event()
+        self._write_lock = asyncio.Lock()
+        self._connected = False
+        self._closing = False
+        self._in_callback = False
+        self._error: Optional[LeaseError] = None
+        self._rejected: Optional[LeaseRejected] = None
+        self._call: Optional[Any] = None
+        self._unloads = 0
+        self._task = loop.create_task(self._run())
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closing else "connected" if self._connected else "connecting"
+        return f"<gpulease.aio.Residency {self.consumer!r} at {self.target} {state}>"
+
+    async def __aenter__(self) -> Residency:
+        return self
+
+    async def __aexit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        await self.close()
+
+    @property
+    def connected(self) -> bool:
+        """Whether the stream is open now."""
+        return self._connected
+
+    @property
+    def unloads(self) -> int:
+        """How many unload requests were answered ``unloaded``."""
+        return self._unloads
+
+    @property
+    def error(self) -> Optional[LeaseError]:
+        """Why the last stream failed or ended; ``None`` while one is open."""
+        return self._error
+
+    async def wait_connected(self, timeout: Optional[float] = None) -> bool:
+        """Waits until the stream is open; returns whether it is. Raises the
+        `LeaseRejected` error if the broker refused the stream."""
+
+        def settled() -> bool:
+            return self._connected or self._rejected is not None or self._closing
+
+        try:
+            async with self._changed:
+                await asyncio.wait_for(self._changed.wait_for(settled), timeout)
+        except asyncio.TimeoutError:
+            pass
+        if self._connected:
+            return True
+        if self._rejected is not None:
+            raise self._rejected
+        return False
+
+    async def report_unloaded(self, gpu_index: Optional[int] = None) -> bool:
+        """Tells the broker the consumer freed its memory on its own; see
+        `gpulease.Residency.report_unloaded`."""
+        call = self._call if self._connected else None
+        if call is None:
+            return False
+        try:
+            async with self._write_lock:
+                await call.write(unloaded_report(gpu_index))
+        except (grpc.aio.AioRpcError, asyncio.InvalidStateError):
+            return False
+        return True
+
+    async def close(self, timeout: Optional[float] = CLOSE_TIMEOUT_S) -> None:
+        """Ends the stream and the task; waits up to `timeout` seconds for an
+        unload callback that is running. Idempotent."""
+        self._closing = True
+        self._closed.set()
+        await self._notify()
+        task = self._task
+        if task.done() or task is asyncio.current_task():
+            return
+        if self._in_callback:
+            # The task stops by itself once the callback has returned.
+            await asyncio.wait({task}, timeout=timeout)
+        if not task.done():
+            task.cancel()
+            await asyncio.wait({task})
+
+    async def _notify(self) -> None:
+        async with self._changed:
+            self._changed.notify_all()
+
+    async def _run(self) -> None:
+        while True:
+            was_open, error = await self._attempt()
+            self._connected = False
+            if self._closing:
+                await self._notify()
+                return
+            self._error = error
+            if isinstance(error, LeaseRejected):
+                self._rejected = error
+            await self._notify()
+            if was_open and not isinstance(error, LeaseRejected):
+                self._backoff.reset()
+            delay = self._backoff.next_delay()
+            report_residency_failure(error, self.consumer, delay, was_open)
+            try:
+                await asyncio.wait_for(self._closed.wait(), delay)
+                return
+            except asyncio.TimeoutError:
+                pass
+
+    async def _attempt(self) -> Tuple[bool, LeaseError]:
+        doing = f"Residency of {self.consumer!r} at {self.target}"
+        channel = self._connection.open_channel(grpc.aio)
+        was_open = False
+        call = LeaseBrokerStub(channel).Residency(metadata=self._connection.metadata)
+        self._call = call
+        code: Optional[grpc.StatusCode] = None
+        details: Optional[str] = None
+        try:
+            try:
+                await call.write(residency_hello(self.consumer))
+                # The broker answers with its headers once it has registered
+                # the stream; a refusal ends the call instead.
+                await call.initial_metadata()
+                if not call.done():
+                    self._connected = True
+                    self._error = self._rejected = None
+                    was_open = True
+                    await self._notify()
+                    logger.info(
+                        "gpulease: residency of %r at %s is open", self.consumer, self.target
+                    )
+                while not self._closing:
+                    command = await call.read()
+                    if command is grpc.aio.EOF:
+                        break
+                    await self._handle(command, call)
+            except grpc.aio.AioRpcError as error:
+                code, details = error.code(), error.details()
+            except asyncio.InvalidStateError:
+                pass  # Written to a call that had ended; its status says why.
+            if self._closing:
+                return was_open, LeaseError(f"{doing}: closed")
+            if code is None:
+                code, details = await call.code(), await call.details()
+        finally:
+            self._connected = False
+            self._call = None
+            call.cancel()
+            await channel.close()
+        if code == grpc.StatusCode.OK:
+            return was_open, LeaseError(f"{doing}: the broker ended the stream", code=code)
+        return was_open, call_error(code, details, doing=doing)
+
+    async def _handle(self, command: lease_pb2.ResidencyCommand, call: Any) -> None:
+        if command.WhichOneof("kind") != "unload_requested":
+            return  # a command newer than these stubs
+        request = command.unload_requested
+        logger.info(
+            "gpulease: the broker asks %r to unload from GPU %d (%d MiB) for %r",
+            self.consumer,
+            request.gpu_index,
+            request.footprint_mib,
+            request.for_consumer,
+        )
+        self._in_callback = True
+        try:
+            result = self._on_unload(request)
+            if inspect.isawaitable(result):
+                await result
+        except Exception:
+            report_callback_error("on_unload")
+            return
+        finally:
+            self._in_callback = False
+        async with self._write_lock:
+            await call.write(unloaded_report(request.gpu_index))
+        self._unloads += 1
+
+
+def residency(
+    consumer: str,
+    on_unload: UnloadCallback,
+    *,
+    broker: Optional[str] = None,
+    token: Optional[str] = None,
+    token_file: Optional[PathArg] = None,
+    ca: Optional[PathArg] = None,
+    cert: Optional[PathArg] = None,
+    key: Optional[PathArg] = None,
+) -> Residency:
+    """Starts listening for the broker's unload requests for `consumer` in a
+    task of the running event loop; see `gpulease.residency`. Call it in a
+    coroutine: ``async with gpulease.aio.residency(...)``."""
+    connection = Connection.resolve(
+        broker, token=token, token_file=token_file, ca=ca, cert=cert, key=key
+    )
+    return Residency(consumer, on_unload, connection)

@@ -6,6 +6,8 @@ the caller can do about it:
 - `LeaseTimeout`: the lease was not granted within `max_wait`. Try later.
 - `LeaseRejected`: the broker refused the request (bad consumer name, a
   consumer the broker does not know, ...). Retrying will not help.
+  `LeaseUnauthorized`, a kind of it, says the credentials do not allow it:
+  no token or an unknown one, or another consumer's.
 - `BrokerUnavailable`: the broker cannot be reached or is shutting down.
   Retrying may help once it is back.
 - `LeaseLost`: a lease that was granted ended while the body still ran
@@ -25,6 +27,7 @@ __all__ = [
     "LeaseLost",
     "LeaseRejected",
     "LeaseTimeout",
+    "LeaseUnauthorized",
 ]
 
 
@@ -54,9 +57,19 @@ class LeaseTimeout(LeaseError):
 class LeaseRejected(LeaseError):
     """The broker refused the request.
 
-    INVALID_ARGUMENT (for example a consumer name outside ``[A-Za-z0-9._-]``),
-    PERMISSION_DENIED (a consumer the broker does not know, with
-    ``strict_consumers`` on), UNAUTHENTICATED or RESOURCE_EXHAUSTED.
+    INVALID_ARGUMENT (for example a consumer name outside ``[A-Za-z0-9._-]``)
+    or RESOURCE_EXHAUSTED (more memory than any GPU has); PERMISSION_DENIED
+    and UNAUTHENTICATED are its subclass `LeaseUnauthorized`.
+    """
+
+
+class LeaseUnauthorized(LeaseRejected):
+    """The broker does not let this caller do that.
+
+    UNAUTHENTICATED: no token where the broker requires one, or a token it
+    does not know. PERMISSION_DENIED: the token (or the Unix user) may not
+    act as this consumer, an operator call without the admin token, or a
+    consumer the broker does not know (``strict_consumers``).
     """
 
 
