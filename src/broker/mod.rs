@@ -612,27 +612,40 @@ impl Broker {
     }
 
     /// Tells waiters whose position improved (or whose reason for waiting
-    /// changed), every
+    /// changed): the first [`NEAR_SWEEP`] of each queue every tick, the rest
+    /// every [`FULL_SWEEP_EVERY`] ticks; every
     /// [`POSITION_UPDATE_INTERVAL`] at most, until shutdown.
     async fn sweep_positions(self: Arc<Self>) {
         let mut ticks = tokio::time::interval(POSITION_UPDATE_INTERVAL);
         ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
+        // Whether the queue moved since the last sweep of every waiter.
+        let mut far_moved = false;
+        for tick in 1u64.. {
             tokio::select! {
                 _ = ticks.tick() => {}
                 () = self.shutdown.cancelled() => return,
             }
             let mut state = self.lock();
-            if !std::mem::take(&mut state.queue_moved) {
+            let moved = std::mem::take(&mut state.queue_moved);
+            far_moved |= moved;
+            // Near the head every tick; everyone only every few ticks, so
+            // that a long queue costs the lock (and its waiters messages)
+            // in proportion to its head, not its length.
+            let everyone = far_moved && tick % FULL_SWEEP_EVERY == 0;
+            if !moved && !everyone {
                 continue;
             }
+            if everyone {
+                far_moved = false;
+            }
+            let limit = (!everyone).then_some(NEAR_SWEEP);
             let now = Instant::now().into_std();
             let gpus: Vec<u32> = state.sched.gpus().map(|gpu| gpu.index).collect();
             let holders: Vec<Arc<[HolderView]>> = gpus
                 .iter()
                 .map(|index| state.sched.holders(Some(*index), now).into())
                 .collect();
-            state.sched.for_each_waiter(|place, seat| {
+            state.sched.for_each_waiter(limit, |place, seat| {
                 // Only the head's reason matters to it; the others wait
                 // behind the head whatever the reason.
                 let blocked_by = place
@@ -670,6 +683,12 @@ fn worth_telling(position: u32, told: u32) -> bool {
 
 /// Waiters this close to the head hear every improvement.
 const NEAR_HEAD: u32 = 16;
+
+/// How many waiters per GPU the sweep visits on every tick.
+const NEAR_SWEEP: usize = 64;
+
+/// Every how many ticks the sweep visits every waiter.
+const FULL_SWEEP_EVERY: u64 = 8;
 
 /// A stream being served; see [`Broker::session`].
 #[derive(Debug)]

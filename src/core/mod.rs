@@ -852,10 +852,16 @@ impl<W> Scheduler<W> {
 
     /// Visits every waiter in queue order with where it stands. O(queue
     /// length): for periodic position updates, not for every grant.
-    pub fn for_each_waiter(&mut self, mut visit: impl FnMut(WaiterPlace<'_>, &mut W)) {
+    /// `limit` visits only the first so many waiters of each GPU.
+    pub fn for_each_waiter(
+        &mut self,
+        limit: Option<usize>,
+        mut visit: impl FnMut(WaiterPlace<'_>, &mut W),
+    ) {
         for gpu in &mut self.gpus {
             let depth = saturating_u32(gpu.waiting.len());
-            for (index, waiting) in gpu.waiting.values_mut().enumerate() {
+            let waiters = gpu.waiting.values_mut().take(limit.unwrap_or(usize::MAX));
+            for (index, waiting) in waiters.enumerate() {
                 let place = WaiterPlace {
                     gpu_index: gpu.spec.index,
                     position: saturating_u32(index + 1),

@@ -422,7 +422,10 @@ fn positions_follow_the_queue() {
     sched.grant_ready(now);
     sched.withdraw(ids[2], Withdrawal::Withdrawn, now);
     let mut seen = Vec::new();
-    sched.for_each_waiter(|place, name| seen.push((place.position, *name)));
+    sched.for_each_waiter(None, |place, name| seen.push((place.position, *name)));
+    let mut first = Vec::new();
+    sched.for_each_waiter(Some(1), |place, name| first.push((place.position, *name)));
+    assert_eq!(first, [(1, "b")]);
     assert_eq!(seen, [(1, "b"), (2, "d")]);
     let drained = sched.drain_waiters(now);
     assert_eq!(drained, ["b", "d"]);
