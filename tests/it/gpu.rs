@@ -127,6 +127,20 @@ async fn broker_with_state(
     (broker, fake)
 }
 
+/// `consumer` (process `pid`) uses 10 GiB of the 16 GiB card and stays
+/// resident; then `image` asks for 12 GiB, which does not fit beside it.
+async fn image_after_resident(broker: &Broker, fake: &FakeGpus, consumer: &str, pid: u32) -> Call {
+    let card = [("GPU-fake-0", 16 * GIB)];
+    fake.set(&card, &[(0, pid, 10 * GIB)]);
+    use_once(broker, consumer, pid).await;
+    broker
+        .wait_for("the consumer resident", |s| s.gpus[0].free_mib == 6 * GIB)
+        .await;
+    let mut request = acquire("image");
+    request.vram_mib = 12 * GIB;
+    Call::open(broker, request).await.unwrap()
+}
+
 /// `consumer` (process `pid`) takes a lease and releases it, leaving it
 /// resident.
 async fn use_once(broker: &Broker, consumer: &str, pid: u32) {
@@ -216,15 +230,7 @@ async fn the_llm_is_asked_to_unload_for_the_image_and_the_tts_stays() {
 async fn a_resident_that_does_not_free_its_memory_is_named_and_the_waiter_stays() {
     let card = [("GPU-fake-0", 16 * GIB)];
     let (broker, fake) = broker_with(&card).await;
-    fake.set(&card, &[(0, 1002, 10 * GIB)]);
-    use_once(&broker, "llm", 1002).await;
-    broker
-        .wait_for("the LLM resident", |s| s.gpus[0].free_mib == 6 * GIB)
-        .await;
-
-    let mut request = acquire("image");
-    request.vram_mib = 12 * GIB;
-    let mut image = Call::open(&broker, request).await.unwrap();
+    let mut image = image_after_resident(&broker, &fake, "llm", 1002).await;
     image.queued().await;
     let status = broker
         .wait_for("the culprit named", |s| {
@@ -336,14 +342,7 @@ async fn a_consumer_on_a_residency_stream_is_asked_and_answers() {
         .unwrap()
         .into_inner();
 
-    fake.set(&card, &[(0, 2002, 10 * GIB)]);
-    use_once(&broker, "streamer", 2002).await;
-    broker
-        .wait_for("the streamer resident", |s| s.gpus[0].free_mib == 6 * GIB)
-        .await;
-    let mut request = acquire("image");
-    request.vram_mib = 12 * GIB;
-    let mut image = Call::open(&broker, request).await.unwrap();
+    let mut image = image_after_resident(&broker, &fake, "streamer", 2002).await;
 
     let command = commands.message().await.unwrap().unwrap();
     let Some(pb::residency_command::Kind::UnloadRequested(asked)) = command.kind else {
@@ -456,14 +455,7 @@ async fn at_start_a_gpu_busy_without_a_lease_is_quarantined() {
 async fn an_unload_request_waits_for_a_residency_stream_that_opens_late() {
     let card = [("GPU-fake-0", 16 * GIB)];
     let (broker, fake) = broker_with(&card).await;
-    fake.set(&card, &[(0, 2002, 10 * GIB)]);
-    use_once(&broker, "streamer", 2002).await;
-    broker
-        .wait_for("the streamer resident", |s| s.gpus[0].free_mib == 6 * GIB)
-        .await;
-    let mut request = acquire("image");
-    request.vram_mib = 12 * GIB;
-    let mut image = Call::open(&broker, request).await.unwrap();
+    let mut image = image_after_resident(&broker, &fake, "streamer", 2002).await;
     broker
         .wait_for("the unload asked for", |s| {
             s.evictions.as_ref().is_some_and(|e| e.requested == 1)
