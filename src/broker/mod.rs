@@ -78,6 +78,15 @@ struct State {
     shutting_down: bool,
     /// Set when the queue's order changed since the last position sweep.
     queue_moved: bool,
+    /// The last sequence number given to a logged decision.
+    log_seq: u64,
+}
+
+impl State {
+    fn next_seq(&mut self) -> u64 {
+        self.log_seq += 1;
+        self.log_seq
+    }
 }
 
 /// What the core keeps for each waiter: where to deliver the grant and the
@@ -232,6 +241,7 @@ impl Broker {
                 revocations: std::collections::HashMap::new(),
                 shutting_down: false,
                 queue_moved: false,
+                log_seq: 0,
             }),
             changes: watch::Sender::new(0),
             shutdown: CancellationToken::new(),
@@ -499,7 +509,8 @@ impl Broker {
                 return;
             };
             state.revocations.remove(&token);
-            log.push(Event::Ended(ended, how, self.lease_id(token)));
+            let seq = state.next_seq();
+            log.push(Event::Ended(seq, ended, how, self.lease_id(token)));
             self.settle(&mut state, &mut log)
         };
         self.changed();
@@ -581,14 +592,16 @@ impl Broker {
                     gpu_uuid: grant.gpu_uuid,
                     revocation,
                 };
-                log.push(Event::Granted(consumer, info.clone()));
+                let seq = state.next_seq();
+                log.push(Event::Granted(seq, consumer, info.clone()));
                 if deliver.send(info).is_err() {
                     let ended = state
                         .sched
                         .end(grant.token, LeaseEnd::Unclaimed, now.into_std());
                     if let Some(ended) = ended {
                         let lease_id = self.lease_id(ended.token);
-                        log.push(Event::Ended(ended, LeaseEnd::Unclaimed, lease_id));
+                        let seq = state.next_seq();
+                        log.push(Event::Ended(seq, ended, LeaseEnd::Unclaimed, lease_id));
                     }
                 }
             }
@@ -889,28 +902,33 @@ impl Drop for Lease {
 }
 
 /// A log line to write once the lock is released.
+///
+/// Each carries a sequence number taken under the lock, so that a reader of
+/// the log can restore the order of the decisions even where two threads'
+/// lines come out interleaved.
 enum Event {
-    Granted(String, Grant),
-    Ended(crate::core::EndedLease, LeaseEnd, String),
+    Granted(u64, String, Grant),
+    Ended(u64, crate::core::EndedLease, LeaseEnd, String),
 }
 
 fn emit(log: Vec<Event>) {
     for event in log {
         match event {
-            Event::Granted(consumer, grant) => info!(
+            Event::Granted(seq, consumer, grant) => info!(
+                seq,
                 %consumer,
                 lease_id = %grant.lease_id,
                 token = grant.token.0,
                 waited_ms = millis(grant.waited),
                 "granted"
             ),
-            Event::Ended(ended, how, lease_id) => {
+            Event::Ended(seq, ended, how, lease_id) => {
                 let how = end_name(how);
-                if matches!(how, "released" | "half_closed") {
-                    info!(consumer = %ended.consumer, %lease_id, token = ended.token.0,
+                if matches!(how, "released" | "half_closed" | "unclaimed") {
+                    info!(seq, consumer = %ended.consumer, %lease_id, token = ended.token.0,
                         waited_ms = millis(ended.waited), held_ms = millis(ended.held), how, "lease ended");
                 } else {
-                    warn!(consumer = %ended.consumer, %lease_id, token = ended.token.0,
+                    warn!(seq, consumer = %ended.consumer, %lease_id, token = ended.token.0,
                         waited_ms = millis(ended.waited), held_ms = millis(ended.held), how, "lease ended");
                 }
             }

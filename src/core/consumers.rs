@@ -82,6 +82,9 @@ impl ConsumerRecord {
 pub(super) struct ConsumerBook {
     records: BTreeMap<String, ConsumerRecord>,
     unconfigured: usize,
+    /// Set when a search for an idle stranger to forget found none, so that
+    /// a flood of new names does not search again until one goes idle.
+    none_idle: bool,
 }
 
 impl ConsumerBook {
@@ -104,6 +107,7 @@ impl ConsumerBook {
         Self {
             records,
             unconfigured: 0,
+            none_idle: false,
         }
     }
 
@@ -132,8 +136,8 @@ impl ConsumerBook {
     /// The record of `name`, created if needed, marked active at `now`.
     pub(super) fn touch(&mut self, name: &str, now: Instant) -> &mut ConsumerRecord {
         if !self.records.contains_key(name) {
-            if self.unconfigured >= MAX_UNCONFIGURED {
-                self.forget_one_idle();
+            if self.unconfigured >= MAX_UNCONFIGURED && !self.none_idle {
+                self.none_idle = !self.forget_one_idle();
             }
             self.unconfigured += 1;
             self.records.insert(
@@ -161,16 +165,39 @@ impl ConsumerBook {
         self.records.values().cloned().collect()
     }
 
-    fn forget_one_idle(&mut self) {
+    /// Call when `name` may have gone idle: a stranger that goes idle while
+    /// there are more strangers than the limit is forgotten at once, so a
+    /// burst of new names shrinks back to the limit as it drains.
+    pub(super) fn went_idle(&mut self, name: &str) {
+        let Some(record) = self.records.get(name) else {
+            return;
+        };
+        if record.profile.is_some() || !record.is_idle() {
+            return;
+        }
+        if self.unconfigured > MAX_UNCONFIGURED {
+            self.records.remove(name);
+            self.unconfigured -= 1;
+        } else {
+            self.none_idle = false;
+        }
+    }
+
+    /// Forgets the least recently active idle stranger; `false` if none is.
+    fn forget_one_idle(&mut self) -> bool {
         let oldest = self
             .records
             .values()
             .filter(|record| record.profile.is_none() && record.is_idle())
             .min_by_key(|record| record.last_active)
             .map(|record| record.name.clone());
-        if let Some(name) = oldest {
-            self.records.remove(&name);
-            self.unconfigured -= 1;
+        match oldest {
+            Some(name) => {
+                self.records.remove(&name);
+                self.unconfigured -= 1;
+                true
+            }
+            None => false,
         }
     }
 }

@@ -653,6 +653,7 @@ impl<W> Scheduler<W> {
         let waiting = self.gpus.iter_mut().find_map(|g| g.waiting.remove(&id))?;
         let record = self.consumers.touch(&waiting.request.consumer, now);
         record.waiting = record.waiting.saturating_sub(1);
+        self.consumers.went_idle(&waiting.request.consumer);
         match how {
             Withdrawal::Withdrawn => self.stats.ended.withdrawn += 1,
             Withdrawal::Expired => self.stats.ended.expired += 1,
@@ -697,6 +698,7 @@ impl<W> Scheduler<W> {
                 },
             );
         }
+        self.consumers.went_idle(&holding.request.consumer);
         let ungraceful = matches!(how, LeaseEnd::Disconnected | LeaseEnd::Revoked(_));
         let lock_delay = self.settings.lock_delay;
         if ungraceful && !lock_delay.is_zero() && gpu.spec.measured {

@@ -408,6 +408,32 @@ fn strangers_are_forgotten_beyond_the_limit_but_the_busy_are_kept() {
 }
 
 #[test]
+fn a_burst_of_strangers_shrinks_back_to_the_limit() {
+    let now = Instant::now();
+    let mut sched: Scheduler<()> = Scheduler::single(1, false, []);
+    let ids: Vec<WaiterId> = (0..consumers::MAX_UNCONFIGURED * 3)
+        .map(|i| {
+            let request = Request {
+                consumer: format!("s{i}"),
+                ..Request::default()
+            };
+            sched.enqueue(request, (), now).unwrap().0
+        })
+        .collect();
+    assert_eq!(
+        sched.snapshot(now).consumers.len(),
+        consumers::MAX_UNCONFIGURED * 3
+    );
+    for id in ids {
+        sched.withdraw(id, Withdrawal::Withdrawn, now);
+    }
+    assert_eq!(
+        sched.snapshot(now).consumers.len(),
+        consumers::MAX_UNCONFIGURED
+    );
+}
+
+#[test]
 fn positions_follow_the_queue() {
     let now = Instant::now();
     let mut sched: Scheduler<&str> = Scheduler::single(1, false, []);

@@ -27,6 +27,11 @@ use crate::pb::v1 as pb;
 use crate::pb::v1::lease_broker_server::LeaseBroker;
 use crate::pb::v1::lease_request::Kind as RequestKind;
 
+/// How long a client may take to send its first message after it opened
+/// `AcquireLease`: a call that never says what it wants holds nothing, but
+/// should not hold a task forever either.
+const FIRST_MESSAGE_TIMEOUT: Duration = Duration::from_secs(30);
+
 /// How many events may wait to be written to one client.
 const EVENT_BUFFER: usize = 8;
 
@@ -74,7 +79,15 @@ impl LeaseBroker for LeaseService {
         let peer = request.remote_addr();
         let caller = Authority::caller(&request);
         let mut inbound = request.into_inner();
-        let acquire = match inbound.message().await? {
+        let first = tokio::time::timeout(FIRST_MESSAGE_TIMEOUT, inbound.message())
+            .await
+            .map_err(|_| {
+                Status::invalid_argument(format!(
+                    "no `acquire` within {} s of opening AcquireLease",
+                    FIRST_MESSAGE_TIMEOUT.as_secs()
+                ))
+            })?;
+        let acquire = match first? {
             Some(pb::LeaseRequest {
                 kind: Some(RequestKind::Acquire(acquire)),
             }) => acquire,
