@@ -5,7 +5,7 @@ use std::io::Write as _;
 use std::process::ExitCode as ProcessExit;
 
 use clap::Parser;
-use tracing::{error, info};
+use tracing::{error, info, warn};
 use tracing_subscriber::EnvFilter;
 
 use gpulease::broker::Broker;
@@ -13,6 +13,12 @@ use gpulease::cli::{Cli, Command, ExitCode, ServeArgs};
 use gpulease::config::{Config, DEFAULTS};
 use gpulease::server;
 use gpulease::state::StateFile;
+
+/// jemalloc, because it gives memory back: after a burst of thousands of
+/// waiters, glibc's allocator keeps the broker at its peak for good, while
+/// jemalloc's background threads return the freed pages within seconds.
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
 fn main() -> ProcessExit {
     let cli = Cli::parse();
@@ -42,6 +48,9 @@ async fn serve(args: ServeArgs) -> ExitCode {
         return ExitCode::OK;
     }
     init_tracing();
+    if let Err(e) = tikv_jemalloc_ctl::background_thread::write(true) {
+        warn!(error = %e, "cannot start jemalloc's background threads; freed memory returns more slowly");
+    }
     let config = match Config::load(args.config.as_deref(), None) {
         Ok(config) => config,
         Err(e) => {

@@ -153,8 +153,19 @@ pub(crate) async fn run(
             failures.push(format!("round {rounds}: {e}"));
         }
         // Let the allocator settle: the broker is idle, nothing else runs.
-        tokio::time::sleep(Duration::from_secs(2)).await;
-        let rss = process.rss_kib().unwrap_or(0);
+        // jemalloc's background threads return freed pages over its decay
+        // time (10 s), so watch RSS fall for up to three times that.
+        let settle_until = tokio::time::Instant::now() + Duration::from_secs(30);
+        let mut rss = process.rss_kib().unwrap_or(0);
+        let mut settled = rss;
+        while tokio::time::Instant::now() < settle_until {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            rss = process.rss_kib().unwrap_or(0);
+            if rss + 1024 >= settled && rss < full / 2 {
+                break;
+            }
+            settled = settled.min(rss);
+        }
         after.push(rss);
         figures.push(format!(
             "round {rounds}: RSS {full} KiB with the queue full, {rss} KiB once drained ({} open fds); queue depth never below {depth_low} while churning",
