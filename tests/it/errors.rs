@@ -109,20 +109,7 @@ async fn max_wait_expires_with_deadline_exceeded_and_frees_the_slot() {
 
 #[tokio::test]
 async fn a_cancelled_waiter_leaves_at_once_and_is_never_granted() {
-    let broker = Broker::start().await;
-    let mut holder = Call::open(&broker, acquire("holder")).await.unwrap();
-    holder.granted().await;
-    let mut waiter = Call::open(&broker, acquire("waiter")).await.unwrap();
-    waiter.queued().await;
-    drop(waiter);
-    broker
-        .wait_for("the cancelled waiter gone", |s| s.queue_depth == 0)
-        .await;
-    holder.release().await;
-    assert_idle(&broker).await;
-    let status = broker.status().await;
-    assert_eq!(status.total_grants, 1);
-    assert_eq!(status.ended.unwrap().withdrawn, 1);
+    crate::leases::waiter_leaves_and_is_never_granted(async |waiter: Call| drop(waiter)).await;
 }
 
 #[tokio::test]

@@ -127,6 +127,34 @@ async fn broker_with_state(
     (broker, fake)
 }
 
+/// Opens a `Residency` stream for `consumer`: the sender of its reports
+/// (after `hello`) and the broker's commands.
+async fn open_residency(
+    broker: &Broker,
+    consumer: &str,
+) -> (
+    mpsc::Sender<pb::ResidencyReport>,
+    tonic::Streaming<pb::ResidencyCommand>,
+) {
+    let (reports, rx) = mpsc::channel(4);
+    reports
+        .send(pb::ResidencyReport {
+            kind: Some(pb::residency_report::Kind::Hello(pb::ResidencyHello {
+                consumer: consumer.into(),
+            })),
+        })
+        .await
+        .unwrap();
+    let commands = broker
+        .client()
+        .await
+        .residency(ReceiverStream::new(rx))
+        .await
+        .unwrap()
+        .into_inner();
+    (reports, commands)
+}
+
 /// `consumer` (process `pid`) uses 10 GiB of the 16 GiB card and stays
 /// resident; then `image` asks for 12 GiB, which does not fit beside it.
 async fn image_after_resident(broker: &Broker, fake: &FakeGpus, consumer: &str, pid: u32) -> Call {
@@ -325,22 +353,7 @@ async fn a_process_without_a_lease_is_flagged() {
 async fn a_consumer_on_a_residency_stream_is_asked_and_answers() {
     let card = [("GPU-fake-0", 16 * GIB)];
     let (broker, fake) = broker_with(&card).await;
-    let (reports, rx) = mpsc::channel(4);
-    reports
-        .send(pb::ResidencyReport {
-            kind: Some(pb::residency_report::Kind::Hello(pb::ResidencyHello {
-                consumer: "streamer".into(),
-            })),
-        })
-        .await
-        .unwrap();
-    let mut commands = broker
-        .client()
-        .await
-        .residency(ReceiverStream::new(rx))
-        .await
-        .unwrap()
-        .into_inner();
+    let (reports, mut commands) = open_residency(&broker, "streamer").await;
 
     let mut image = image_after_resident(&broker, &fake, "streamer", 2002).await;
 
@@ -463,22 +476,7 @@ async fn an_unload_request_waits_for_a_residency_stream_that_opens_late() {
         .await;
 
     // Only now does the streamer connect; it still hears the request.
-    let (reports, rx) = mpsc::channel(4);
-    reports
-        .send(pb::ResidencyReport {
-            kind: Some(pb::residency_report::Kind::Hello(pb::ResidencyHello {
-                consumer: "streamer".into(),
-            })),
-        })
-        .await
-        .unwrap();
-    let mut commands = broker
-        .client()
-        .await
-        .residency(ReceiverStream::new(rx))
-        .await
-        .unwrap()
-        .into_inner();
+    let (_reports, mut commands) = open_residency(&broker, "streamer").await;
     let command = commands.message().await.unwrap().unwrap();
     assert!(matches!(
         command.kind,

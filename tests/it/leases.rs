@@ -128,15 +128,15 @@ async fn a_half_close_releases_the_lease() {
     assert_eq!(broker.status().await.ended.unwrap().half_closed, 1);
 }
 
-#[tokio::test]
-async fn release_before_the_grant_stops_waiting() {
+/// A waiter behind a holder leaves the queue by `leave`; it is gone from
+/// Status at once, and the holder's release grants nobody.
+pub(crate) async fn waiter_leaves_and_is_never_granted(leave: impl AsyncFnOnce(Call)) {
     let broker = Broker::start().await;
     let mut holder = Call::open(&broker, acquire("holder")).await.unwrap();
     holder.granted().await;
     let mut waiter = Call::open(&broker, acquire("waiter")).await.unwrap();
     waiter.queued().await;
-    waiter.send(RequestKind::Release(pb::Release {})).await;
-    assert!(matches!(waiter.next().await, Ok(None)));
+    leave(waiter).await;
     broker
         .wait_for("the waiter gone", |s| s.queue_depth == 0)
         .await;
@@ -145,6 +145,15 @@ async fn release_before_the_grant_stops_waiting() {
     let status = broker.status().await;
     assert_eq!(status.total_grants, 1);
     assert_eq!(status.ended.unwrap().withdrawn, 1);
+}
+
+#[tokio::test]
+async fn release_before_the_grant_stops_waiting() {
+    waiter_leaves_and_is_never_granted(async |mut waiter: Call| {
+        waiter.send(RequestKind::Release(pb::Release {})).await;
+        assert!(matches!(waiter.next().await, Ok(None)));
+    })
+    .await;
 }
 
 #[tokio::test]
