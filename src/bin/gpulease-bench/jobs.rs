@@ -59,6 +59,8 @@ pub(crate) enum Job {
         /// How many connections the slots are spread over.
         channels: usize,
     },
+    /// One service of the sharing benchmark (see `sharing::consumer`).
+    Consumer(crate::sharing::consumer::ConsumerSpec),
     /// Sequential unary `Status` calls. Result: [`Latencies`] (`first`).
     Unary {
         /// The server.
@@ -291,6 +293,7 @@ async fn run(job: Job) -> Result<String> {
             consumer,
             clients,
         } => json(contend(&address, consumer, clients).await?),
+        Job::Consumer(spec) => crate::sharing::consumer::run(spec).await,
         Job::Flock { .. } | Job::EtcdHandoff { .. } | Job::EtcdCycle { .. } => {
             bail!("not an async job")
         }

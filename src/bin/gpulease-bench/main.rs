@@ -27,6 +27,7 @@ mod locks;
 mod procs;
 mod report;
 mod scenarios;
+mod sharing;
 mod stats;
 
 use std::path::{Path, PathBuf};
@@ -103,6 +104,10 @@ enum Part {
 
 #[derive(Debug, Subcommand)]
 enum Internal {
+    /// Replays a seeded mixed day (TTS, LLM, image generation, training)
+    /// on a simulated 24 GiB card under four policies: no broker, a global
+    /// lock, a global lock with an unload after every job, and gpulease.
+    Sharing(sharing::SharingArgs),
     /// Runs one client process or the echo server (internal).
     #[command(hide = true)]
     Worker {
@@ -116,6 +121,10 @@ fn main() -> ExitCode {
     if let Some(Internal::Worker { job }) = &cli.internal {
         return jobs::main(job);
     }
+    let sharing = match &cli.internal {
+        Some(Internal::Sharing(args)) => Some(args),
+        _ => None,
+    };
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -126,7 +135,14 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(bench(&cli)) {
+    let outcome = match sharing {
+        Some(args) => runtime.block_on(async {
+            let exe = std::env::current_exe().context("cannot find this binary")?;
+            sharing::main(args, exe).await
+        }),
+        None => runtime.block_on(bench(&cli)),
+    };
+    match outcome {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("gpulease-bench: {e:#}");

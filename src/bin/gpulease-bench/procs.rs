@@ -86,6 +86,34 @@ impl Server {
         Self::start(command, log).await
     }
 
+    /// Starts `gpulease serve` from `bin` with the configuration file
+    /// `config` and the extra environment `env`, on `127.0.0.1:0` and
+    /// `socket`, keeping its state in `state_dir` and logging its decisions
+    /// (`RUST_LOG=info`) to `log`: the sharing benchmark's broker.
+    pub(crate) async fn broker_configured(
+        bin: &Path,
+        config: &Path,
+        env: &[(&str, &std::ffi::OsStr)],
+        socket: &Path,
+        state_dir: &Path,
+        log: &Path,
+    ) -> Result<Self> {
+        let mut command = Command::new(bin);
+        command.arg("serve").arg("--config").arg(config);
+        for (name, _) in std::env::vars_os() {
+            if name.to_string_lossy().starts_with("GPULEASE") {
+                command.env_remove(name);
+            }
+        }
+        command
+            .env("GPULEASE__LISTEN", "127.0.0.1:0")
+            .env("GPULEASE__SOCKET", socket)
+            .env("GPULEASE__STATE_DIR", state_dir)
+            .env("RUST_LOG", "info")
+            .envs(env.iter().copied());
+        Self::start(command, log).await
+    }
+
     /// Starts a baseline server: this binary in its worker mode, under
     /// `wrapper` unless it is empty.
     pub(crate) async fn baseline(

@@ -806,7 +806,7 @@ fn number(value: f64) -> String {
 }
 
 /// A Markdown table with padded columns, readable as plain text too.
-fn markdown<const N: usize>(header: &[&str; N], rows: &[[String; N]]) -> String {
+pub(crate) fn markdown<const N: usize>(header: &[&str; N], rows: &[[String; N]]) -> String {
     let header = header.map(str::to_owned);
     let mut widths = header.each_ref().map(|h| h.chars().count());
     for row in rows {
