@@ -49,6 +49,17 @@ pub struct Config {
     pub auth: AuthConfig,
     /// Each consumer's token and Unix users, by name.
     pub consumer_auth: BTreeMap<String, ConsumerAuth>,
+    /// The Prometheus endpoint.
+    pub metrics: MetricsConfig,
+}
+
+/// The `[metrics]` section.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct MetricsConfig {
+    /// Where to serve `/metrics` over plain HTTP; `None` serves no metrics.
+    /// Default: none (`""`), so that a second broker on the host, or one
+    /// that nobody scrapes, opens no port it was not asked for.
+    pub listen: Option<SocketAddr>,
 }
 
 /// A token: compared, sent, never printed (`gpulease serve --check` and logs
@@ -229,6 +240,13 @@ struct RawConfig {
     auth: RawAuth,
     #[serde(default)]
     consumers: BTreeMap<String, RawConsumer>,
+    metrics: RawMetrics,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawMetrics {
+    listen: String,
 }
 
 #[derive(Debug, Deserialize)]
@@ -438,6 +456,17 @@ impl RawConfig {
             })?),
         };
         let socket = (!self.socket.is_empty()).then(|| PathBuf::from(&self.socket));
+        let metrics = MetricsConfig {
+            listen: match self.metrics.listen.trim() {
+                "" => None,
+                addr => Some(addr.parse::<SocketAddr>().map_err(|e| {
+                    invalid(
+                        "metrics.listen",
+                        format!("{addr:?} is not an IP address and port ({e})"),
+                    )
+                })?),
+            },
+        };
         if listen.is_none() && socket.is_none() {
             return Err(invalid(
                 "listen",
@@ -584,6 +613,7 @@ impl RawConfig {
             gpu,
             auth,
             consumer_auth,
+            metrics,
         })
     }
 }
@@ -617,6 +647,7 @@ mod tests {
         assert_eq!(config.max_hold, None);
         assert_eq!(config.dead_client_bound(), Duration::from_secs(10));
         assert!(config.consumers.is_empty());
+        assert_eq!(config.metrics.listen, None);
     }
 
     #[test]
@@ -723,6 +754,8 @@ mod tests {
         assert!(error("[consumers.x]\nunload = \"please\"", &[]).contains("`consumers.x.unload`"));
         assert!(error("[consumers.x]\nunload = { command = [] }", &[]).contains("is empty"));
         assert!(error("[auth]\nsocket_mode = \"rw\"", &[]).contains("`auth.socket_mode`"));
+        assert!(error("[metrics]\nlisten = \":9\"", &[]).contains("`metrics.listen`"));
+        assert!(error("[metrics]\nport = 9", &[]).contains("port"));
         assert!(error("[auth]\ntls_cert = \"a.pem\"", &[]).contains("tls_key"));
         let both = "[consumers.x]\ntoken = \"t\"\ntoken_file = \"/f\"";
         assert!(error(both, &[]).contains("not both"));

@@ -10,6 +10,7 @@ pub mod config;
 pub mod core;
 pub mod grpc;
 pub mod inventory;
+pub mod metrics;
 pub mod pb;
 pub mod server;
 pub mod state;

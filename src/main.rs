@@ -122,6 +122,13 @@ async fn serve(args: ServeArgs) -> ExitCode {
         // the broker accepts calls on that address. Nobody may be reading.
         let _ = writeln!(stdout, "listening on {address}").and_then(|()| stdout.flush());
     }
+    if let Some(addr) = listeners.metrics_addr() {
+        let url = gpulease::metrics::url(addr);
+        info!(%url, "serving metrics");
+        // Its own line, so that readers of `listening on` see only the
+        // addresses clients call.
+        let _ = writeln!(stdout, "metrics on {url}").and_then(|()| stdout.flush());
+    }
     info!(
         capacity = config.capacity,
         dead_client_bound = %humantime::format_duration(config.dead_client_bound()),

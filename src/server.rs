@@ -40,6 +40,7 @@ const FLUSH_GRACE: Duration = Duration::from_millis(250);
 pub struct Listeners {
     tcp: Option<TcpListener>,
     unix: Option<(UnixListener, PathBuf)>,
+    metrics: Option<TcpListener>,
 }
 
 /// Why the broker could not start or stopped with an error.
@@ -73,6 +74,11 @@ impl Listeners {
     /// The Unix socket's path.
     pub fn socket_path(&self) -> Option<&Path> {
         self.unix.as_ref().map(|(_, path)| path.as_path())
+    }
+
+    /// The metrics listener's address, if metrics are served.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics.as_ref().and_then(|l| l.local_addr().ok())
     }
 
     /// Every bound address, as a client's `--broker` spells it.
@@ -135,7 +141,18 @@ pub async fn bind(config: &Config) -> Result<Listeners, ServeError> {
         }
         None => None,
     };
-    Ok(Listeners { tcp, unix })
+    let metrics = match config.metrics.listen {
+        Some(addr) => Some(
+            TcpListener::bind(addr)
+                .await
+                .map_err(|source| ServeError::Bind {
+                    what: format!("{addr} (metrics.listen)"),
+                    source,
+                })?,
+        ),
+        None => None,
+    };
+    Ok(Listeners { tcp, unix, metrics })
 }
 
 async fn remove_stale_socket(path: &Path) -> io::Result<()> {
@@ -222,6 +239,12 @@ pub async fn serve(
         // Local peers prove who they are by their credentials, not TLS.
         let server = router(None)?.serve_with_incoming_shutdown(incoming, stop.cancelled_owned());
         servers.spawn(server);
+    }
+
+    if let Some(listener) = listeners.metrics {
+        let this = Arc::clone(&broker);
+        let exposition: crate::metrics::Exposition = Arc::new(move || this.exposition());
+        tokio::spawn(crate::metrics::serve(listener, exposition, stop.clone()));
     }
 
     // Serve until asked to stop, or until a server fails.

@@ -129,6 +129,9 @@ impl Broker {
                 method = method.as_ref().map_or("none", UnloadMethod::name),
                 "asking an idle resident to unload"
             );
+            if method.is_some() {
+                self.unload_sent(&request);
+            }
             match method {
                 Some(UnloadMethod::Command(argv)) => self.run_unload_command(argv, request),
                 Some(UnloadMethod::Stream) => self.send_unload_request(request),
@@ -178,8 +181,14 @@ impl Broker {
                 .env("GPULEASE_GPU_INDEX", request.gpu_index.to_string())
                 .env("GPULEASE_GPU_UUID", &uuid)
                 .stdin(std::process::Stdio::null())
+                // The service manager's variables are the broker's, not its
+                // adapters'.
+                .env_remove("NOTIFY_SOCKET")
+                .env_remove("WATCHDOG_USEC")
+                .env_remove("WATCHDOG_PID")
                 .kill_on_drop(true);
             let outcome = tokio::time::timeout(timeout, command.status()).await;
+            let succeeded = matches!(&outcome, Ok(Ok(status)) if status.success());
             match outcome {
                 Ok(Ok(status)) if status.success() => {
                     info!(consumer = %request.consumer, "unload command succeeded");
@@ -205,6 +214,9 @@ impl Broker {
                 Err(_) => {
                     warn!(consumer = %request.consumer, "unload command did not finish in time; killed");
                 }
+            }
+            if !succeeded && let Some(broker) = broker.upgrade() {
+                broker.unload_failed(&request);
             }
         });
     }
@@ -245,6 +257,7 @@ impl Broker {
             } else {
                 broker.update(|sched, now| sched.expire_residents(now));
             }
+            broker.settle_unloads();
             let (fast, deadline) = {
                 let state = broker.lock();
                 (state.sched.awaiting_memory(), state.sched.next_deadline())

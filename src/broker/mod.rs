@@ -28,6 +28,7 @@ use crate::core::{
     Snapshot, UnloadRequest, WaiterId, Withdrawal,
 };
 use crate::inventory::Inventory;
+use crate::metrics::{Metrics, UnloadResult};
 use crate::state::{Persisted, StateFile, TOKEN_BLOCK};
 
 pub use memory::ResidencyListener;
@@ -59,6 +60,10 @@ pub struct Broker {
     /// Whether a higher token ceiling is being written.
     raising_ceiling: std::sync::atomic::AtomicBool,
     residency: memory::Listeners,
+    metrics: Metrics,
+    /// Unload requests sent and not yet settled, by GPU and consumer, with
+    /// when they were sent: for the unload metrics.
+    pending_unloads: Mutex<std::collections::HashMap<(u32, String), Instant>>,
 }
 
 impl std::fmt::Debug for Broker {
@@ -73,8 +78,9 @@ impl std::fmt::Debug for Broker {
 #[derive(Debug)]
 struct State {
     sched: Scheduler<Seat>,
-    /// How to tell each held lease's session that an operator revoked it.
-    revocations: std::collections::HashMap<FencingToken, Arc<Revocation>>,
+    /// Each held lease's GPU, and how to tell its session that an operator
+    /// revoked it.
+    revocations: std::collections::HashMap<FencingToken, HeldLease>,
     shutting_down: bool,
     /// Set when the queue's order changed since the last position sweep.
     queue_moved: bool,
@@ -87,6 +93,13 @@ impl State {
         self.log_seq += 1;
         self.log_seq
     }
+}
+
+/// What the broker keeps for each held lease besides the core.
+#[derive(Debug)]
+struct HeldLease {
+    revocation: Arc<Revocation>,
+    gpu_index: u32,
 }
 
 /// What the core keeps for each waiter: where to deliver the grant and the
@@ -257,7 +270,10 @@ impl Broker {
             poll_interval: config.gpu.poll_interval,
             poll_now: tokio::sync::Notify::new(),
             residency: memory::Listeners::default(),
+            metrics: Metrics::new(),
+            pending_unloads: Mutex::new(std::collections::HashMap::new()),
         });
+        broker.configure_metrics(config);
         tokio::spawn(Arc::clone(&broker).sweep_positions());
         tokio::spawn(Arc::clone(&broker).poll_memory());
         broker
@@ -319,6 +335,32 @@ impl Broker {
     /// that it changes on every start and sorts by start time.
     pub fn epoch(&self) -> u64 {
         self.epoch
+    }
+
+    fn configure_metrics(&self, config: &Config) {
+        let consumers: Vec<(String, bool)> = config
+            .consumers
+            .iter()
+            .map(|c| (c.name.clone(), config.unload.contains_key(&c.name)))
+            .collect();
+        let mut gpus: Vec<u32> = self.inventory.gpus().iter().map(|g| g.index).collect();
+        if gpus.is_empty() {
+            gpus.push(0);
+        }
+        self.metrics.configure(&consumers, &gpus);
+    }
+
+    /// The broker's metrics.
+    pub fn metrics(&self) -> &Metrics {
+        &self.metrics
+    }
+
+    /// The metrics in Prometheus's text format, with the gauges read from a
+    /// snapshot taken now (the same one `Status` takes).
+    pub fn exposition(&self) -> String {
+        let status = self.status();
+        let gpus = u32::try_from(status.core.gpus.len().max(1)).unwrap_or(1);
+        self.metrics.render(&status, status.core.capacity / gpus)
     }
 
     /// How long a resident asked to unload has.
@@ -398,7 +440,7 @@ impl Broker {
             (id, waiting, unloads)
         };
         self.changed();
-        emit(log);
+        self.emit(log);
         self.dispatch(unloads);
         if waiting.as_ref().is_some_and(|w| w.blocked_by.is_some()) {
             self.poll_now.notify_one();
@@ -458,7 +500,7 @@ impl Broker {
             .into_iter()
             .find(|h| h.token == token);
         match (holder, state.revocations.get(&token)) {
-            (Some(holder), Some(revocation)) => {
+            (Some(holder), Some(HeldLease { revocation, .. })) => {
                 let _ = revocation.message.set(message.to_owned());
                 revocation.fired.cancel();
                 RevokeOutcome::Revoked {
@@ -508,13 +550,22 @@ impl Broker {
             let Some(ended) = state.sched.end(token, how, now) else {
                 return;
             };
-            state.revocations.remove(&token);
+            let gpu_index = state
+                .revocations
+                .remove(&token)
+                .map_or(0, |held| held.gpu_index);
             let seq = state.next_seq();
-            log.push(Event::Ended(seq, ended, how, self.lease_id(token)));
+            log.push(Event::Ended(
+                seq,
+                ended,
+                how,
+                self.lease_id(token),
+                gpu_index,
+            ));
             self.settle(&mut state, &mut log)
         };
         self.changed();
-        emit(log);
+        self.emit(log);
         self.dispatch(unloads);
     }
 
@@ -534,7 +585,7 @@ impl Broker {
             self.settle(&mut state, &mut log)
         };
         self.changed();
-        emit(log);
+        self.emit(log);
         self.dispatch(unloads);
         true
     }
@@ -549,7 +600,7 @@ impl Broker {
             self.settle(&mut state, &mut log)
         };
         self.changed();
-        emit(log);
+        self.emit(log);
         self.dispatch(unloads);
     }
 
@@ -579,9 +630,13 @@ impl Broker {
                     ..
                 } = grant.payload;
                 let revocation = Arc::new(Revocation::default());
-                state
-                    .revocations
-                    .insert(grant.token, Arc::clone(&revocation));
+                state.revocations.insert(
+                    grant.token,
+                    HeldLease {
+                        revocation: Arc::clone(&revocation),
+                        gpu_index: grant.gpu_index,
+                    },
+                );
                 let info = Grant {
                     lease_id: self.lease_id(grant.token),
                     token: grant.token,
@@ -598,10 +653,17 @@ impl Broker {
                     let ended = state
                         .sched
                         .end(grant.token, LeaseEnd::Unclaimed, now.into_std());
+                    state.revocations.remove(&grant.token);
                     if let Some(ended) = ended {
                         let lease_id = self.lease_id(ended.token);
                         let seq = state.next_seq();
-                        log.push(Event::Ended(seq, ended, LeaseEnd::Unclaimed, lease_id));
+                        log.push(Event::Ended(
+                            seq,
+                            ended,
+                            LeaseEnd::Unclaimed,
+                            lease_id,
+                            grant.gpu_index,
+                        ));
                     }
                 }
             }
@@ -908,7 +970,88 @@ impl Drop for Lease {
 /// lines come out interleaved.
 enum Event {
     Granted(u64, String, Grant),
-    Ended(u64, crate::core::EndedLease, LeaseEnd, String),
+    /// The lease, how it ended, its id and its GPU.
+    Ended(u64, crate::core::EndedLease, LeaseEnd, String, u32),
+}
+
+impl Broker {
+    /// Writes the log lines of decisions taken under the lock, and counts
+    /// them in the metrics; called once the lock is released.
+    fn emit(&self, log: Vec<Event>) {
+        for event in &log {
+            match event {
+                Event::Granted(_, consumer, grant) => {
+                    self.metrics
+                        .granted(grant.gpu_index, consumer, grant.waited);
+                }
+                Event::Ended(_, ended, how, _, gpu_index) => {
+                    self.metrics
+                        .ended(*gpu_index, &ended.consumer, end_name(*how), ended.held);
+                }
+            }
+        }
+        emit(log);
+    }
+
+    /// Remembers that `request` was sent, to count how it ends.
+    fn unload_sent(&self, request: &UnloadRequest) {
+        memory_lock(&self.pending_unloads)
+            .entry((request.gpu_index, request.consumer.clone()))
+            .or_insert_with(Instant::now);
+    }
+
+    /// The adapter for `request` failed: counted as an error now.
+    fn unload_failed(&self, request: &UnloadRequest) {
+        let sent = memory_lock(&self.pending_unloads)
+            .remove(&(request.gpu_index, request.consumer.clone()));
+        if sent.is_some() {
+            self.metrics.unload(
+                request.gpu_index,
+                &request.consumer,
+                UnloadResult::Error,
+                None,
+            );
+        }
+    }
+
+    /// Settles the unload requests whose resident is gone (`unloaded`) or
+    /// whose deadline passed (`timeout`). Cheap when none is pending, which
+    /// is nearly always; called by the memory poller, never on the grant
+    /// path.
+    fn settle_unloads(&self) {
+        let mut pending = memory_lock(&self.pending_unloads);
+        if pending.is_empty() {
+            return;
+        }
+        let now = Instant::now();
+        let still: Vec<bool> = {
+            let state = self.lock();
+            pending
+                .keys()
+                .map(|(gpu, consumer)| state.sched.is_resident(*gpu, consumer))
+                .collect()
+        };
+        let timeout = self.unload_timeout;
+        let mut settled = Vec::new();
+        for (((gpu, consumer), sent), resident) in pending.iter().zip(still) {
+            let took = now.saturating_duration_since(*sent);
+            if !resident {
+                settled.push((*gpu, consumer.clone(), UnloadResult::Unloaded, Some(took)));
+            } else if took >= timeout {
+                settled.push((*gpu, consumer.clone(), UnloadResult::Timeout, None));
+            }
+        }
+        for (gpu, consumer, result, took) in settled {
+            pending.remove(&(gpu, consumer.clone()));
+            self.metrics.unload(gpu, &consumer, result, took);
+        }
+    }
+}
+
+fn memory_lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 fn emit(log: Vec<Event>) {
@@ -922,7 +1065,7 @@ fn emit(log: Vec<Event>) {
                 waited_ms = millis(grant.waited),
                 "granted"
             ),
-            Event::Ended(seq, ended, how, lease_id) => {
+            Event::Ended(seq, ended, how, lease_id, _) => {
                 let how = end_name(how);
                 if matches!(how, "released" | "half_closed" | "unclaimed") {
                     info!(seq, consumer = %ended.consumer, %lease_id, token = ended.token.0,

@@ -847,6 +847,12 @@ impl<W> Scheduler<W> {
         self.gpus.iter().any(|g| g.waiting.contains_key(&id))
     }
 
+    /// Whether `consumer` is resident (idle, keeping memory) on `gpu_index`.
+    pub fn is_resident(&self, gpu_index: u32, consumer: &str) -> bool {
+        self.gpu(gpu_index)
+            .is_some_and(|g| g.residents.contains_key(consumer))
+    }
+
     /// Whether `token` names a lease that is held now.
     pub fn is_held(&self, token: FencingToken) -> bool {
         self.gpus.iter().any(|g| g.holding.contains_key(&token))

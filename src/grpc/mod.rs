@@ -76,56 +76,11 @@ impl LeaseBroker for LeaseService {
         &self,
         request: Request<Streaming<pb::LeaseRequest>>,
     ) -> Result<Response<Self::AcquireLeaseStream>, Status> {
-        let peer = request.remote_addr();
-        let caller = Authority::caller(&request);
-        let mut inbound = request.into_inner();
-        let first = tokio::time::timeout(FIRST_MESSAGE_TIMEOUT, inbound.message())
-            .await
-            .map_err(|_| {
-                Status::invalid_argument(format!(
-                    "no `acquire` within {} s of opening AcquireLease",
-                    FIRST_MESSAGE_TIMEOUT.as_secs()
-                ))
-            })?;
-        let acquire = match first? {
-            Some(pb::LeaseRequest {
-                kind: Some(RequestKind::Acquire(acquire)),
-            }) => acquire,
-            Some(_) => {
-                return Err(Status::invalid_argument(
-                    "the first message of AcquireLease must be `acquire`",
-                ));
-            }
-            None => {
-                return Err(Status::invalid_argument(
-                    "AcquireLease ended before its `acquire` message",
-                ));
-            }
-        };
-        self.authority.may_act_as(&caller, &acquire.consumer)?;
-        let max_wait = (acquire.max_wait_ms > 0)
-            .then(|| Duration::from_millis(u64::from(acquire.max_wait_ms)));
-        let request = convert::request(acquire);
-        let span = info_span!("lease", consumer = %request.consumer, peer = ?peer);
-        let ticket = self
-            .broker
-            .enqueue(request)
-            .map_err(|e| convert::enqueue_error(&e))?;
-        let (events, rx) = mpsc::channel(EVENT_BUFFER);
-        let session = Session {
-            broker: Arc::clone(&self.broker),
-            inbound,
-            events,
-        };
-        let guard = self.broker.session();
-        tokio::spawn(
-            async move {
-                session.run(ticket, max_wait).await;
-                drop(guard);
-            }
-            .instrument(span),
-        );
-        Ok(Response::new(ReceiverStream::new(rx)))
+        let started = self.start_lease(request).await;
+        if let Err(status) = &started {
+            self.broker.metrics().rejected(status.code());
+        }
+        started
     }
 
     async fn status(
@@ -286,6 +241,63 @@ impl LeaseBroker for LeaseService {
 }
 
 impl LeaseService {
+    /// `AcquireLease` up to joining the queue; an error here is a refusal.
+    async fn start_lease(
+        &self,
+        request: Request<Streaming<pb::LeaseRequest>>,
+    ) -> Result<Response<LeaseEventStream>, Status> {
+        let peer = request.remote_addr();
+        let caller = Authority::caller(&request);
+        let mut inbound = request.into_inner();
+        let first = tokio::time::timeout(FIRST_MESSAGE_TIMEOUT, inbound.message())
+            .await
+            .map_err(|_| {
+                Status::invalid_argument(format!(
+                    "no `acquire` within {} s of opening AcquireLease",
+                    FIRST_MESSAGE_TIMEOUT.as_secs()
+                ))
+            })?;
+        let acquire = match first? {
+            Some(pb::LeaseRequest {
+                kind: Some(RequestKind::Acquire(acquire)),
+            }) => acquire,
+            Some(_) => {
+                return Err(Status::invalid_argument(
+                    "the first message of AcquireLease must be `acquire`",
+                ));
+            }
+            None => {
+                return Err(Status::invalid_argument(
+                    "AcquireLease ended before its `acquire` message",
+                ));
+            }
+        };
+        self.authority.may_act_as(&caller, &acquire.consumer)?;
+        let max_wait = (acquire.max_wait_ms > 0)
+            .then(|| Duration::from_millis(u64::from(acquire.max_wait_ms)));
+        let request = convert::request(acquire);
+        let span = info_span!("lease", consumer = %request.consumer, peer = ?peer);
+        let ticket = self
+            .broker
+            .enqueue(request)
+            .map_err(|e| convert::enqueue_error(&e))?;
+        let (events, rx) = mpsc::channel(EVENT_BUFFER);
+        let session = Session {
+            broker: Arc::clone(&self.broker),
+            inbound,
+            events,
+        };
+        let guard = self.broker.session();
+        tokio::spawn(
+            async move {
+                session.run(ticket, max_wait).await;
+                drop(guard);
+            }
+            .instrument(span),
+        );
+        Ok(Response::new(ReceiverStream::new(rx)))
+    }
+
     fn snapshot(&self) -> pb::StatusResponse {
         let now = std::time::Instant::now();
         convert::status(&self.broker.status(), now)

@@ -15,10 +15,10 @@ use tonic::Code;
 
 use crate::support::{BIN, Broker, Call, Options, acquire};
 
-const GIB: u64 = 1024;
+pub(crate) const GIB: u64 = 1024;
 
 /// Builds the fake NVML library once per test process.
-fn fake_library() -> &'static Path {
+pub(crate) fn fake_library() -> &'static Path {
     static LIBRARY: OnceLock<PathBuf> = OnceLock::new();
     LIBRARY.get_or_init(|| {
         let source = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fake_nvml/fake_nvml.c");
@@ -39,14 +39,14 @@ fn fake_library() -> &'static Path {
 }
 
 /// The fake GPUs' state file.
-struct FakeGpus {
-    path: PathBuf,
+pub(crate) struct FakeGpus {
+    pub(crate) path: PathBuf,
 }
 
 impl FakeGpus {
     /// Writes the state: `gpus` as (uuid, total MiB), `procs` as (gpu, pid,
     /// MiB). Used memory is the sum of the processes' plus `extra_used`.
-    fn set(&self, gpus: &[(&str, u64)], procs: &[(u32, u32, u64)]) {
+    pub(crate) fn set(&self, gpus: &[(&str, u64)], procs: &[(u32, u32, u64)]) {
         let mut text = String::new();
         for (index, (uuid, total)) in gpus.iter().enumerate() {
             let used: u64 = procs
@@ -65,7 +65,7 @@ impl FakeGpus {
     }
 }
 
-const CONSUMERS: &str = r#"
+pub(crate) const CONSUMERS: &str = r#"
 [gpu]
 source = "nvml"
 safety_margin_mib = 0
@@ -99,7 +99,7 @@ async fn broker_with(gpus: &[(&str, u64)]) -> (Broker, FakeGpus) {
 }
 
 /// The same, with processes on the GPUs from the start and more settings.
-async fn broker_with_state(
+pub(crate) async fn broker_with_state(
     gpus: &[(&str, u64)],
     procs: &[(u32, u32, u64)],
     env: &[(&str, &str)],
@@ -171,7 +171,7 @@ async fn image_after_resident(broker: &Broker, fake: &FakeGpus, consumer: &str, 
 
 /// `consumer` (process `pid`) takes a lease and releases it, leaving it
 /// resident.
-async fn use_once(broker: &Broker, consumer: &str, pid: u32) {
+pub(crate) async fn use_once(broker: &Broker, consumer: &str, pid: u32) {
     let mut request = acquire(consumer);
     request.client_pid = pid;
     let mut call = Call::open(broker, request).await.unwrap();

@@ -13,5 +13,6 @@ mod gpu;
 mod leases;
 mod lifecycle;
 mod liveness;
+mod metrics;
 mod status;
 mod support;

@@ -26,6 +26,9 @@ pub struct Broker {
     pub addr: String,
     /// The Unix socket, when configured.
     pub socket: Option<PathBuf>,
+    /// The metrics listener's `127.0.0.1:PORT`, when configured (with
+    /// `GPULEASE__METRICS__LISTEN`).
+    pub metrics: Option<String>,
     pub dir: tempfile::TempDir,
 }
 
@@ -73,20 +76,28 @@ impl Broker {
             std::fs::write(&path, config).unwrap();
             command.arg("--config").arg(path);
         }
-        for (key, value) in options.env {
+        for (key, value) in &options.env {
             command.env(key, value);
         }
         let mut child = command.spawn().expect("start gpulease serve");
         let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
         let mut addr = None;
         let mut unix = socket.is_none();
+        let wants_metrics = options
+            .env
+            .iter()
+            .any(|(key, value)| *key == "GPULEASE__METRICS__LISTEN" && !value.is_empty());
+        let mut metrics = None;
         // The broker prints one line per listener once it accepts calls.
-        while addr.is_none() || !unix {
+        while addr.is_none() || !unix || (wants_metrics && metrics.is_none()) {
             let line = tokio::time::timeout(PATIENCE, lines.next_line())
                 .await
                 .expect("the broker did not print its address in time")
                 .unwrap()
                 .expect("the broker exited before listening");
+            if let Some(url) = line.strip_prefix("metrics on http://") {
+                metrics = Some(url.trim_end_matches("/metrics").to_owned());
+            }
             match line.strip_prefix("listening on ") {
                 Some(a) if a.starts_with("unix:") => unix = true,
                 Some(a) => addr = Some(a.to_owned()),
@@ -99,6 +110,7 @@ impl Broker {
             child,
             addr: addr.unwrap(),
             socket,
+            metrics,
             dir,
         }
     }
@@ -164,6 +176,20 @@ impl Broker {
             .await
             .expect("the broker did not exit after SIGTERM")
             .unwrap()
+    }
+
+    /// A scrape of `/metrics`.
+    pub async fn scrape(&self) -> String {
+        let addr = self.metrics.as_deref().expect("metrics configured");
+        let (status, headers, body) = http_get(addr, "/metrics").await;
+        assert_eq!(status, 200, "{body}");
+        assert!(
+            headers
+                .to_ascii_lowercase()
+                .contains("content-type: text/plain; version=0.0.4"),
+            "{headers}"
+        );
+        body
     }
 
     pub fn path(&self, name: &str) -> PathBuf {
@@ -305,4 +331,49 @@ pub async fn assert_idle(broker: &Broker) {
         })
         .await;
     assert!(status.holders.is_empty() && status.waiters.is_empty());
+}
+
+/// A plain HTTP/1.1 GET of `path` on `addr` (`HOST:PORT`): the status, the
+/// headers and the body.
+pub async fn http_get(addr: &str, path: &str) -> (u16, String, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let exchange = async {
+        let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+        stream.write_all(request.as_bytes()).await.unwrap();
+        let mut response = Vec::new();
+        stream.read_to_end(&mut response).await.unwrap();
+        String::from_utf8(response).unwrap()
+    };
+    let response = tokio::time::timeout(PATIENCE, exchange)
+        .await
+        .expect("no HTTP response in time");
+    let (head, body) = response.split_once("\r\n\r\n").expect("an HTTP response");
+    let status = head
+        .split(' ')
+        .nth(1)
+        .and_then(|code| code.parse().ok())
+        .expect("an HTTP status");
+    let body = if head
+        .to_ascii_lowercase()
+        .contains("transfer-encoding: chunked")
+    {
+        dechunk(body)
+    } else {
+        body.to_owned()
+    };
+    (status, head.to_owned(), body)
+}
+
+fn dechunk(mut body: &str) -> String {
+    let mut out = String::new();
+    while let Some((size, rest)) = body.split_once("\r\n") {
+        let size = usize::from_str_radix(size.trim(), 16).unwrap_or(0);
+        if size == 0 {
+            break;
+        }
+        out.push_str(&rest[..size]);
+        body = rest[size..].trim_start_matches("\r\n");
+    }
+    out
 }
