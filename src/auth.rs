@@ -7,7 +7,7 @@
 //! only the handler knows the consumer named in the request.
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 
 use tonic::service::Interceptor;
 use tonic::transport::server::UdsConnectInfo;
@@ -42,18 +42,24 @@ pub struct UnixPeer {
     pub gid: u32,
 }
 
-/// The broker's rules, from the configuration.
+/// The broker's rules, from the configuration. A reload replaces them
+/// ([`Authority::replace`]); a call is judged by the rules of the moment it
+/// is judged.
 #[derive(Debug)]
 pub struct Authority {
-    tokens: HashMap<String, Identity>,
-    consumers: BTreeMap<String, ConsumerAuth>,
-    status_requires_token: bool,
+    rules: RwLock<Rules>,
     broker_uid: u32,
 }
 
-impl Authority {
-    /// The rules of `auth` and the consumers' `consumers`.
-    pub fn new(auth: &AuthConfig, consumers: &BTreeMap<String, ConsumerAuth>) -> Self {
+#[derive(Debug)]
+struct Rules {
+    tokens: HashMap<String, Identity>,
+    consumers: BTreeMap<String, ConsumerAuth>,
+    status_requires_token: bool,
+}
+
+impl Rules {
+    fn new(auth: &AuthConfig, consumers: &BTreeMap<String, ConsumerAuth>) -> Self {
         let mut tokens = HashMap::new();
         if let Some(token) = &auth.admin_token {
             tokens.insert(token.expose().to_owned(), Identity::Admin);
@@ -67,13 +73,38 @@ impl Authority {
             tokens,
             consumers: consumers.clone(),
             status_requires_token: auth.status_requires_token,
+        }
+    }
+}
+
+impl Authority {
+    /// The rules of `auth` and the consumers' `consumers`.
+    pub fn new(auth: &AuthConfig, consumers: &BTreeMap<String, ConsumerAuth>) -> Self {
+        Self {
+            rules: RwLock::new(Rules::new(auth, consumers)),
             broker_uid: nix::unistd::geteuid().as_raw(),
         }
     }
 
+    /// Replaces the rules (a reload): tokens, each consumer's Unix users and
+    /// groups, and whether Status needs a token. Calls already admitted are
+    /// not judged again; a lease granted under an old token stays held.
+    pub fn replace(&self, auth: &AuthConfig, consumers: &BTreeMap<String, ConsumerAuth>) {
+        *self
+            .rules
+            .write()
+            .unwrap_or_else(|poisoned| poisoned.into_inner()) = Rules::new(auth, consumers);
+    }
+
+    fn rules(&self) -> std::sync::RwLockReadGuard<'_, Rules> {
+        self.rules
+            .read()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
     /// Whether any token is configured; then TCP calls need one.
     pub fn tokens_required(&self) -> bool {
-        !self.tokens.is_empty()
+        !self.rules().tokens.is_empty()
     }
 
     /// Who made `request`: its token and its Unix credentials. A token that
@@ -99,7 +130,8 @@ impl Authority {
                         Status::unauthenticated("the authorization header is not `Bearer TOKEN`")
                     })?;
                 Some(
-                    self.tokens
+                    self.rules()
+                        .tokens
                         .get(token)
                         .cloned()
                         .ok_or_else(|| Status::unauthenticated("unknown token"))?,
@@ -130,7 +162,9 @@ impl Authority {
             }
             None => {}
         }
-        let rules = self.consumers.get(consumer);
+        let all = self.rules();
+        let tokens_required = !all.tokens.is_empty();
+        let rules = all.consumers.get(consumer);
         let restricted =
             rules.is_some_and(|r| !r.unix_users.is_empty() || !r.unix_groups.is_empty());
         match caller.unix {
@@ -152,7 +186,7 @@ impl Authority {
                 format!("consumer {consumer:?} needs its token"),
             )),
             Some(_) => Ok(()),
-            None if self.tokens_required() => Err(Status::unauthenticated(
+            None if tokens_required => Err(Status::unauthenticated(
                 "this broker requires `authorization: Bearer TOKEN`",
             )),
             None if restricted => Err(Status::permission_denied(format!(
@@ -164,7 +198,8 @@ impl Authority {
 
     /// Whether `caller` may read the status.
     pub fn may_read_status(&self, caller: &Caller) -> Result<(), Status> {
-        if !self.status_requires_token || caller.token_of.is_some() || caller.unix.is_some() {
+        if !self.rules().status_requires_token || caller.token_of.is_some() || caller.unix.is_some()
+        {
             return Ok(());
         }
         Err(Status::unauthenticated(

@@ -51,6 +51,8 @@ pub struct Config {
     pub consumer_auth: BTreeMap<String, ConsumerAuth>,
     /// The Prometheus endpoint.
     pub metrics: MetricsConfig,
+    /// The file it was loaded from, if any: a reload reads it again.
+    pub file: Option<PathBuf>,
 }
 
 /// The `[metrics]` section.
@@ -207,7 +209,9 @@ impl Config {
             .with_list_parse_key("gpu.static_memory_mib")
             .source(env.map(|vars| vars.into_iter().collect()));
         let raw: RawConfig = builder.add_source(env).build()?.try_deserialize()?;
-        raw.validate()
+        let mut config = raw.validate()?;
+        config.file = file.map(Path::to_path_buf);
+        Ok(config)
     }
 
     /// The embedded defaults alone.
@@ -614,6 +618,7 @@ impl RawConfig {
             auth,
             consumer_auth,
             metrics,
+            file: None,
         })
     }
 }

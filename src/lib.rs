@@ -11,6 +11,8 @@ pub mod core;
 pub mod grpc;
 pub mod inventory;
 pub mod metrics;
+pub mod notify;
 pub mod pb;
+pub mod reload;
 pub mod server;
 pub mod state;

@@ -40,8 +40,8 @@ fn main() -> ProcessExit {
 
 /// init tracing → load and validate config (exit 64 before binding
 /// anything) → open the GPU inventory → claim the epoch and tokens in the
-/// state file → install signal handlers → bind → print every bound address →
-/// serve until SIGINT or SIGTERM → drain.
+/// state file → install signal handlers (SIGHUP reloads) → bind → print
+/// every bound address → serve until SIGINT or SIGTERM → drain.
 async fn serve(args: ServeArgs) -> ExitCode {
     if args.print_defaults {
         print!("{DEFAULTS}");
@@ -100,8 +100,11 @@ async fn serve(args: ServeArgs) -> ExitCode {
         eprintln!("gpulease: invalid configuration: {e}");
         return ExitCode::USAGE;
     }
-    let shutdown = match shutdown_signal() {
-        Ok(shutdown) => shutdown,
+    let (shutdown, hangups) = match shutdown_signal().and_then(|shutdown| {
+        let hangups = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?;
+        Ok((shutdown, hangups))
+    }) {
+        Ok(signals) => signals,
         Err(e) => {
             eprintln!("gpulease: cannot install signal handlers: {e}");
             return ExitCode::SOFTWARE;
@@ -134,7 +137,16 @@ async fn serve(args: ServeArgs) -> ExitCode {
         dead_client_bound = %humantime::format_duration(config.dead_client_bound()),
         "broker ready"
     );
-    match server::serve(&config, inventory, state, listeners, shutdown).await {
+    match server::serve(
+        &config,
+        inventory,
+        state,
+        listeners,
+        shutdown,
+        Some(hangups),
+    )
+    .await
+    {
         Ok(()) => {
             info!("stopped");
             ExitCode::OK

@@ -28,6 +28,7 @@ use crate::config::Config;
 use crate::grpc::LeaseService;
 use crate::inventory::Inventory;
 use crate::pb::v1::lease_broker_server::LeaseBrokerServer;
+use crate::reload::Reloader;
 use crate::state::StateFile;
 
 /// After every stream has ended at shutdown, how long connections get to
@@ -181,13 +182,16 @@ async fn remove_stale_socket(path: &Path) -> io::Result<()> {
 /// on `listeners` until `shutdown` resolves, then shuts
 /// down: refuses new requests, revokes every lease (`Revoked{SHUTDOWN}`),
 /// ends every waiter with `UNAVAILABLE`, and waits up to
-/// `config.shutdown_grace` for the streams to end.
+/// `config.shutdown_grace` for the streams to end. Each signal from
+/// `hangups` (SIGHUP, installed by the caller before it binds) reloads the
+/// configuration, as the `Reload` call does.
 pub async fn serve(
     config: &Config,
     inventory: Arc<dyn Inventory>,
     state: (StateFile, Claim),
     listeners: Listeners,
     shutdown: impl Future<Output = ()>,
+    hangups: Option<tokio::signal::unix::Signal>,
 ) -> Result<(), ServeError> {
     let broker = Broker::start(config, inventory, state.0, state.1);
     let (health, health_service) = tonic_health::server::health_reporter();
@@ -202,8 +206,14 @@ pub async fn serve(
     let reflection_v1 = reflection().build_v1()?;
     let reflection_v1alpha = reflection().build_v1alpha()?;
     let authority = Arc::new(Authority::new(&config.auth, &config.consumer_auth));
+    let reloader = Arc::new(Reloader::new(
+        config.clone(),
+        Arc::clone(&broker),
+        Arc::clone(&authority),
+    ));
     let lease_service = LeaseBrokerServer::with_interceptor(
-        LeaseService::new(Arc::clone(&broker), Arc::clone(&authority)),
+        LeaseService::new(Arc::clone(&broker), Arc::clone(&authority))
+            .with_reloader(Arc::clone(&reloader)),
         AuthInterceptor::new(authority),
     );
 
@@ -247,12 +257,24 @@ pub async fn serve(
         tokio::spawn(crate::metrics::serve(listener, exposition, stop.clone()));
     }
 
+    if let Some(hangups) = hangups {
+        tokio::spawn(reload_on_hangup(hangups, reloader, stop.clone()));
+    }
+
+    // Every listener is bound and served: tell the service manager.
+    crate::notify::ready(&broker);
+    tokio::spawn(crate::notify::keep_informed(
+        Arc::clone(&broker),
+        stop.clone(),
+    ));
+
     // Serve until asked to stop, or until a server fails.
     let failed = tokio::select! {
         () = shutdown => None,
         Some(result) = servers.join_next() => Some(result),
     };
     info!("shutting down");
+    crate::notify::stopping();
     health
         .set_not_serving::<LeaseBrokerServer<LeaseService>>()
         .await;
@@ -286,6 +308,26 @@ pub async fn serve(
     match failed {
         Some(Ok(Err(e))) => Err(e.into()),
         _ => Ok(()),
+    }
+}
+
+/// Reloads the configuration on every SIGHUP until `stop`. A SIGHUP during
+/// shutdown does nothing (the handler stays installed, so it cannot kill
+/// the broker either).
+async fn reload_on_hangup(
+    mut hangups: tokio::signal::unix::Signal,
+    reloader: Arc<Reloader>,
+    stop: CancellationToken,
+) {
+    loop {
+        tokio::select! {
+            received = hangups.recv() => if received.is_none() { return },
+            () = stop.cancelled() => return,
+        }
+        info!("SIGHUP received; reloading the configuration");
+        let reloader = Arc::clone(&reloader);
+        // The outcome is logged by the reload itself.
+        let _ = tokio::task::spawn_blocking(move || reloader.reload()).await;
     }
 }
 

@@ -120,7 +120,7 @@ impl Broker {
     /// Carries out unload requests, without waiting for them.
     pub(super) fn dispatch(self: &Broker, unloads: Vec<UnloadRequest>) {
         for request in unloads {
-            let method = self.unload.get(&request.consumer).cloned();
+            let method = self.live().unload.get(&request.consumer).cloned();
             info!(
                 consumer = %request.consumer,
                 gpu = request.gpu_index,
@@ -170,7 +170,7 @@ impl Broker {
             .map(|g| g.uuid)
             .unwrap_or_default();
         let measured = self.inventory.source() == "nvml";
-        let timeout = self.unload_timeout;
+        let timeout = self.unload_timeout();
         // The command runs on its own; only a weak handle keeps the broker.
         let broker = self.this.clone();
         tokio::spawn(async move {
@@ -262,10 +262,11 @@ impl Broker {
                 let state = broker.lock();
                 (state.sched.awaiting_memory(), state.sched.next_deadline())
             };
+            let poll_interval = broker.live().poll_interval;
             let interval = if fast {
-                FAST_POLL.min(broker.poll_interval)
+                FAST_POLL.min(poll_interval)
             } else {
-                broker.poll_interval
+                poll_interval
             };
             let mut wake = Instant::now() + interval;
             if let Some(deadline) = deadline {

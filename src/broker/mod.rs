@@ -47,11 +47,12 @@ pub struct Broker {
     shutdown: CancellationToken,
     epoch: u64,
     started: Instant,
-    max_hold: Option<Duration>,
+    /// The longest a lease may be held; a reload changes it, and held
+    /// leases follow.
+    max_hold: watch::Sender<Option<Duration>>,
     inventory: Arc<dyn Inventory>,
-    unload: std::collections::BTreeMap<String, UnloadMethod>,
-    unload_timeout: Duration,
-    poll_interval: Duration,
+    /// What a reload may change outside the core.
+    live: std::sync::RwLock<Live>,
     /// Wakes the memory poller early (a request started waiting for memory).
     poll_now: tokio::sync::Notify,
     state_file: StateFile,
@@ -93,6 +94,14 @@ impl State {
         self.log_seq += 1;
         self.log_seq
     }
+}
+
+/// The settings outside the core that a reload changes.
+#[derive(Debug)]
+struct Live {
+    unload: std::collections::BTreeMap<String, UnloadMethod>,
+    unload_timeout: Duration,
+    poll_interval: Duration,
 }
 
 /// What the broker keeps for each held lease besides the core.
@@ -237,15 +246,11 @@ impl Broker {
         state: StateFile,
         persisted: Claim,
     ) -> Arc<Self> {
-        let settings = Settings {
-            capacity: config.capacity as usize,
-            strict: config.strict_consumers,
-            safety_margin_mib: config.gpu.safety_margin_mib,
-            unload_timeout: config.gpu.unload_timeout,
-            lock_delay: config.lock_delay,
-        };
-        let mut sched =
-            Scheduler::new(settings, inventory.gpus(), config.consumers.iter().cloned());
+        let mut sched = Scheduler::new(
+            settings(config),
+            inventory.gpus(),
+            config.consumers.iter().cloned(),
+        );
         sched.set_tokens(persisted.first_token - 1, persisted.ceiling);
         let broker = Arc::new_cyclic(|this| Self {
             this: this.clone(),
@@ -263,11 +268,9 @@ impl Broker {
             sessions: watch::Sender::new(0),
             raising_ceiling: std::sync::atomic::AtomicBool::new(false),
             started: Instant::now(),
-            max_hold: config.max_hold,
+            max_hold: watch::Sender::new(config.max_hold),
             inventory,
-            unload: config.unload.clone(),
-            unload_timeout: config.gpu.unload_timeout,
-            poll_interval: config.gpu.poll_interval,
+            live: std::sync::RwLock::new(Live::from(config)),
             poll_now: tokio::sync::Notify::new(),
             residency: memory::Listeners::default(),
             metrics: Metrics::new(),
@@ -365,12 +368,43 @@ impl Broker {
 
     /// How long a resident asked to unload has.
     pub fn unload_timeout(&self) -> Duration {
-        self.unload_timeout
+        self.live().unload_timeout
     }
 
     /// The longest a lease may be held, if limited.
     pub fn max_hold(&self) -> Option<Duration> {
-        self.max_hold
+        *self.max_hold.borrow()
+    }
+
+    /// Sees every change of `max_hold` (by a reload).
+    pub fn max_hold_changes(&self) -> watch::Receiver<Option<Duration>> {
+        self.max_hold.subscribe()
+    }
+
+    /// Applies what can change while the broker runs, from `config` (a
+    /// reload that has been validated in full): the consumers (sizes,
+    /// adapters, and the rest of their profiles), the scheduling settings
+    /// (`capacity`, `strict_consumers`, `lock_delay`, `gpu.safety_margin_mib`,
+    /// `gpu.unload_timeout`), `gpu.poll_interval` and `max_hold` (held
+    /// leases follow it). Waiters, holders and residents stay as they are;
+    /// grants that the new settings allow are made at once.
+    pub fn reconfigure(&self, config: &Config) {
+        *self
+            .live
+            .write()
+            .unwrap_or_else(|poisoned| poisoned.into_inner()) = Live::from(config);
+        self.max_hold.send_replace(config.max_hold);
+        let settings = settings(config);
+        let consumers = config.consumers.clone();
+        self.update(move |sched, _| sched.reconfigure(settings, consumers));
+        self.configure_metrics(config);
+        self.poll_now.notify_one();
+    }
+
+    fn live(&self) -> std::sync::RwLockReadGuard<'_, Live> {
+        self.live
+            .read()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     /// Counts a stream being served until the guard is dropped, so that
@@ -465,6 +499,12 @@ impl Broker {
         })
     }
 
+    /// How many leases are held and how many requests wait, over all GPUs.
+    pub fn counts(&self) -> (usize, usize) {
+        let state = self.lock();
+        (state.sched.in_flight(), state.sched.queue_depth())
+    }
+
     /// A snapshot of everything.
     pub fn status(&self) -> BrokerStatus {
         let state = self.lock();
@@ -475,6 +515,7 @@ impl Broker {
             shutting_down: state.shutting_down,
             inventory: self.inventory.source(),
             unload: self
+                .live()
                 .unload
                 .iter()
                 .map(|(name, method)| (name.clone(), method.name()))
@@ -944,7 +985,7 @@ impl Lease {
     /// When the broker's `max_hold` ends this lease, if it is limited.
     pub fn deadline(&self) -> Option<Instant> {
         self.broker
-            .max_hold
+            .max_hold()
             .map(|hold| self.grant.granted_at + hold)
     }
 
@@ -1031,7 +1072,7 @@ impl Broker {
                 .map(|(gpu, consumer)| state.sched.is_resident(*gpu, consumer))
                 .collect()
         };
-        let timeout = self.unload_timeout;
+        let timeout = self.unload_timeout();
         let mut settled = Vec::new();
         for (((gpu, consumer), sent), resident) in pending.iter().zip(still) {
             let took = now.saturating_duration_since(*sent);
@@ -1075,6 +1116,27 @@ fn emit(log: Vec<Event>) {
                         waited_ms = millis(ended.waited), held_ms = millis(ended.held), how, "lease ended");
                 }
             }
+        }
+    }
+}
+
+/// The core's settings, from the configuration.
+fn settings(config: &Config) -> Settings {
+    Settings {
+        capacity: config.capacity as usize,
+        strict: config.strict_consumers,
+        safety_margin_mib: config.gpu.safety_margin_mib,
+        unload_timeout: config.gpu.unload_timeout,
+        lock_delay: config.lock_delay,
+    }
+}
+
+impl From<&Config> for Live {
+    fn from(config: &Config) -> Self {
+        Self {
+            unload: config.unload.clone(),
+            unload_timeout: config.gpu.unload_timeout,
+            poll_interval: config.gpu.poll_interval,
         }
     }
 }

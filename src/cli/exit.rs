@@ -24,6 +24,8 @@ impl ExitCode {
     pub const TEMPFAIL: Self = Self(75);
     /// Not allowed (`EX_NOPERM`).
     pub const NOPERM: Self = Self(77);
+    /// The broker's configuration is not valid (`EX_CONFIG`).
+    pub const CONFIG: Self = Self(78);
     /// The command could not be executed.
     pub const CANNOT_EXECUTE: Self = Self(126);
     /// The command was not found.

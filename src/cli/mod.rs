@@ -2,6 +2,7 @@
 //! and `run` are its clients.
 
 mod exit;
+mod reload;
 mod revoke;
 mod run;
 mod status;
@@ -38,6 +39,8 @@ pub enum Command {
     Run(RunArgs),
     /// End a held lease on an operator's behalf (admin token or the socket's owner).
     Revoke(revoke::RevokeArgs),
+    /// Make the broker re-read its configuration file (as SIGHUP does); exit 78 if it is invalid.
+    Reload(BrokerArg),
 }
 
 /// Options of `gpulease serve`.
@@ -126,6 +129,7 @@ pub async fn run_client(command: Command) -> ExitCode {
         Command::Watch(args) => status::watch(&args).await,
         Command::Run(args) => run::run(args).await,
         Command::Revoke(args) => revoke::revoke(args).await,
+        Command::Reload(args) => reload::reload(&args).await,
         Command::Serve(_) => unreachable!("serve is not a client command"),
     };
     match result {

@@ -111,6 +111,35 @@ impl ConsumerBook {
         }
     }
 
+    /// Replaces the configured profiles; activity and statistics stay.
+    pub(super) fn reconfigure(&mut self, profiles: impl IntoIterator<Item = ConsumerProfile>) {
+        let mut profiles: BTreeMap<String, ConsumerProfile> = profiles
+            .into_iter()
+            .map(|profile| (profile.name.clone(), profile))
+            .collect();
+        let mut unconfigured = 0;
+        for record in self.records.values_mut() {
+            record.profile = profiles.remove(&record.name);
+            unconfigured += usize::from(record.profile.is_none());
+        }
+        for (name, profile) in profiles {
+            self.records.insert(
+                name.clone(),
+                ConsumerRecord {
+                    name,
+                    profile: Some(profile),
+                    grants: 0,
+                    last_active: None,
+                    holding: 0,
+                    waiting: 0,
+                    peak_mib: 0,
+                },
+            );
+        }
+        self.unconfigured = unconfigured;
+        self.none_idle = false;
+    }
+
     pub(super) fn is_configured(&self, name: &str) -> bool {
         self.records
             .get(name)

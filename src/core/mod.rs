@@ -847,6 +847,24 @@ impl<W> Scheduler<W> {
         self.gpus.iter().any(|g| g.waiting.contains_key(&id))
     }
 
+    /// Takes in a new configuration (a reload): the settings and the
+    /// configured consumers. Queues, holders, residents, tokens and
+    /// statistics stay; a consumer no longer configured becomes a stranger,
+    /// a new one is added, the others take their new profile. Call
+    /// [`Scheduler::grant_ready`] afterwards: a larger capacity or smaller
+    /// sizes may allow grants.
+    pub fn reconfigure(
+        &mut self,
+        settings: Settings,
+        consumers: impl IntoIterator<Item = ConsumerProfile>,
+    ) {
+        self.settings = Settings {
+            capacity: settings.capacity.max(1),
+            ..settings
+        };
+        self.consumers.reconfigure(consumers);
+    }
+
     /// Whether `consumer` is resident (idle, keeping memory) on `gpu_index`.
     pub fn is_resident(&self, gpu_index: u32, consumer: &str) -> bool {
         self.gpu(gpu_index)

@@ -57,6 +57,21 @@ pub(crate) fn enqueue_error(error: &EnqueueError) -> Status {
     }
 }
 
+/// What a reload did, or the status of one that changed nothing.
+pub(crate) fn reloaded(
+    outcome: Result<crate::reload::ReloadReport, crate::reload::ReloadError>,
+) -> Result<pb::ReloadResponse, Status> {
+    match outcome {
+        Ok(report) => Ok(pb::ReloadResponse {
+            message: report.message(),
+            applied: report.applied,
+            needs_restart: report.needs_restart,
+        }),
+        // The file must change before a reload can succeed.
+        Err(error) => Err(Status::failed_precondition(error.to_string())),
+    }
+}
+
 /// The status that ends a stream after `Revoked`.
 pub(crate) fn revoked_status(reason: RevokeReason) -> Status {
     match reason {

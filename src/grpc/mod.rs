@@ -26,6 +26,7 @@ use crate::core::{FencingToken, LeaseEnd, RevokeReason, Withdrawal};
 use crate::pb::v1 as pb;
 use crate::pb::v1::lease_broker_server::LeaseBroker;
 use crate::pb::v1::lease_request::Kind as RequestKind;
+use crate::reload::Reloader;
 
 /// How long a client may take to send its first message after it opened
 /// `AcquireLease`: a call that never says what it wants holds nothing, but
@@ -48,12 +49,23 @@ const FAREWELL_TIMEOUT: Duration = Duration::from_secs(1);
 pub struct LeaseService {
     broker: Arc<Broker>,
     authority: Arc<Authority>,
+    reloader: Option<Arc<Reloader>>,
 }
 
 impl LeaseService {
     /// A service answering for `broker`, by the rules of `authority`.
     pub fn new(broker: Arc<Broker>, authority: Arc<Authority>) -> Self {
-        Self { broker, authority }
+        Self {
+            broker,
+            authority,
+            reloader: None,
+        }
+    }
+
+    /// The same, with `Reload` served by `reloader`.
+    pub fn with_reloader(mut self, reloader: Arc<Reloader>) -> Self {
+        self.reloader = Some(reloader);
+        self
     }
 }
 
@@ -136,6 +148,24 @@ impl LeaseBroker for LeaseService {
             },
         };
         Ok(Response::new(response))
+    }
+
+    async fn reload(
+        &self,
+        request: Request<pb::ReloadRequest>,
+    ) -> Result<Response<pb::ReloadResponse>, Status> {
+        self.authority
+            .may_administer(&Authority::caller(&request))?;
+        let reloader = self
+            .reloader
+            .clone()
+            .ok_or_else(|| Status::unimplemented("this broker cannot reload"))?;
+        tracing::info!("reload asked for over the API");
+        // It reads files: off the async threads.
+        let outcome = tokio::task::spawn_blocking(move || reloader.reload())
+            .await
+            .map_err(|e| Status::internal(format!("the reload failed: {e}")))?;
+        convert::reloaded(outcome).map(Response::new)
     }
 
     type ResidencyStream = ResidencyStream;
@@ -457,7 +487,31 @@ impl Session {
     /// it ended and the status to end the stream with, if any.
     async fn hold(&mut self, lease: &Lease) -> (LeaseEnd, Option<Status>) {
         let shutdown = self.broker.shutdown_token().clone();
-        let deadline = lease.deadline();
+        let mut max_hold = self.broker.max_hold_changes();
+        loop {
+            let deadline = lease.deadline();
+            tokio::select! {
+                // A reload changed `max_hold`: the deadline moves.
+                changed = max_hold.changed() => {
+                    if changed.is_err() {
+                        // The broker is gone; shutdown ends the lease.
+                        return (LeaseEnd::Revoked(RevokeReason::Shutdown), None);
+                    }
+                    continue;
+                }
+                ended = self.hold_until(lease, deadline, &shutdown) => return ended,
+            }
+        }
+    }
+
+    /// Holds the lease until the client or the broker ends it, or
+    /// `deadline` passes. Cancel-safe: dropping it loses no message.
+    async fn hold_until(
+        &mut self,
+        lease: &Lease,
+        deadline: Option<Instant>,
+        shutdown: &tokio_util::sync::CancellationToken,
+    ) -> (LeaseEnd, Option<Status>) {
         tokio::select! {
             message = self.inbound.message() => match message {
                 Ok(Some(pb::LeaseRequest { kind: Some(RequestKind::Release(_)) })) => {

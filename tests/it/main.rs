@@ -14,5 +14,7 @@ mod leases;
 mod lifecycle;
 mod liveness;
 mod metrics;
+mod reload;
+mod service;
 mod status;
 mod support;

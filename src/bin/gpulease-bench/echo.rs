@@ -255,6 +255,13 @@ impl LeaseBroker for Baseline {
             "the baseline server has no RevokeLease",
         ))
     }
+
+    async fn reload(
+        &self,
+        _request: Request<pb::ReloadRequest>,
+    ) -> Result<Response<pb::ReloadResponse>, Status> {
+        Err(Status::unimplemented("the baseline server has no Reload"))
+    }
 }
 
 /// The stream type of the calls a baseline does not serve.

@@ -387,3 +387,17 @@ class LeaseEndCounts(_message.Message):
     withdrawn: int
     expired: int
     def __init__(self, released: _Optional[int] = ..., half_closed: _Optional[int] = ..., disconnected: _Optional[int] = ..., revoked: _Optional[int] = ..., withdrawn: _Optional[int] = ..., expired: _Optional[int] = ...) -> None: ...
+
+class ReloadRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ReloadResponse(_message.Message):
+    __slots__ = ("applied", "needs_restart", "message")
+    APPLIED_FIELD_NUMBER: _ClassVar[int]
+    NEEDS_RESTART_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    applied: _containers.RepeatedScalarFieldContainer[str]
+    needs_restart: _containers.RepeatedScalarFieldContainer[str]
+    message: str
+    def __init__(self, applied: _Optional[_Iterable[str]] = ..., needs_restart: _Optional[_Iterable[str]] = ..., message: _Optional[str] = ...) -> None: ...

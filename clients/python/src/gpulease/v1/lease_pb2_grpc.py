@@ -67,6 +67,11 @@ class LeaseBrokerStub(object):
                 request_serializer=gpulease_dot_v1_dot_lease__pb2.RevokeLeaseRequest.SerializeToString,
                 response_deserializer=gpulease_dot_v1_dot_lease__pb2.RevokeLeaseResponse.FromString,
                 _registered_method=True)
+        self.Reload = channel.unary_unary(
+                '/gpulease.v1.LeaseBroker/Reload',
+                request_serializer=gpulease_dot_v1_dot_lease__pb2.ReloadRequest.SerializeToString,
+                response_deserializer=gpulease_dot_v1_dot_lease__pb2.ReloadResponse.FromString,
+                _registered_method=True)
 
 
 class LeaseBrokerServicer(object):
@@ -128,6 +133,21 @@ class LeaseBrokerServicer(object):
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Reload(self, request, context):
+        """Re-reads the broker's configuration file and validates it in full, as
+        SIGHUP does. What can change while the broker runs is applied
+        (consumers and their sizes and adapters, tokens and Unix rules, limits,
+        `max_hold`, scheduling settings); what needs a restart (listeners, TLS
+        files, the state directory, keepalive, the GPU inventory, metrics) is
+        kept and named in `needs_restart`. Leases and queues are untouched. A
+        file that does not validate changes nothing: the call fails with
+        FAILED_PRECONDITION and says why. Allowed to the operator only, as
+        `RevokeLease`.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_LeaseBrokerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -155,6 +175,11 @@ def add_LeaseBrokerServicer_to_server(servicer, server):
                     servicer.RevokeLease,
                     request_deserializer=gpulease_dot_v1_dot_lease__pb2.RevokeLeaseRequest.FromString,
                     response_serializer=gpulease_dot_v1_dot_lease__pb2.RevokeLeaseResponse.SerializeToString,
+            ),
+            'Reload': grpc.unary_unary_rpc_method_handler(
+                    servicer.Reload,
+                    request_deserializer=gpulease_dot_v1_dot_lease__pb2.ReloadRequest.FromString,
+                    response_serializer=gpulease_dot_v1_dot_lease__pb2.ReloadResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -300,6 +325,33 @@ class LeaseBroker(object):
             '/gpulease.v1.LeaseBroker/RevokeLease',
             gpulease_dot_v1_dot_lease__pb2.RevokeLeaseRequest.SerializeToString,
             gpulease_dot_v1_dot_lease__pb2.RevokeLeaseResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Reload(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/gpulease.v1.LeaseBroker/Reload',
+            gpulease_dot_v1_dot_lease__pb2.ReloadRequest.SerializeToString,
+            gpulease_dot_v1_dot_lease__pb2.ReloadResponse.FromString,
             options,
             channel_credentials,
             insecure,

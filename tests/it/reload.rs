@@ -1,0 +1,192 @@
+//! Live reload: SIGHUP and `gpulease reload` re-read the file; tokens,
+//! consumers and `max_hold` change while leases are held; a bad file
+//! changes nothing.
+
+use gpulease::pb::v1 as pb;
+use gpulease::pb::v1::lease_event::Kind as EventKind;
+use nix::sys::signal::Signal;
+use tonic::Code;
+
+use crate::support::{BIN, Broker, Call, Options, acquire, signal};
+
+const BEFORE: &str = r#"
+[auth]
+admin_token = "admin-secret"
+
+[consumers.a]
+token = "old-token"
+"#;
+
+async fn client_with(broker: &Broker, token: &str) -> gpulease::client::Client {
+    let options = gpulease::client::ConnectOptions {
+        token: Some(token.to_owned()),
+        ..Default::default()
+    };
+    gpulease::client::connect_with(&broker.addr, &options)
+        .await
+        .unwrap()
+}
+
+/// Rewrites the broker's configuration file.
+fn rewrite(broker: &Broker, config: &str) {
+    let path = broker.path("gpulease.toml");
+    let temporary = broker.path("gpulease.toml.new");
+    std::fs::write(&temporary, config).unwrap();
+    std::fs::rename(&temporary, &path).unwrap();
+}
+
+/// Waits until the running configuration names `consumer` (the sign that a
+/// reload was applied: the rules change before the consumers do).
+async fn wait_configured(broker: &Broker, consumer: &str) {
+    broker
+        .wait_for(&format!("{consumer} configured"), |s| {
+            s.consumers
+                .iter()
+                .any(|c| c.name == consumer && c.configured)
+        })
+        .await;
+}
+
+#[tokio::test]
+async fn sighup_rotates_a_token_and_the_held_lease_stays_held() {
+    let broker = Broker::start_with(Options {
+        config: Some(BEFORE),
+        ..Options::default()
+    })
+    .await;
+    let mut held = Call::open_with_client(client_with(&broker, "old-token").await, acquire("a"))
+        .await
+        .unwrap();
+    let granted = held.granted().await;
+
+    rewrite(
+        &broker,
+        &BEFORE
+            .replace("old-token", "new-token")
+            .replace("[consumers.a]", "[consumers.marker]\n[consumers.a]"),
+    );
+    signal(&broker.child, Signal::SIGHUP);
+    wait_configured(&broker, "marker").await;
+
+    // The old token is refused now; the new one works (it waits behind the
+    // lease that is still held).
+    let old = Call::open_with_client(client_with(&broker, "old-token").await, acquire("a")).await;
+    assert_eq!(old.err().unwrap().code(), Code::Unauthenticated);
+    let mut new = Call::open_with_client(client_with(&broker, "new-token").await, acquire("a"))
+        .await
+        .unwrap();
+    new.queued().await;
+    let status = broker.status().await;
+    assert_eq!(status.holders.len(), 1);
+    assert_eq!(status.holders[0].fencing_token, granted.fencing_token);
+    assert_eq!(status.holders[0].lease_id, granted.lease_id);
+
+    // The lease held across the reload is released as usual; the next one
+    // is granted to the new token's holder.
+    held.release().await;
+    let next = new.granted().await;
+    assert!(next.fencing_token > granted.fencing_token);
+}
+
+/// `gpulease reload` with the admin token; its exit status, stdout and
+/// stderr.
+async fn cli_reload(broker: &Broker, token: &str) -> (i32, String, String) {
+    let output = tokio::process::Command::new(BIN)
+        .args(["reload", "--broker", &broker.addr, "--token", token])
+        .env_remove("GPULEASE_BROKER")
+        .output()
+        .await
+        .unwrap();
+    (
+        output.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&output.stdout).into_owned(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
+}
+
+#[tokio::test]
+async fn a_bad_file_keeps_the_running_configuration_and_the_call_says_why() {
+    let broker = Broker::start_with(Options {
+        config: Some(BEFORE),
+        ..Options::default()
+    })
+    .await;
+    let mut held = Call::open_with_client(client_with(&broker, "old-token").await, acquire("a"))
+        .await
+        .unwrap();
+    held.granted().await;
+
+    rewrite(&broker, &format!("capacity = 0\n{BEFORE}"));
+    let (code, _, stderr) = cli_reload(&broker, "admin-secret").await;
+    assert_eq!(code, 78, "{stderr}");
+    assert!(stderr.contains("`capacity`"), "{stderr}");
+    assert!(stderr.contains("running one is kept"), "{stderr}");
+    // A SIGHUP with the bad file does not kill the broker either.
+    signal(&broker.child, Signal::SIGHUP);
+    let status = broker.status().await;
+    assert_eq!((status.capacity, status.in_flight), (1, 1));
+    // Only the operator may reload.
+    let (code, _, stderr) = cli_reload(&broker, "old-token").await;
+    assert_eq!(code, 77, "{stderr}");
+    let denied = client_with(&broker, "old-token")
+        .await
+        .reload(pb::ReloadRequest {})
+        .await;
+    assert_eq!(denied.unwrap_err().code(), Code::PermissionDenied);
+
+    // A good file: max_hold applies to the lease already held, and a key
+    // that needs a restart is named and kept.
+    rewrite(
+        &broker,
+        &format!("max_hold = \"1s\"\n[keepalive]\ninterval = \"1s\"\n{BEFORE}"),
+    );
+    let (code, stdout, stderr) = cli_reload(&broker, "admin-secret").await;
+    assert_eq!(code, 0, "{stderr}");
+    assert!(stdout.contains("applied max_hold"), "{stdout}");
+    assert!(
+        stdout.contains("kept until a restart: keepalive.interval"),
+        "{stdout}"
+    );
+    match held.next().await {
+        Ok(Some(EventKind::Revoked(revoked))) => {
+            assert_eq!(revoked.reason(), pb::RevokeReason::MaxHoldExceeded);
+        }
+        other => panic!("expected Revoked, got {other:?}"),
+    }
+    held.ends_with(Code::Aborted).await;
+}
+
+#[tokio::test]
+async fn consumers_sizes_and_capacity_change_live() {
+    let broker = Broker::start_with(Options {
+        config: Some("[auth]\nadmin_token = \"admin-secret\"\n"),
+        ..Options::default()
+    })
+    .await;
+    let admin = || client_with(&broker, "admin-secret");
+    let mut first = Call::open_with_client(admin().await, acquire("x"))
+        .await
+        .unwrap();
+    first.granted().await;
+    let mut second = Call::open_with_client(admin().await, acquire("y"))
+        .await
+        .unwrap();
+    second.queued().await;
+    rewrite(
+        &broker,
+        "capacity = 2\n[auth]\nadmin_token = \"admin-secret\"\n\
+         [consumers.y]\nkind = \"tts\"\nvram_mib = 3000\n",
+    );
+    let (code, stdout, stderr) = cli_reload(&broker, "admin-secret").await;
+    assert_eq!(code, 0, "{stderr}");
+    assert!(stdout.contains("consumers") && stdout.contains("capacity"));
+    // The larger capacity grants the waiter at once; the first lease stays.
+    second.granted().await;
+    let status = broker.status().await;
+    assert_eq!(status.in_flight, 2);
+    let y = status.consumers.iter().find(|c| c.name == "y").unwrap();
+    assert!(y.configured);
+    assert_eq!((y.kind(), y.vram_mib), (pb::ConsumerKind::Tts, 3000));
+    first.release().await;
+    second.release().await;
+}
