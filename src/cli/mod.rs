@@ -31,10 +31,10 @@ pub struct Cli {
 pub enum Command {
     /// Run the broker (on its embedded defaults unless configured).
     Serve(ServeArgs),
-    /// Show who holds the GPU, who waits, and the statistics.
+    /// Show who holds the GPU, who waits, and the statistics (of several brokers with several --broker).
     Status(StatusArgs),
-    /// Show the status live, redrawn on every change.
-    Watch(BrokerArg),
+    /// Show the status live, redrawn on every change (of several brokers with several --broker).
+    Watch(FleetArg),
     /// Hold a lease while a command runs: gpulease run --consumer NAME -- CMD ARGS...
     Run(RunArgs),
     /// End a held lease on an operator's behalf (admin token or the socket's owner).
@@ -63,6 +63,29 @@ pub struct BrokerArg {
     /// The broker: HOST:PORT, http://HOST:PORT, https://HOST:PORT or unix:/PATH.
     #[arg(long, env = "GPULEASE_BROKER", default_value = DEFAULT_BROKER, value_name = "ADDR")]
     pub broker: String,
+    #[command(flatten)]
+    credentials: Credentials,
+}
+
+/// Several brokers (one per host), and how to prove who we are to them.
+#[derive(Debug, Args)]
+pub struct FleetArg {
+    /// A broker: HOST:PORT, http://HOST:PORT, https://HOST:PORT or unix:/PATH. Repeat it, or separate addresses with commas, to show several hosts.
+    #[arg(
+        long = "broker",
+        env = "GPULEASE_BROKER",
+        default_value = DEFAULT_BROKER,
+        value_name = "ADDR",
+        value_delimiter = ','
+    )]
+    pub brokers: Vec<String>,
+    #[command(flatten)]
+    credentials: Credentials,
+}
+
+/// How to prove who we are: the same to every broker named.
+#[derive(Clone, Debug, Args)]
+pub struct Credentials {
     /// Bearer token to send (prefer --token-file or GPULEASE_TOKEN: arguments are visible to others).
     #[arg(
         long,
@@ -93,6 +116,16 @@ pub struct BrokerArg {
 impl BrokerArg {
     /// Connects as these options say.
     pub(crate) async fn connect(&self) -> Result<crate::client::Client, exit::Failure> {
+        self.credentials.connect(&self.broker).await
+    }
+}
+
+impl Credentials {
+    /// Connects to `broker` with these credentials.
+    pub(crate) async fn connect(
+        &self,
+        broker: &str,
+    ) -> Result<crate::client::Client, exit::Failure> {
         let token = match (&self.token, &self.token_file) {
             (Some(token), _) => Some(token.clone()),
             (None, Some(file)) => Some(std::fs::read_to_string(file).map_err(|e| {
@@ -108,7 +141,7 @@ impl BrokerArg {
             ca: self.ca.clone(),
             identity: self.cert.clone().zip(self.key.clone()),
         };
-        Ok(crate::client::connect_with(&self.broker, &options).await?)
+        Ok(crate::client::connect_with(broker, &options).await?)
     }
 }
 
@@ -116,7 +149,7 @@ impl BrokerArg {
 #[derive(Debug, Args)]
 pub struct StatusArgs {
     #[command(flatten)]
-    broker: BrokerArg,
+    brokers: FleetArg,
     /// Print the snapshot as JSON (the proto's JSON form).
     #[arg(long)]
     json: bool,
@@ -125,7 +158,7 @@ pub struct StatusArgs {
 /// Runs a client subcommand.
 pub async fn run_client(command: Command) -> ExitCode {
     let result = match command {
-        Command::Status(args) => status::status(&args.broker, args.json).await,
+        Command::Status(args) => status::status(&args.brokers, args.json).await,
         Command::Watch(args) => status::watch(&args).await,
         Command::Run(args) => run::run(args).await,
         Command::Revoke(args) => revoke::revoke(args).await,

@@ -7,23 +7,204 @@ use std::time::Duration;
 use crate::pb::v1 as pb;
 
 use super::exit::Failure;
-use super::{BrokerArg, ExitCode};
+use super::{ExitCode, FleetArg};
 
-pub(super) async fn status(broker: &BrokerArg, json: bool) -> Result<ExitCode, Failure> {
-    let mut client = broker.connect().await?;
-    let snapshot = client.status(pb::StatusRequest {}).await?.into_inner();
-    if json {
-        let text = serde_json::to_string_pretty(&snapshot)
-            .map_err(|e| Failure::new(ExitCode::SOFTWARE, format!("cannot write JSON: {e}")))?;
-        println!("{text}");
-    } else {
-        print!("{}", render(&snapshot));
+pub(super) async fn status(fleet: &FleetArg, json: bool) -> Result<ExitCode, Failure> {
+    if let [broker] = fleet.brokers.as_slice() {
+        let snapshot = one_status(fleet, broker).await?;
+        if json {
+            println!("{}", to_json(&snapshot)?);
+        } else {
+            print!("{}", render(&snapshot));
+        }
+        return Ok(ExitCode::OK);
     }
-    Ok(ExitCode::OK)
+    // Several hosts: ask them all at once, and show every answer, or why
+    // there was none, in the order given.
+    let mut asked = tokio::task::JoinSet::new();
+    for (slot, broker) in fleet.brokers.iter().enumerate() {
+        let fleet_broker = broker.clone();
+        let credentials = fleet.credentials.clone();
+        asked.spawn(async move {
+            let answer = tokio::time::timeout(FLEET_PATIENCE, async {
+                let mut client = credentials.connect(&fleet_broker).await?;
+                Ok::<_, Failure>(client.status(pb::StatusRequest {}).await?.into_inner())
+            })
+            .await
+            .unwrap_or_else(|_| {
+                Err(Failure::new(
+                    ExitCode::UNAVAILABLE,
+                    format!("no answer within {} s", FLEET_PATIENCE.as_secs()),
+                ))
+            });
+            (slot, answer)
+        });
+    }
+    let mut answers: Vec<Option<Result<pb::StatusResponse, Failure>>> =
+        fleet.brokers.iter().map(|_| None).collect();
+    while let Some(joined) = asked.join_next().await {
+        if let Ok((slot, answer)) = joined {
+            answers[slot] = Some(answer);
+        }
+    }
+    let answers: Vec<Result<pb::StatusResponse, Failure>> = answers
+        .into_iter()
+        .map(|a| a.unwrap_or_else(|| Err(Failure::new(ExitCode::SOFTWARE, "the query failed"))))
+        .collect();
+    let all_answered = answers.iter().all(Result::is_ok);
+    if json {
+        let hosts: Vec<serde_json::Value> = fleet
+            .brokers
+            .iter()
+            .zip(&answers)
+            .map(|(broker, answer)| match answer {
+                Ok(snapshot) => serde_json::json!({ "broker": broker, "status": snapshot }),
+                Err(failure) => serde_json::json!({ "broker": broker, "error": failure.message }),
+            })
+            .collect();
+        println!("{}", to_json(&hosts)?);
+    } else {
+        let sections: Vec<(String, Result<String, String>)> = fleet
+            .brokers
+            .iter()
+            .zip(&answers)
+            .map(|(broker, answer)| {
+                let body = match answer {
+                    Ok(snapshot) => Ok(render(snapshot)),
+                    Err(failure) => Err(failure.message.clone()),
+                };
+                (broker.clone(), body)
+            })
+            .collect();
+        print!("{}", render_fleet(&sections));
+    }
+    // Every host is shown either way; the status says whether all answered.
+    Ok(if all_answered {
+        ExitCode::OK
+    } else {
+        ExitCode::UNAVAILABLE
+    })
 }
 
-pub(super) async fn watch(broker: &BrokerArg) -> Result<ExitCode, Failure> {
-    let mut client = broker.connect().await?;
+/// How long one host of several may take to answer `status`.
+const FLEET_PATIENCE: Duration = Duration::from_secs(10);
+
+/// How long `watch` waits before it tries an unreachable host again.
+const RECONNECT_AFTER: Duration = Duration::from_secs(2);
+
+async fn one_status(fleet: &FleetArg, broker: &str) -> Result<pb::StatusResponse, Failure> {
+    let mut client = fleet.credentials.connect(broker).await?;
+    Ok(client.status(pb::StatusRequest {}).await?.into_inner())
+}
+
+fn to_json(value: &impl serde::Serialize) -> Result<String, Failure> {
+    serde_json::to_string_pretty(value)
+        .map_err(|e| Failure::new(ExitCode::SOFTWARE, format!("cannot write JSON: {e}")))
+}
+
+/// One section per host: a header line, then its status or the one line
+/// that says why it could not be reached.
+fn render_fleet(sections: &[(String, Result<String, String>)]) -> String {
+    let mut out = String::new();
+    for (i, (broker, body)) in sections.iter().enumerate() {
+        if i > 0 {
+            out.push('\n');
+        }
+        let _ = writeln!(out, "== {broker} ==");
+        match body {
+            Ok(text) => out.push_str(text),
+            Err(why) => {
+                let _ = writeln!(out, "unreachable: {why}");
+            }
+        }
+    }
+    out
+}
+
+pub(super) async fn watch(fleet: &FleetArg) -> Result<ExitCode, Failure> {
+    if let [broker] = fleet.brokers.as_slice() {
+        return watch_one(fleet, broker).await;
+    }
+    // One task per host follows its WatchStatus (and reconnects after a
+    // failure); every update redraws all the sections.
+    let (updates, mut received) = tokio::sync::mpsc::channel(16);
+    let mut followers = tokio::task::JoinSet::new();
+    for (slot, broker) in fleet.brokers.iter().enumerate() {
+        followers.spawn(follow(
+            slot,
+            broker.clone(),
+            fleet.credentials.clone(),
+            updates.clone(),
+        ));
+    }
+    drop(updates);
+    let mut sections: Vec<(String, Result<String, String>)> = fleet
+        .brokers
+        .iter()
+        .map(|b| (b.clone(), Err("connecting".to_owned())))
+        .collect();
+    let terminal = std::io::stdout().is_terminal();
+    let mut stdout = std::io::stdout();
+    loop {
+        let (slot, body) = tokio::select! {
+            update = received.recv() => match update {
+                Some(update) => update,
+                None => return Ok(ExitCode::OK),
+            },
+            _ = tokio::signal::ctrl_c() => return Ok(ExitCode::OK),
+        };
+        sections[slot].1 = body;
+        let text = render_fleet(&sections);
+        let written = if terminal {
+            write!(stdout, "\x1b[H\x1b[2J{text}")
+        } else {
+            writeln!(stdout, "{text}")
+        };
+        if written.and_then(|()| stdout.flush()).is_err() {
+            return Ok(ExitCode::OK);
+        }
+    }
+}
+
+/// Follows one host's WatchStatus for [`watch`], sending each rendered
+/// snapshot, or why there is none, until the receiver is gone.
+async fn follow(
+    slot: usize,
+    broker: String,
+    credentials: super::Credentials,
+    updates: tokio::sync::mpsc::Sender<(usize, Result<String, String>)>,
+) {
+    loop {
+        let failure = async {
+            let mut client = credentials.connect(&broker).await?;
+            let mut snapshots = client
+                .watch_status(pb::StatusRequest {})
+                .await?
+                .into_inner();
+            while let Some(snapshot) = snapshots.message().await? {
+                if updates.send((slot, Ok(render(&snapshot)))).await.is_err() {
+                    return Ok(());
+                }
+            }
+            Err(Failure::new(
+                ExitCode::UNAVAILABLE,
+                "the broker ended the watch",
+            ))
+        }
+        .await;
+        let Err(failure) = failure else { return };
+        if updates.send((slot, Err(failure.message))).await.is_err() {
+            return;
+        }
+        tokio::select! {
+            () = tokio::time::sleep(RECONNECT_AFTER) => {}
+            () = updates.closed() => return,
+        }
+    }
+}
+
+async fn watch_one(fleet: &FleetArg, broker: &str) -> Result<ExitCode, Failure> {
+    let mut client = fleet.credentials.connect(broker).await?;
     let mut snapshots = client
         .watch_status(pb::StatusRequest {})
         .await?

@@ -200,3 +200,102 @@ async fn watch_prints_a_snapshot_on_every_change() {
     holder.release().await;
     until("released 1").await;
 }
+
+#[tokio::test]
+async fn status_shows_several_brokers_one_section_each() {
+    let (a, b) = (Broker::start().await, Broker::start().await);
+    let mut holder = Call::open(&a, acquire("on-host-a")).await.unwrap();
+    holder.granted().await;
+    let mut waiter_b = Call::open(&b, acquire("on-host-b")).await.unwrap();
+    waiter_b.granted().await;
+    let output = Command::new(BIN)
+        .args(["status", "--broker", &a.addr, "--broker", &b.addr])
+        .env_remove("GPULEASE_BROKER")
+        .output()
+        .await
+        .unwrap();
+    let text = String::from_utf8(output.stdout).unwrap();
+    assert!(output.status.success(), "{text}");
+    let (section_a, section_b) = text
+        .split_once(&format!("== {} ==", b.addr))
+        .unwrap_or_else(|| panic!("no section for {}: {text}", b.addr));
+    assert!(
+        section_a.starts_with(&format!("== {} ==\n", a.addr)),
+        "{text}"
+    );
+    assert!(section_a.contains("on-host-a") && !section_a.contains("on-host-b"));
+    assert!(section_b.contains("on-host-b") && !section_b.contains("on-host-a"));
+
+    // An unreachable one gets its line, the others still show, and the
+    // exit status says that not all answered. Commas work too.
+    let brokers = format!("{},127.0.0.1:1,{}", a.addr, b.addr);
+    let output = Command::new(BIN)
+        .args(["status", "--broker", &brokers])
+        .env_remove("GPULEASE_BROKER")
+        .output()
+        .await
+        .unwrap();
+    let text = String::from_utf8(output.stdout).unwrap();
+    assert_eq!(output.status.code(), Some(69), "{text}");
+    assert!(
+        text.contains("== 127.0.0.1:1 ==\nunreachable: cannot reach the broker at 127.0.0.1:1"),
+        "{text}"
+    );
+    assert!(
+        text.contains("on-host-a") && text.contains("on-host-b"),
+        "{text}"
+    );
+
+    // JSON: one entry per broker, in order.
+    let output = Command::new(BIN)
+        .args(["status", "--json", "--broker", &brokers])
+        .env_remove("GPULEASE_BROKER")
+        .output()
+        .await
+        .unwrap();
+    let hosts: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    assert_eq!(hosts[0]["broker"], a.addr.as_str());
+    assert_eq!(hosts[0]["status"]["holders"][0]["consumer"], "on-host-a");
+    assert!(hosts[1]["error"].as_str().unwrap().contains("127.0.0.1:1"));
+    assert_eq!(hosts[2]["status"]["holders"][0]["consumer"], "on-host-b");
+}
+
+#[tokio::test]
+async fn watch_follows_several_brokers() {
+    use tokio::io::{AsyncBufReadExt, BufReader};
+
+    let (a, b) = (Broker::start().await, Broker::start().await);
+    let mut watch = Command::new(BIN)
+        .args(["watch", "--broker", &a.addr, "--broker", "127.0.0.1:1"])
+        .args(["--broker", &b.addr])
+        .env_remove("GPULEASE_BROKER")
+        .stdout(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(watch.stdout.take().unwrap()).lines();
+    // Reads redraws until one has every wanted piece.
+    let mut until = async |wanted: &[&str]| {
+        let found = tokio::time::timeout(crate::support::PATIENCE, async {
+            let mut redraw = String::new();
+            while let Some(line) = lines.next_line().await.unwrap() {
+                if line.starts_with(&format!("== {} ==", a.addr)) {
+                    redraw.clear();
+                }
+                redraw.push_str(&line);
+                redraw.push('\n');
+                if wanted.iter().all(|w| redraw.contains(w)) {
+                    return;
+                }
+            }
+            panic!("gpulease watch ended");
+        })
+        .await;
+        assert!(found.is_ok(), "no redraw with {wanted:?}");
+    };
+    let unreachable = "unreachable: cannot reach the broker at 127.0.0.1:1";
+    until(&[unreachable, "in flight 0"]).await;
+    let mut holder = Call::open(&b, acquire("on-host-b")).await.unwrap();
+    holder.granted().await;
+    until(&[unreachable, "on-host-b", "in flight 1"]).await;
+}
