@@ -8,6 +8,7 @@
 
 mod auth;
 mod cli;
+mod deploy;
 mod errors;
 mod gpu;
 mod leases;
