@@ -321,7 +321,8 @@ fn gpulease_config(
 /// TTS is interactive and first; the LLM and the image generator come
 /// next; the training run is last, and may be preempted (it checkpoints
 /// and queues the rest of its work). Aging lifts a waiter one level per
-/// two simulated minutes, so that training is not starved.
+/// two simulated minutes: training overtakes a steady stream of the others
+/// within four.
 fn scheduling_config(compression: f64) -> (String, Vec<(&'static str, String)>) {
     let global = format!(
         "\n[scheduling]\nbackfill = true\naging = \"{}\"\npreempt_after = \"{}\"\n",
@@ -329,9 +330,9 @@ fn scheduling_config(compression: f64) -> (String, Vec<(&'static str, String)>) 
         wall(60.0, compression)
     );
     let consumers = vec![
-        ("tts", "priority = 10\n".to_owned()),
-        ("llm", "priority = 5\n".to_owned()),
-        ("image", "priority = 5\n".to_owned()),
+        ("tts", "priority = 2\n".to_owned()),
+        ("llm", "priority = 1\n".to_owned()),
+        ("image", "priority = 1\n".to_owned()),
         (
             "train",
             format!(

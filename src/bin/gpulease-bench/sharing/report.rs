@@ -437,7 +437,7 @@ impl SharingReport {
         root.fill(&WHITE).map_err(draw)?;
         let root = root
             .titled(
-                "gpulease sharing benchmark: wait from arrival to the job's start",
+                "gpulease sharing benchmark: wait from arrival to the job's start (failed jobs left out)",
                 ("sans-serif", 22),
             )
             .map_err(draw)?;
@@ -490,7 +490,7 @@ impl SharingReport {
             }
             chart
                 .configure_series_labels()
-                .position(SeriesLabelPosition::LowerRight)
+                .position(SeriesLabelPosition::UpperLeft)
                 .background_style(WHITE.mix(0.8))
                 .border_style(BLACK)
                 .draw()
