@@ -20,6 +20,7 @@
 use std::collections::HashSet;
 use std::convert::Infallible;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
@@ -59,6 +60,16 @@ const UNLOAD_BUCKETS: &[f64] = &[
 ];
 
 const MIB: f64 = 1024.0 * 1024.0;
+
+/// Log lines the log writer had to drop, counted by [`log_line_dropped`]:
+/// a static, because logging is set up before any broker exists.
+static LOG_LINES_DROPPED: AtomicU64 = AtomicU64::new(0);
+
+/// Counts a log line the writer dropped (it could not be written in time);
+/// exported as `gpulease_log_lines_dropped_total`.
+pub fn log_line_dropped() {
+    LOG_LINES_DROPPED.fetch_add(1, Ordering::Relaxed);
+}
 
 impl Default for Metrics {
     fn default() -> Self {
@@ -411,11 +422,6 @@ impl Metrics {
             .inc();
     }
 
-    /// The counter of dropped log lines, for the log writer.
-    pub fn log_lines_dropped(&self) -> &IntCounter {
-        &self.log_lines_dropped
-    }
-
     /// The exposition: the gauges filled from `status`, then every metric
     /// in the text format.
     pub fn render(&self, status: &BrokerStatus, capacity_per_gpu: u32) -> String {
@@ -443,6 +449,11 @@ impl Metrics {
             .with_label_values(&[env!("CARGO_PKG_VERSION")])
             .set(1);
         g.uptime.set(status.uptime.as_secs_f64());
+        let dropped = LOG_LINES_DROPPED.load(Ordering::Relaxed);
+        let counted = self.log_lines_dropped.get();
+        if dropped > counted {
+            self.log_lines_dropped.inc_by(dropped - counted);
+        }
         for gpu in &status.core.gpus {
             let index = gpu.spec.index.to_string();
             let label = [index.as_str()];

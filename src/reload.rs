@@ -94,6 +94,7 @@ impl Reloader {
             Ok(new) => new,
             Err(e) => {
                 warn!(error = %e.0, "reload refused; the running configuration is kept");
+                self.broker.reloaded(Err(e.0.clone()));
                 crate::notify::reloaded(&self.broker, "refused (invalid configuration)");
                 return Err(e);
             }
@@ -109,6 +110,7 @@ impl Reloader {
         } else {
             warn!(applied = ?report.applied, needs_restart = ?report.needs_restart, "{message}");
         }
+        self.broker.reloaded(Ok(()));
         crate::notify::reloaded(&self.broker, "applied");
         Ok(report)
     }

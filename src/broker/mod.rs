@@ -53,6 +53,7 @@ pub struct Broker {
     inventory: Arc<dyn Inventory>,
     /// What a reload may change outside the core.
     live: std::sync::RwLock<Live>,
+    reloads: Mutex<Reloads>,
     /// Wakes the memory poller early (a request started waiting for memory).
     poll_now: tokio::sync::Notify,
     state_file: StateFile,
@@ -232,6 +233,17 @@ pub struct BrokerStatus {
     pub inventory: &'static str,
     /// How each consumer with an unload adapter is asked to unload.
     pub unload: std::collections::BTreeMap<String, &'static str>,
+    /// How the reloads of the configuration went.
+    pub reloads: Reloads,
+}
+
+/// How the reloads of the configuration went.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Reloads {
+    /// Reloads applied since the start.
+    pub applied: u64,
+    /// Why the last one was refused; empty when it applied.
+    pub last_error: String,
 }
 
 impl Broker {
@@ -271,6 +283,7 @@ impl Broker {
             max_hold: watch::Sender::new(config.max_hold),
             inventory,
             live: std::sync::RwLock::new(Live::from(config)),
+            reloads: Mutex::new(Reloads::default()),
             poll_now: tokio::sync::Notify::new(),
             residency: memory::Listeners::default(),
             metrics: Metrics::new(),
@@ -401,6 +414,22 @@ impl Broker {
         self.poll_now.notify_one();
     }
 
+    /// Records how a reload went (`Err` with why it was refused), for
+    /// Status and its watchers.
+    pub fn reloaded(&self, outcome: Result<(), String>) {
+        {
+            let mut reloads = memory_lock(&self.reloads);
+            match outcome {
+                Ok(()) => {
+                    reloads.applied += 1;
+                    reloads.last_error.clear();
+                }
+                Err(why) => reloads.last_error = why,
+            }
+        }
+        self.changed();
+    }
+
     fn live(&self) -> std::sync::RwLockReadGuard<'_, Live> {
         self.live
             .read()
@@ -520,6 +549,7 @@ impl Broker {
                 .iter()
                 .map(|(name, method)| (name.clone(), method.name()))
                 .collect(),
+            reloads: memory_lock(&self.reloads).clone(),
         }
     }
 

@@ -239,16 +239,24 @@ pub(super) fn render(s: &pb::StatusResponse) -> String {
     let broker = s.broker.clone().unwrap_or_default();
     let _ = writeln!(
         out,
-        "gpulease {}  epoch {:x}  up {}{}",
+        "gpulease {}  epoch {:x}  up {}{}{}",
         broker.version,
         broker.epoch,
         short(broker.uptime_ms),
+        if broker.reloads > 0 {
+            format!("  reloads {}", broker.reloads)
+        } else {
+            String::new()
+        },
         if broker.shutting_down {
             "  SHUTTING DOWN"
         } else {
             ""
         }
     );
+    if !broker.last_reload_error.is_empty() {
+        let _ = writeln!(out, "last reload refused: {}", broker.last_reload_error);
+    }
     let _ = writeln!(
         out,
         "capacity {}  in flight {}  queued {}  grants {}  last wait {}  last hold {}  oldest queued {}",

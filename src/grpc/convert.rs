@@ -292,6 +292,8 @@ pub(crate) fn status(status: &BrokerStatus, now: std::time::Instant) -> pb::Stat
             epoch: status.epoch,
             uptime_ms: millis(status.uptime),
             shutting_down: status.shutting_down,
+            reloads: status.reloads.applied,
+            last_reload_error: status.reloads.last_error.clone(),
         }),
         ended: Some(ended(core.ended)),
         gpus: core.gpus.iter().map(|g| gpu(g, status.epoch)).collect(),

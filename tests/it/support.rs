@@ -38,6 +38,9 @@ pub struct Options<'a> {
     pub env: Vec<(&'a str, &'a str)>,
     pub config: Option<&'a str>,
     pub socket: bool,
+    /// Files to write into the broker's directory (its working directory)
+    /// before it starts, by name.
+    pub files: Vec<(&'a str, &'a str)>,
 }
 
 impl Broker {
@@ -70,6 +73,9 @@ impl Broker {
         let socket = options.socket.then(|| dir.path().join("gpulease.sock"));
         if let Some(socket) = &socket {
             command.env("GPULEASE__SOCKET", socket);
+        }
+        for (name, contents) in &options.files {
+            std::fs::write(dir.path().join(name), contents).unwrap();
         }
         if let Some(config) = options.config {
             let path = dir.path().join("gpulease.toml");

@@ -219,6 +219,7 @@ impl LeaseBroker for Baseline {
                 epoch: 1_771_000_000_000,
                 uptime_ms: 1,
                 shutting_down: false,
+                ..Default::default()
             }),
             ended: Some(pb::LeaseEndCounts::default()),
             ..Default::default()

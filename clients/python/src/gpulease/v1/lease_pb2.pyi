@@ -361,16 +361,20 @@ class Consumer(_message.Message):
     def __init__(self, name: _Optional[str] = ..., kind: _Optional[_Union[ConsumerKind, str]] = ..., configured: bool = ..., vram_mib: _Optional[int] = ..., coexist: bool = ..., grants: _Optional[int] = ..., last_active_ms_ago: _Optional[int] = ..., holding: bool = ..., waiting: _Optional[int] = ..., peak_mib: _Optional[int] = ..., unload: _Optional[str] = ...) -> None: ...
 
 class BrokerInfo(_message.Message):
-    __slots__ = ("version", "epoch", "uptime_ms", "shutting_down")
+    __slots__ = ("version", "epoch", "uptime_ms", "shutting_down", "reloads", "last_reload_error")
     VERSION_FIELD_NUMBER: _ClassVar[int]
     EPOCH_FIELD_NUMBER: _ClassVar[int]
     UPTIME_MS_FIELD_NUMBER: _ClassVar[int]
     SHUTTING_DOWN_FIELD_NUMBER: _ClassVar[int]
+    RELOADS_FIELD_NUMBER: _ClassVar[int]
+    LAST_RELOAD_ERROR_FIELD_NUMBER: _ClassVar[int]
     version: str
     epoch: int
     uptime_ms: int
     shutting_down: bool
-    def __init__(self, version: _Optional[str] = ..., epoch: _Optional[int] = ..., uptime_ms: _Optional[int] = ..., shutting_down: bool = ...) -> None: ...
+    reloads: int
+    last_reload_error: str
+    def __init__(self, version: _Optional[str] = ..., epoch: _Optional[int] = ..., uptime_ms: _Optional[int] = ..., shutting_down: bool = ..., reloads: _Optional[int] = ..., last_reload_error: _Optional[str] = ...) -> None: ...
 
 class LeaseEndCounts(_message.Message):
     __slots__ = ("released", "half_closed", "disconnected", "revoked", "withdrawn", "expired")
