@@ -62,6 +62,10 @@ pub(crate) struct SharingArgs {
     /// Simulated seconds per wall second. Default: 10 (with --quick: 20).
     #[arg(long)]
     compression: Option<f64>,
+    /// Scales the rate of the TTS bursts, LLM and image requests (the
+    /// training runs stay as they are).
+    #[arg(long, default_value_t = 1.0)]
+    load: f64,
     /// The `gpulease` binary. Default: the one next to this binary.
     #[arg(long, value_name = "PATH")]
     broker_bin: Option<PathBuf>,
@@ -132,6 +136,11 @@ pub(crate) struct Setup {
     pub(crate) duration_s: f64,
     /// Simulated seconds per wall second.
     pub(crate) compression: f64,
+    /// The rate of the TTS, LLM and image arrivals, against the default mix.
+    pub(crate) load: f64,
+    /// Simulated GPU-seconds of work the trace brings within the replay,
+    /// per simulated hour: what a policy could do at most.
+    pub(crate) offered_gpu_s_per_hour: f64,
     /// The card, MiB.
     pub(crate) card_mib: u64,
     /// The safety margin, MiB.
@@ -170,8 +179,12 @@ pub(crate) async fn main(args: &SharingArgs, exe: PathBuf) -> Result<()> {
     let compression = args
         .compression
         .unwrap_or(if args.quick { 20.0 } else { 10.0 });
-    if !(minutes > 0.0 && minutes <= 24.0 * 60.0 && (1.0..=1000.0).contains(&compression)) {
-        bail!("--minutes must be in (0, 1440] and --compression in [1, 1000]");
+    if !(minutes > 0.0
+        && minutes <= 24.0 * 60.0
+        && (1.0..=1000.0).contains(&compression)
+        && (0.1..=10.0).contains(&args.load))
+    {
+        bail!("--minutes must be in (0, 1440], --compression in [1, 1000] and --load in [0.1, 10]");
     }
     std::fs::create_dir_all(&args.out)
         .with_context(|| format!("cannot create {}", args.out.display()))?;
@@ -195,6 +208,8 @@ pub(crate) async fn main(args: &SharingArgs, exe: PathBuf) -> Result<()> {
         seed: args.seed,
         duration_s: minutes * 60.0,
         compression,
+        load: args.load,
+        offered_gpu_s_per_hour: 0.0,
         card_mib: CARD_MIB,
         safety_margin_mib: SAFETY_MARGIN_MIB,
         model_load_s: MODEL_LOAD_S,
@@ -202,7 +217,14 @@ pub(crate) async fn main(args: &SharingArgs, exe: PathBuf) -> Result<()> {
         gpulease_config: gpulease_config(&trace::services(), compression, &library, scheduling),
         scheduling,
     };
-    let trace = trace::generate(setup.seed, setup.duration_s);
+    let mut setup = setup;
+    let trace = trace::generate(setup.seed, setup.duration_s, setup.load);
+    setup.offered_gpu_s_per_hour = trace
+        .iter()
+        .map(|job| job.work_s.min(setup.duration_s - job.at_s))
+        .sum::<f64>()
+        * 3600.0
+        / setup.duration_s;
     eprintln!(
         "gpulease-bench sharing: seed {}, {} jobs over {minutes} simulated minutes at {compression}×",
         setup.seed,

@@ -260,8 +260,11 @@ impl SharingReport {
                 target: "useful GPU work ≥ 1.4 × the global lock with an unload after every job"
                     .into(),
                 measured: format!(
-                    "{ratio:.2}× ({:.0} against {:.0} GPU-s/h)",
-                    gpulease.useful_gpu_s_per_hour, unload.useful_gpu_s_per_hour
+                    "{ratio:.2}× ({:.0} against {:.0} GPU-s/h; the trace offered {:.0}, at most {:.2}×)",
+                    gpulease.useful_gpu_s_per_hour,
+                    unload.useful_gpu_s_per_hour,
+                    self.setup.offered_gpu_s_per_hour,
+                    self.setup.offered_gpu_s_per_hour / unload.useful_gpu_s_per_hour.max(1e-9)
                 ),
                 met: ratio >= 1.4,
             });
@@ -312,8 +315,9 @@ impl SharingReport {
         );
         let _ = writeln!(
             out,
-            "replay: seed {}, {:.0} simulated minutes at {}× ({} jobs), {} MiB card, {} MiB safety margin, {} s per model load\n",
+            "replay: seed {}, load {}, {:.0} simulated minutes at {}× ({} jobs, {:.0} GPU-s/h of work offered), {} MiB card, {} MiB safety margin, {} s per model load{}\n",
             s.seed,
+            s.load,
             s.duration_s / 60.0,
             s.compression,
             self.policies.first().map_or(0, |p| p
@@ -321,9 +325,15 @@ impl SharingReport {
                 .iter()
                 .map(|s| s.arrived)
                 .sum::<usize>()),
+            s.offered_gpu_s_per_hour,
             s.card_mib,
             s.safety_margin_mib,
-            s.model_load_s
+            s.model_load_s,
+            if s.scheduling {
+                ""
+            } else {
+                "; gpulease without the [scheduling] keys"
+            }
         );
         let rows: Vec<[String; 11]> = self
             .policies
@@ -332,7 +342,11 @@ impl SharingReport {
                 let c = &p.counts;
                 [
                     p.name.clone(),
-                    format!("{:.0}", p.useful_gpu_s_per_hour),
+                    format!(
+                        "{:.0} ({:.0} %)",
+                        p.useful_gpu_s_per_hour,
+                        p.useful_gpu_s_per_hour / s.offered_gpu_s_per_hour.max(1e-9) * 100.0
+                    ),
                     format!("{:.0} %", p.busy_fraction * 100.0),
                     c.oom.to_string(),
                     c.overcommits.to_string(),
@@ -352,7 +366,7 @@ impl SharingReport {
         out += &markdown(
             &[
                 "policy",
-                "useful GPU-s/h",
+                "useful GPU-s/h (of offered)",
                 "GPU busy",
                 "OOM",
                 "over-commits",

@@ -103,13 +103,14 @@ impl Rng {
 /// The arrivals of `duration_s` simulated seconds from `seed`, sorted by
 /// time. The mix (BENCHMARKS.md, "The sharing benchmark"): TTS in bursts of
 /// short jobs, LLM and image requests as Poisson arrivals, and one training
-/// run of several minutes every quarter of an hour or so.
-pub(crate) fn generate(seed: u64, duration_s: f64) -> Vec<Arrival> {
+/// run of several minutes every quarter of an hour or so. `load` scales
+/// the rate of the TTS bursts, LLM and image requests (1: the default mix).
+pub(crate) fn generate(seed: u64, duration_s: f64, load: f64) -> Vec<Arrival> {
     let mut rng = Rng(seed ^ 0x005e_ed0f_9a1e);
     let mut jobs: Vec<(usize, f64, f64)> = Vec::new();
     // TTS: a burst every 2 minutes on average, of 4–12 jobs 0.5–2 s apart,
     // each 1–4 s of work.
-    let mut t = rng.exponential(60.0);
+    let mut t = rng.exponential(60.0 / load);
     while t < duration_s {
         let burst = 4 + (rng.next() % 9) as usize;
         let mut at = t;
@@ -120,19 +121,19 @@ pub(crate) fn generate(seed: u64, duration_s: f64) -> Vec<Arrival> {
             jobs.push((0, at, rng.between(1.0, 4.0)));
             at += rng.between(0.5, 2.0);
         }
-        t += rng.exponential(120.0);
+        t += rng.exponential(120.0 / load);
     }
     // LLM: a request a minute on average, 5–25 s each.
-    let mut t = rng.exponential(60.0);
+    let mut t = rng.exponential(60.0 / load);
     while t < duration_s {
         jobs.push((1, t, rng.between(5.0, 25.0)));
-        t += rng.exponential(60.0);
+        t += rng.exponential(60.0 / load);
     }
     // Image: one every 90 s on average, 10–30 s each.
-    let mut t = rng.exponential(90.0);
+    let mut t = rng.exponential(90.0 / load);
     while t < duration_s {
         jobs.push((2, t, rng.between(10.0, 30.0)));
-        t += rng.exponential(90.0);
+        t += rng.exponential(90.0 / load);
     }
     // Training: 7–10 minutes of work (a quarter of a short run), starting
     // within the first 6 minutes, then one every 15–20 minutes.
@@ -160,14 +161,16 @@ mod tests {
 
     #[test]
     fn a_seed_gives_one_trace_and_every_service_appears() {
-        let a = generate(7, 1800.0);
-        let b = generate(7, 1800.0);
+        let a = generate(7, 1800.0, 1.0);
+        let b = generate(7, 1800.0, 1.0);
         assert_eq!(a.len(), b.len());
         assert!(a.iter().zip(&b).all(|(x, y)| x.at_s == y.at_s));
         assert!(a.windows(2).all(|w| w[0].at_s <= w[1].at_s));
         for service in 0..4 {
             assert!(a.iter().any(|job| job.service == service), "{service}");
         }
-        assert!(generate(8, 1800.0).len() != a.len() || generate(8, 1800.0)[0].at_s != a[0].at_s);
+        let other = generate(8, 1800.0, 1.0);
+        assert!(other.len() != a.len() || other[0].at_s != a[0].at_s);
+        assert!(generate(7, 1800.0, 2.0).len() > a.len());
     }
 }
