@@ -42,6 +42,14 @@ pub struct UnixPeer {
     pub gid: u32,
 }
 
+/// The token of an `authorization` header value `Bearer TOKEN`. The scheme
+/// is case-insensitive (RFC 7235, 2.1), so `bearer` and `BEARER` work too.
+fn bearer_token(value: &str) -> Option<&str> {
+    let (scheme, token) = value.trim_start().split_once(' ')?;
+    let token = token.trim();
+    (scheme.eq_ignore_ascii_case("bearer") && !token.is_empty()).then_some(token)
+}
+
 /// The broker's rules, from the configuration. A reload replaces them
 /// ([`Authority::replace`]); a call is judged by the rules of the moment it
 /// is judged.
@@ -121,14 +129,9 @@ impl Authority {
         let token_of = match request.metadata().get("authorization") {
             None => None,
             Some(value) => {
-                let token = value
-                    .to_str()
-                    .ok()
-                    .and_then(|v| v.strip_prefix("Bearer "))
-                    .map(str::trim)
-                    .ok_or_else(|| {
-                        Status::unauthenticated("the authorization header is not `Bearer TOKEN`")
-                    })?;
+                let token = value.to_str().ok().and_then(bearer_token).ok_or_else(|| {
+                    Status::unauthenticated("the authorization header is not `Bearer TOKEN`")
+                })?;
                 Some(
                     self.rules()
                         .tokens

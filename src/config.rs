@@ -53,6 +53,8 @@ pub struct Config {
     pub metrics: MetricsConfig,
     /// The file it was loaded from, if any: a reload reads it again.
     pub file: Option<PathBuf>,
+    /// Bounds on what one client can make the broker hold or send.
+    pub limits: Limits,
 }
 
 /// The `[metrics]` section.
@@ -62,6 +64,26 @@ pub struct MetricsConfig {
     /// Default: none (`""`), so that a second broker on the host, or one
     /// that nobody scrapes, opens no port it was not asked for.
     pub listen: Option<SocketAddr>,
+}
+
+/// The `[limits]` section: what one client can make the broker hold or
+/// send. Each bound is refused with a status that names its key.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Limits {
+    /// Requests waiting at once over all GPUs. Default: 32768.
+    pub max_waiters: u32,
+    /// Requests of one consumer waiting at once. Default: 16384.
+    pub max_waiters_per_consumer: u32,
+    /// Concurrent HTTP/2 streams per connection. Default: 1024.
+    pub max_streams_per_connection: u32,
+    /// Labels per request. Default: 16.
+    pub max_labels: u32,
+    /// Bytes in a label's key. Default: 63.
+    pub max_label_key_bytes: u32,
+    /// Bytes in a label's value. Default: 256.
+    pub max_label_value_bytes: u32,
+    /// Bytes in one message from a client. Default: 65536.
+    pub max_message_bytes: u32,
 }
 
 /// A token: compared, sent, never printed (`gpulease serve --check` and logs
@@ -242,6 +264,7 @@ struct RawConfig {
     keepalive: RawKeepalive,
     gpu: RawGpu,
     auth: RawAuth,
+    limits: RawLimits,
     #[serde(default)]
     consumers: BTreeMap<String, RawConsumer>,
     metrics: RawMetrics,
@@ -251,6 +274,55 @@ struct RawConfig {
 #[serde(deny_unknown_fields)]
 struct RawMetrics {
     listen: String,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawLimits {
+    max_waiters: u32,
+    max_waiters_per_consumer: u32,
+    max_streams_per_connection: u32,
+    max_labels: u32,
+    max_label_key_bytes: u32,
+    max_label_value_bytes: u32,
+    max_message_bytes: u32,
+}
+
+impl RawLimits {
+    /// The smallest message size that still carries an `acquire`.
+    const MIN_MESSAGE_BYTES: u32 = 1024;
+
+    fn validate(self) -> Result<Limits, ConfigError> {
+        let positive = |key: &str, value: u32| {
+            if value == 0 {
+                Err(invalid(&format!("limits.{key}"), "must be at least 1"))
+            } else {
+                Ok(value)
+            }
+        };
+        let limits = Limits {
+            max_waiters: positive("max_waiters", self.max_waiters)?,
+            max_waiters_per_consumer: positive(
+                "max_waiters_per_consumer",
+                self.max_waiters_per_consumer,
+            )?,
+            max_streams_per_connection: positive(
+                "max_streams_per_connection",
+                self.max_streams_per_connection,
+            )?,
+            max_labels: self.max_labels,
+            max_label_key_bytes: positive("max_label_key_bytes", self.max_label_key_bytes)?,
+            max_label_value_bytes: self.max_label_value_bytes,
+            max_message_bytes: self.max_message_bytes,
+        };
+        if limits.max_message_bytes < Self::MIN_MESSAGE_BYTES {
+            return Err(invalid(
+                "limits.max_message_bytes",
+                format!("must be at least {}", Self::MIN_MESSAGE_BYTES),
+            ));
+        }
+        Ok(limits)
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -619,6 +691,7 @@ impl RawConfig {
             consumer_auth,
             metrics,
             file: None,
+            limits: self.limits.validate()?,
         })
     }
 }

@@ -164,6 +164,8 @@ fn merge(running: &Config, mut new: Config) -> (Config, ReloadReport) {
     restart!("gpu.nvml_library", gpu.nvml_library);
     restart!("gpu.static_memory_mib", gpu.static_memory_mib);
     restart!("metrics.listen", metrics.listen);
+    // Baked into the servers (streams, message size) and the broker.
+    restart!("limits", limits);
     (new, report)
 }
 

@@ -15,10 +15,9 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::{TcpListener, UnixListener, UnixStream};
 use tokio::task::JoinSet;
-use tokio_stream::wrappers::UnixListenerStream;
 use tokio_util::sync::CancellationToken;
 
-use tonic::transport::server::{Router, TcpIncoming};
+use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
 use tracing::{info, warn};
 
@@ -26,15 +25,20 @@ use crate::auth::{AuthInterceptor, Authority};
 use crate::broker::{Broker, Claim};
 use crate::config::Config;
 use crate::grpc::LeaseService;
+use crate::incoming::HANDSHAKE_TIMEOUT;
 use crate::inventory::Inventory;
 use crate::pb::v1::lease_broker_server::LeaseBrokerServer;
 use crate::reload::Reloader;
 use crate::state::StateFile;
 
 /// After every stream has ended at shutdown, how long connections get to
-/// flush their last frames before they are closed. Idle connections are not
-/// waited for any longer than this.
+/// close once told to (GOAWAY). Idle connections are not waited for any
+/// longer than this.
 const FLUSH_GRACE: Duration = Duration::from_millis(250);
+
+/// After every stream has ended at shutdown, how long before the GOAWAY, so
+/// that the streams' last frames leave first.
+const LAST_FRAMES: Duration = Duration::from_millis(50);
 
 /// The broker's listeners, bound but not yet serving.
 #[derive(Debug)]
@@ -211,22 +215,36 @@ pub async fn serve(
         Arc::clone(&broker),
         Arc::clone(&authority),
     ));
-    let lease_service = LeaseBrokerServer::with_interceptor(
-        LeaseService::new(Arc::clone(&broker), Arc::clone(&authority))
-            .with_reloader(Arc::clone(&reloader)),
+    let limits = config.limits;
+    let max_message = usize::try_from(limits.max_message_bytes).unwrap_or(usize::MAX);
+    let lease_service = InterceptedService::new(
+        LeaseBrokerServer::new(
+            LeaseService::new(Arc::clone(&broker), Arc::clone(&authority))
+                .with_reloader(Arc::clone(&reloader)),
+        )
+        .max_decoding_message_size(max_message),
         AuthInterceptor::new(authority),
     );
 
-    let router = |tls: Option<ServerTlsConfig>| -> Result<Router, ServeError> {
+    let router = |tls: Option<ServerTlsConfig>| -> Result<_, ServeError> {
         let mut builder = Server::builder();
         if let Some(tls) = tls {
             builder = builder
-                .tls_config(tls)
+                .tls_config(tls.timeout(HANDSHAKE_TIMEOUT))
                 .map_err(|e| ServeError::Tls(e.to_string()))?;
         }
+        // tonic refuses an oversized unary request before any handler
+        // runs, with OUT_OF_RANGE; the broker's answer is RESOURCE_EXHAUSTED.
+        let too_large = tower::util::MapResponseLayer::new(
+            move |response: tonic::codegen::http::Response<tonic::body::Body>| {
+                crate::grpc::rewrite_too_large(response, limits.max_message_bytes)
+            },
+        );
         Ok(builder
             .http2_keepalive_interval(Some(config.keepalive_interval))
             .http2_keepalive_timeout(Some(config.keepalive_timeout))
+            .max_concurrent_streams(Some(limits.max_streams_per_connection))
+            .layer(too_large)
             .add_service(lease_service.clone())
             .add_service(health_service.clone())
             .add_service(reflection_v1.clone())
@@ -234,17 +252,22 @@ pub async fn serve(
     };
 
     let stop = CancellationToken::new();
+    let accepting = CancellationToken::new();
     let mut servers = JoinSet::new();
     let socket_path = listeners.socket_path().map(Path::to_path_buf);
     if let Some(listener) = listeners.tcp {
-        let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
+        let tls = tls(config)?;
+        // Under TLS the preface comes inside the TLS stream; the TLS
+        // handshake timeout bounds the start of such a connection instead.
+        let preface = tls.is_none().then_some(HANDSHAKE_TIMEOUT);
+        let incoming = crate::incoming::incoming(listener, preface, accepting.clone());
         let stop = stop.clone();
-        let server =
-            router(tls(config)?)?.serve_with_incoming_shutdown(incoming, stop.cancelled_owned());
+        let server = router(tls)?.serve_with_incoming_shutdown(incoming, stop.cancelled_owned());
         servers.spawn(server);
     }
     if let Some((listener, _)) = listeners.unix {
-        let incoming = UnixListenerStream::new(listener);
+        let incoming =
+            crate::incoming::incoming(listener, Some(HANDSHAKE_TIMEOUT), accepting.clone());
         let stop = stop.clone();
         // Local peers prove who they are by their credentials, not TLS.
         let server = router(None)?.serve_with_incoming_shutdown(incoming, stop.cancelled_owned());
@@ -278,10 +301,13 @@ pub async fn serve(
     health
         .set_not_serving::<LeaseBrokerServer<LeaseService>>()
         .await;
+    accepting.cancel();
     broker.shut_down();
-    stop.cancel();
-    // Every stream has been told to end; wait for them, then give the
-    // connections a moment to flush, but do not wait for idle ones.
+    // Every stream has been told to end. Wait until each has sent its last
+    // word (`revoked`, the status) and tonic has finished its response,
+    // and only then close the connections: HTTP/2 clients such as Python's
+    // h2 (under grpclib) reject what follows a GOAWAY, so a `revoked` sent
+    // after it would be lost to them.
     let deadline = tokio::time::Instant::now() + config.shutdown_grace;
     let streams_ended = tokio::time::timeout_at(deadline, broker.sessions_ended())
         .await
@@ -292,7 +318,11 @@ pub async fn serve(
             "streams still open after the shutdown grace period; closing them"
         );
     }
-    let flush = deadline.min(tokio::time::Instant::now() + FLUSH_GRACE);
+    // The last frames are queued on their connections; let them go out
+    // ahead of the GOAWAY.
+    tokio::time::sleep(LAST_FRAMES).await;
+    stop.cancel();
+    let flush = tokio::time::Instant::now() + FLUSH_GRACE;
     let _ = tokio::time::timeout_at(flush, async {
         while let Some(result) = servers.join_next().await {
             if let Ok(Err(e)) = result {
@@ -329,6 +359,20 @@ async fn reload_on_hangup(
         // The outcome is logged by the reload itself.
         let _ = tokio::task::spawn_blocking(move || reloader.reload()).await;
     }
+}
+
+/// Raises the soft limit on open files to the hard limit, so that a burst
+/// of connections meets the limit the administrator set rather than the
+/// shell's default (often 1,024). Returns the limit now in force, and the
+/// one before when it was raised.
+pub fn raise_open_file_limit() -> io::Result<(u64, Option<u64>)> {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    let (soft, hard) = getrlimit(Resource::RLIMIT_NOFILE).map_err(io::Error::from)?;
+    if soft >= hard {
+        return Ok((soft, None));
+    }
+    setrlimit(Resource::RLIMIT_NOFILE, hard, hard).map_err(io::Error::from)?;
+    Ok((hard, Some(soft)))
 }
 
 /// The TLS settings of the TCP listener, if configured: the files are read

@@ -8,7 +8,7 @@
 //! the consumer's adapter: a command the broker runs, or the consumer's open
 //! `Residency` stream.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -35,6 +35,9 @@ pub(super) struct Listeners {
     /// the consumer's next stream, so that one that reconnects a moment too
     /// late still hears it.
     undelivered: Mutex<HashMap<String, Vec<UnloadRequest>>>,
+    /// The GPUs each consumer was asked to unload from and has not answered
+    /// for: an `unloaded` is believed only as the answer to one of these.
+    asked: Mutex<HashMap<String, BTreeSet<u32>>>,
     next_id: std::sync::atomic::AtomicU64,
 }
 
@@ -54,9 +57,38 @@ impl ResidencyListener {
     }
 
     /// The consumer says it freed its memory on `gpu_index` (all with
-    /// `None`).
-    pub fn unloaded(&self, gpu_index: Option<u32>) {
-        self.broker.unloaded(&self.consumer, gpu_index);
+    /// `None`). Believed only as the answer to an unload request: anyone who
+    /// may open a Residency stream as this consumer could claim it, and a
+    /// false claim would make the broker grant memory that is still in use.
+    /// With NVML even the answer only triggers a reading, which decides.
+    /// Returns whether it answered a request.
+    pub fn unloaded(&self, gpu_index: Option<u32>) -> bool {
+        let answered = {
+            let mut asked = lock(&self.broker.residency.asked);
+            let answered = asked
+                .get_mut(&self.consumer)
+                .is_some_and(|gpus| match gpu_index {
+                    Some(index) => gpus.remove(&index),
+                    None => !std::mem::take(gpus).is_empty(),
+                });
+            if asked.get(&self.consumer).is_some_and(BTreeSet::is_empty) {
+                asked.remove(&self.consumer);
+            }
+            answered
+        };
+        if !answered {
+            warn!(consumer = %self.consumer, gpu = ?gpu_index,
+                "ignoring an `unloaded` that answers no unload request");
+            return false;
+        }
+        if self.broker.inventory.source() == "nvml" {
+            info!(consumer = %self.consumer, gpu = ?gpu_index,
+                "consumer reports it unloaded; reading the GPU's memory to see");
+            self.broker.poll_now.notify_one();
+        } else {
+            self.broker.unloaded(&self.consumer, gpu_index);
+        }
+        true
     }
 
     /// The consumer.
@@ -141,6 +173,10 @@ impl Broker {
     }
 
     fn send_unload_request(&self, request: UnloadRequest) {
+        lock(&self.residency.asked)
+            .entry(request.consumer.clone())
+            .or_default()
+            .insert(request.gpu_index);
         let streams = lock(&self.residency.streams);
         let sent = streams.get(&request.consumer).is_some_and(|list| {
             list.iter()

@@ -22,14 +22,14 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-use crate::config::{Config, UnloadMethod};
+use crate::config::{Config, Limits, UnloadMethod};
 use crate::core::{
     Decisions, FencingToken, HolderView, LeaseEnd, Rejection, Request, Scheduler, Settings,
     Snapshot, UnloadRequest, WaiterId, Withdrawal,
 };
 use crate::inventory::Inventory;
 use crate::metrics::{Metrics, UnloadResult};
-use crate::state::{Persisted, StateFile, TOKEN_BLOCK};
+use crate::state::{Persisted, StateError, StateFile, TOKEN_BLOCK};
 
 pub use memory::ResidencyListener;
 
@@ -66,6 +66,7 @@ pub struct Broker {
     /// Unload requests sent and not yet settled, by GPU and consumer, with
     /// when they were sent: for the unload metrics.
     pending_unloads: Mutex<std::collections::HashMap<(u32, String), Instant>>,
+    limits: Limits,
 }
 
 impl std::fmt::Debug for Broker {
@@ -216,6 +217,16 @@ pub enum EnqueueError {
     /// The broker is shutting down.
     #[error("the broker is shutting down")]
     ShuttingDown,
+    /// As many requests wait as `[limits]` allows.
+    #[error("queue full: {waiting} requests {whose}wait already, the most `limits.{key}` allows")]
+    QueueFull {
+        /// How many wait.
+        waiting: u32,
+        /// `"of consumer \"NAME\" "` for the per-consumer limit, else empty.
+        whose: String,
+        /// The limit's key.
+        key: &'static str,
+    },
 }
 
 /// The broker and the statistics that live outside the core.
@@ -235,6 +246,8 @@ pub struct BrokerStatus {
     pub unload: std::collections::BTreeMap<String, &'static str>,
     /// How the reloads of the configuration went.
     pub reloads: Reloads,
+    /// Log lines dropped because stderr was blocked or closed.
+    pub log_lines_dropped: u64,
 }
 
 /// How the reloads of the configuration went.
@@ -263,7 +276,7 @@ impl Broker {
             inventory.gpus(),
             config.consumers.iter().cloned(),
         );
-        sched.set_tokens(persisted.first_token - 1, persisted.ceiling);
+        sched.set_tokens(persisted.first_token.saturating_sub(1), persisted.ceiling);
         let broker = Arc::new_cyclic(|this| Self {
             this: this.clone(),
             state: Mutex::new(State {
@@ -288,6 +301,7 @@ impl Broker {
             residency: memory::Listeners::default(),
             metrics: Metrics::new(),
             pending_unloads: Mutex::new(std::collections::HashMap::new()),
+            limits: config.limits,
         });
         broker.configure_metrics(config);
         tokio::spawn(Arc::clone(&broker).sweep_positions());
@@ -299,14 +313,35 @@ impl Broker {
     /// before anything is served: the epoch is the Unix time in
     /// milliseconds, or one more than the last start's if the clock went
     /// back; tokens start above the last ceiling written. Blocking.
-    pub fn claim(state: &StateFile, previous: Persisted) -> std::io::Result<Claim> {
-        let epoch = new_epoch().max(previous.epoch + 1);
-        let first_token = previous.token_ceiling + 1;
-        let ceiling = previous.token_ceiling + TOKEN_BLOCK;
-        state.store(Persisted {
-            token_ceiling: ceiling,
-            epoch,
-        })?;
+    pub fn claim(state: &StateFile, previous: Persisted) -> Result<Claim, StateError> {
+        // Checked: a ceiling near `u64::MAX` must stop the broker, not wrap
+        // around to tokens that were handed out long ago.
+        let overflow = |what: &str| StateError::Damaged {
+            path: state.path(),
+            problem: format!("has no room left for {what}"),
+        };
+        let next_epoch = previous
+            .epoch
+            .checked_add(1)
+            .ok_or_else(|| overflow("another epoch"))?;
+        let epoch = new_epoch().max(next_epoch);
+        let first_token = previous
+            .token_ceiling
+            .checked_add(1)
+            .ok_or_else(|| overflow("another token"))?;
+        let ceiling = previous
+            .token_ceiling
+            .checked_add(TOKEN_BLOCK)
+            .ok_or_else(|| overflow("another block of tokens"))?;
+        state
+            .store(Persisted {
+                token_ceiling: ceiling,
+                epoch,
+            })
+            .map_err(|source| StateError::Io {
+                path: state.path(),
+                source,
+            })?;
         Ok(Claim {
             epoch,
             first_token,
@@ -325,7 +360,17 @@ impl Broker {
         {
             return;
         }
-        let ceiling = state.sched.last_token().0 + state.sched.tokens_left() + TOKEN_BLOCK;
+        let ceiling = state
+            .sched
+            .last_token()
+            .0
+            .checked_add(state.sched.tokens_left())
+            .and_then(|ceiling| ceiling.checked_add(TOKEN_BLOCK));
+        let Some(ceiling) = ceiling else {
+            // Only after about 2^64 grants; grants stop at the ceiling.
+            tracing::error!("the fencing tokens are used up; grants stop at the current ceiling");
+            return;
+        };
         let persisted = Persisted {
             token_ceiling: ceiling,
             epoch: self.epoch,
@@ -480,6 +525,7 @@ impl Broker {
             if state.shutting_down {
                 return Err(EnqueueError::ShuttingDown);
             }
+            self.check_room(&state, &consumer)?;
             let seat = Seat {
                 consumer: consumer.clone(),
                 grant: grant_tx,
@@ -534,6 +580,34 @@ impl Broker {
         (state.sched.in_flight(), state.sched.queue_depth())
     }
 
+    /// Refuses a request once `[limits]` says the queue is full, over all
+    /// GPUs or for its consumer: every waiter costs memory (and a place in
+    /// every snapshot), so their number is bounded.
+    fn check_room(&self, state: &State, consumer: &str) -> Result<(), EnqueueError> {
+        let waiting = saturating_u32(state.sched.queue_depth());
+        if waiting >= self.limits.max_waiters {
+            return Err(EnqueueError::QueueFull {
+                waiting,
+                whose: String::new(),
+                key: "max_waiters",
+            });
+        }
+        let mine = state.sched.waiting_of(consumer);
+        if mine >= self.limits.max_waiters_per_consumer {
+            return Err(EnqueueError::QueueFull {
+                waiting: mine,
+                whose: format!("of consumer {consumer:?} "),
+                key: "max_waiters_per_consumer",
+            });
+        }
+        Ok(())
+    }
+
+    /// The bounds on what one client can make the broker hold or send.
+    pub fn limits(&self) -> &Limits {
+        &self.limits
+    }
+
     /// A snapshot of everything.
     pub fn status(&self) -> BrokerStatus {
         let state = self.lock();
@@ -550,6 +624,7 @@ impl Broker {
                 .map(|(name, method)| (name.clone(), method.name()))
                 .collect(),
             reloads: memory_lock(&self.reloads).clone(),
+            log_lines_dropped: crate::logging::lines_dropped(),
         }
     }
 
@@ -1128,14 +1203,22 @@ fn memory_lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
 fn emit(log: Vec<Event>) {
     for event in log {
         match event {
-            Event::Granted(seq, consumer, grant) => info!(
-                seq,
-                %consumer,
-                lease_id = %grant.lease_id,
-                token = grant.token.0,
-                waited_ms = millis(grant.waited),
-                "granted"
-            ),
+            Event::Granted(seq, consumer, grant) => {
+                info!(
+                    seq,
+                    %consumer,
+                    lease_id = %grant.lease_id,
+                    token = grant.token.0,
+                    waited_ms = millis(grant.waited),
+                    "granted"
+                );
+                // The worst place for a bug: the lease is made, and its
+                // holder has not heard of it yet.
+                assert!(
+                    !fail_point("grant"),
+                    "fail point `grant` (GPULEASE_FAIL_POINT)"
+                );
+            }
             Event::Ended(seq, ended, how, lease_id, _) => {
                 let how = end_name(how);
                 if matches!(how, "released" | "half_closed" | "unclaimed") {
@@ -1148,6 +1231,18 @@ fn emit(log: Vec<Event>) {
             }
         }
     }
+}
+
+/// Whether the fault `name` is to be injected: `GPULEASE_FAIL_POINT=name`,
+/// honoured in debug builds only, so that the tests can show what a bug at
+/// that point does to the process (it aborts: see `main`'s panic hook).
+fn fail_point(name: &str) -> bool {
+    static FAIL_POINT: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
+    cfg!(debug_assertions)
+        && FAIL_POINT
+            .get_or_init(|| std::env::var("GPULEASE_FAIL_POINT").ok())
+            .as_deref()
+            == Some(name)
 }
 
 /// The core's settings, from the configuration.

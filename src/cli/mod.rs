@@ -1,6 +1,25 @@
 //! The `gpulease` command line: `serve` runs the broker; `status`, `watch`
 //! and `run` are its clients.
 
+/// `eprintln!` that never panics: a closed stderr must not stop, say,
+/// `gpulease run` from stopping its command after the lease was lost.
+macro_rules! say {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stderr(), $($arg)*);
+    }};
+}
+pub(crate) use say;
+
+/// `print!` that never panics: `gpulease status | head -1` ends quietly.
+macro_rules! out {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = write!(std::io::stdout(), $($arg)*);
+    }};
+}
+pub(crate) use out;
+
 mod exit;
 mod reload;
 mod revoke;
@@ -55,6 +74,11 @@ pub struct ServeArgs {
     /// Print the embedded defaults (a commented TOML file) and exit.
     #[arg(long)]
     pub print_defaults: bool,
+    /// Start over after a damaged or lost state file: hand out tokens above
+    /// a floor taken from the wall clock (microseconds since 1970), which
+    /// is above every earlier token unless the clock was set back.
+    #[arg(long)]
+    pub reset_state: bool,
 }
 
 /// Where the broker is, and how to prove who we are.
@@ -168,7 +192,7 @@ pub async fn run_client(command: Command) -> ExitCode {
     match result {
         Ok(code) => code,
         Err(failure) => {
-            eprintln!("gpulease: {}", failure.message);
+            crate::cli::say!("gpulease: {}", failure.message);
             failure.code
         }
     }

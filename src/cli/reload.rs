@@ -19,6 +19,6 @@ pub(super) async fn reload(broker: &BrokerArg) -> Result<ExitCode, Failure> {
         }
         Err(status) => return Err(status.into()),
     };
-    println!("{}", response.message);
+    crate::cli::out!("{}\n", response.message);
     Ok(ExitCode::OK)
 }

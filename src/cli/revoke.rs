@@ -31,7 +31,7 @@ pub(super) async fn revoke(args: RevokeArgs) -> Result<ExitCode, Failure> {
     }
     let mut client = args.broker.connect().await?;
     let response = client.revoke_lease(request).await?.into_inner();
-    println!("{}", response.message);
+    crate::cli::out!("{}\n", response.message);
     // Revoking what is no longer held changes nothing, and is no error for
     // a script that makes sure a lease is gone; the status says which.
     Ok(if response.revoked {

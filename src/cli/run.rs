@@ -225,11 +225,11 @@ async fn supervise(
                 };
                 lease_held = false;
                 if kill_on_loss {
-                    eprintln!("gpulease: {why}; stopping the command");
+                    crate::cli::say!("gpulease: {why}; stopping the command");
                     signal_child(child, Signal::SIGTERM);
                     kill_at = Some(tokio::time::Instant::now() + KILL_GRACE);
                 } else {
-                    eprintln!("gpulease: {why}; the command keeps running (--no-kill-on-loss)");
+                    crate::cli::say!("gpulease: {why}; the command keeps running (--no-kill-on-loss)");
                 }
             }
             () = sleep_until(kill_at) => {
@@ -380,7 +380,7 @@ impl Progress {
     fn granted(&self, granted: &pb::Granted) {
         self.clear();
         if !self.quiet {
-            eprintln!(
+            crate::cli::say!(
                 "gpulease: granted lease {} (fencing token {}) after {}",
                 granted.lease_id,
                 granted.fencing_token,

@@ -13,9 +13,9 @@ pub(super) async fn status(fleet: &FleetArg, json: bool) -> Result<ExitCode, Fai
     if let [broker] = fleet.brokers.as_slice() {
         let snapshot = one_status(fleet, broker).await?;
         if json {
-            println!("{}", to_json(&snapshot)?);
+            crate::cli::out!("{}\n", to_json(&snapshot)?);
         } else {
-            print!("{}", render(&snapshot));
+            crate::cli::out!("{}", render(&snapshot));
         }
         return Ok(ExitCode::OK);
     }
@@ -28,7 +28,12 @@ pub(super) async fn status(fleet: &FleetArg, json: bool) -> Result<ExitCode, Fai
         asked.spawn(async move {
             let answer = tokio::time::timeout(FLEET_PATIENCE, async {
                 let mut client = credentials.connect(&fleet_broker).await?;
-                Ok::<_, Failure>(client.status(pb::StatusRequest {}).await?.into_inner())
+                Ok::<_, Failure>(
+                    client
+                        .status(pb::StatusRequest::default())
+                        .await?
+                        .into_inner(),
+                )
             })
             .await
             .unwrap_or_else(|_| {
@@ -62,7 +67,7 @@ pub(super) async fn status(fleet: &FleetArg, json: bool) -> Result<ExitCode, Fai
                 Err(failure) => serde_json::json!({ "broker": broker, "error": failure.message }),
             })
             .collect();
-        println!("{}", to_json(&hosts)?);
+        crate::cli::out!("{}\n", to_json(&hosts)?);
     } else {
         let sections: Vec<(String, Result<String, String>)> = fleet
             .brokers
@@ -76,7 +81,7 @@ pub(super) async fn status(fleet: &FleetArg, json: bool) -> Result<ExitCode, Fai
                 (broker.clone(), body)
             })
             .collect();
-        print!("{}", render_fleet(&sections));
+        crate::cli::out!("{}", render_fleet(&sections));
     }
     // Every host is shown either way; the status says whether all answered.
     Ok(if all_answered {
@@ -94,7 +99,10 @@ const RECONNECT_AFTER: Duration = Duration::from_secs(2);
 
 async fn one_status(fleet: &FleetArg, broker: &str) -> Result<pb::StatusResponse, Failure> {
     let mut client = fleet.credentials.connect(broker).await?;
-    Ok(client.status(pb::StatusRequest {}).await?.into_inner())
+    Ok(client
+        .status(pb::StatusRequest::default())
+        .await?
+        .into_inner())
 }
 
 fn to_json(value: &impl serde::Serialize) -> Result<String, Failure> {
@@ -178,7 +186,7 @@ async fn follow(
         let failure = async {
             let mut client = credentials.connect(&broker).await?;
             let mut snapshots = client
-                .watch_status(pb::StatusRequest {})
+                .watch_status(pb::StatusRequest::default())
                 .await?
                 .into_inner();
             while let Some(snapshot) = snapshots.message().await? {
@@ -206,7 +214,7 @@ async fn follow(
 async fn watch_one(fleet: &FleetArg, broker: &str) -> Result<ExitCode, Failure> {
     let mut client = fleet.credentials.connect(broker).await?;
     let mut snapshots = client
-        .watch_status(pb::StatusRequest {})
+        .watch_status(pb::StatusRequest::default())
         .await?
         .into_inner();
     let terminal = std::io::stdout().is_terminal();
@@ -297,6 +305,10 @@ pub(super) fn render(s: &pb::StatusResponse) -> String {
         ])
     }));
     section(&mut out, "waiters", waiters);
+    // Status lists the head of a long queue only.
+    if s.waiters_omitted > 0 {
+        let _ = writeln!(out, "… and {} more waiting", s.waiters_omitted);
+    }
 
     let mut consumers = vec![row([
         "CONSUMER",

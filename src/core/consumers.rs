@@ -190,6 +190,11 @@ impl ConsumerBook {
         record
     }
 
+    /// How many requests of `name` wait now.
+    pub(super) fn waiting(&self, name: &str) -> u32 {
+        self.records.get(name).map_or(0, |record| record.waiting)
+    }
+
     pub(super) fn records(&self) -> Vec<ConsumerRecord> {
         self.records.values().cloned().collect()
     }

@@ -407,6 +407,11 @@ impl<W> Scheduler<W> {
         self.gpus.iter().map(|g| g.waiting.len()).sum()
     }
 
+    /// How many requests of `consumer` wait now, over all GPUs.
+    pub fn waiting_of(&self, consumer: &str) -> u32 {
+        self.consumers.waiting(consumer)
+    }
+
     /// The last fencing token handed out; 0 before the first grant.
     pub fn last_token(&self) -> FencingToken {
         FencingToken(self.last_token)

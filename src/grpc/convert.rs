@@ -1,11 +1,10 @@
 //! Conversions between the core's types and protobuf, and the one table that
 //! maps the broker's errors to gRPC status codes.
 
-use std::sync::Arc;
-
 use tonic::{Code, Status};
 
 use crate::broker::{BrokerStatus, EnqueueError, Grant, QueuePosition, lease_id, millis};
+use crate::config::Limits;
 use crate::core::{
     ConsumerKind, ConsumerRecord, EndCounts, EvictionStats, GpuChoice, GpuView, HolderView,
     Rejection, Request, RevokeReason, UnloadRequest, WaiterView,
@@ -54,6 +53,7 @@ pub(crate) fn enqueue_error(error: &EnqueueError) -> Status {
             Status::resource_exhausted(error.to_string())
         }
         EnqueueError::ShuttingDown => Status::unavailable(error.to_string()),
+        EnqueueError::QueueFull { .. } => Status::resource_exhausted(error.to_string()),
     }
 }
 
@@ -70,6 +70,124 @@ pub(crate) fn reloaded(
         // The file must change before a reload can succeed.
         Err(error) => Err(Status::failed_precondition(error.to_string())),
     }
+}
+
+/// Refuses labels beyond `[limits]`: too many, an empty key, or a key or
+/// value too long. Labels are copied into Status and `Queued`, so their size
+/// is bounded before anything keeps them.
+pub(crate) fn check_labels(
+    labels: &std::collections::HashMap<String, String>,
+    limits: &Limits,
+) -> Result<(), Status> {
+    let count = labels.len();
+    if count > limits.max_labels as usize {
+        return Err(Status::invalid_argument(format!(
+            "{count} labels, more than `limits.max_labels` ({}) allows",
+            limits.max_labels
+        )));
+    }
+    for (key, value) in labels {
+        if key.is_empty() {
+            return Err(Status::invalid_argument("a label key is empty"));
+        }
+        if key.len() > limits.max_label_key_bytes as usize {
+            return Err(Status::invalid_argument(format!(
+                "the label key {:?}… is {} bytes, more than `limits.max_label_key_bytes` ({}) allows",
+                prefix(key),
+                key.len(),
+                limits.max_label_key_bytes
+            )));
+        }
+        if value.len() > limits.max_label_value_bytes as usize {
+            return Err(Status::invalid_argument(format!(
+                "the value of label {:?} is {} bytes, more than `limits.max_label_value_bytes` ({}) allows",
+                prefix(key),
+                value.len(),
+                limits.max_label_value_bytes
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// The first few characters of `text`, to name it in a message without
+/// echoing all of it.
+fn prefix(text: &str) -> &str {
+    let end = text
+        .char_indices()
+        .nth(32)
+        .map_or(text.len(), |(index, _)| index);
+    &text[..end]
+}
+
+/// tonic's status for a message over the decoding limit: OUT_OF_RANGE, with
+/// this message. The broker answers RESOURCE_EXHAUSTED, the code for a
+/// quota, naming the limit.
+const TOO_LARGE: &str = "decoded message length too large";
+
+/// The status for a failure to read a client's message: a message over
+/// `limits.max_message_bytes` becomes RESOURCE_EXHAUSTED; anything else is
+/// passed on.
+pub(crate) fn inbound_error(status: Status, limits: &Limits) -> Status {
+    if status.code() == Code::OutOfRange && status.message().contains(TOO_LARGE) {
+        too_large(limits.max_message_bytes)
+    } else {
+        status
+    }
+}
+
+fn too_large(limit: u32) -> Status {
+    Status::resource_exhausted(format!(
+        "message too large: more than `limits.max_message_bytes` ({limit} bytes) allows"
+    ))
+}
+
+/// Rewrites a trailers-only response that tonic produced for a unary
+/// request over the decoding limit (it decodes before any handler runs), so
+/// that it too says RESOURCE_EXHAUSTED and names the limit.
+pub(crate) fn rewrite_too_large<B>(
+    mut response: tonic::codegen::http::Response<B>,
+    limit: u32,
+) -> tonic::codegen::http::Response<B> {
+    let headers = response.headers_mut();
+    let out_of_range = headers
+        .get("grpc-status")
+        .is_some_and(|code| code.as_bytes() == b"11");
+    let too_large_message = headers
+        .get("grpc-message")
+        .is_some_and(|message| percent_decoded(message.as_bytes()).contains(TOO_LARGE));
+    // Printable ASCII without `%`: a valid `grpc-message` as it is.
+    let message = too_large(limit).message().to_owned();
+    if out_of_range
+        && too_large_message
+        && let Ok(message) = tonic::codegen::http::HeaderValue::from_str(&message)
+    {
+        let code = tonic::codegen::http::HeaderValue::from(Code::ResourceExhausted as i32);
+        headers.insert("grpc-status", code);
+        headers.insert("grpc-message", message);
+    }
+    response
+}
+
+fn percent_decoded(bytes: &[u8]) -> String {
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let hex = |b: u8| (b as char).to_digit(16);
+        if bytes[i] == b'%'
+            && let (Some(Some(high)), Some(Some(low))) = (
+                bytes.get(i + 1).map(|b| hex(*b)),
+                bytes.get(i + 2).map(|b| hex(*b)),
+            )
+        {
+            out.push(u8::try_from(high * 16 + low).unwrap_or(b'?'));
+            i += 3;
+        } else {
+            out.push(bytes[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
 }
 
 /// The status that ends a stream after `Revoked`.
@@ -108,21 +226,45 @@ pub(crate) fn granted(grant: &Grant) -> pb::LeaseEvent {
 }
 
 pub(crate) fn queued(position: &QueuePosition, epoch: u64) -> pb::LeaseEvent {
+    let listed = position.holders.len().min(QUEUED_HOLDERS);
     event(pb::lease_event::Kind::Queued(pb::Queued {
         position: position.position,
         queue_depth: position.queue_depth,
-        holders: holders(&position.holders, epoch),
+        holders: position.holders[..listed]
+            .iter()
+            .map(|h| holder(h, epoch))
+            .collect(),
         gpu_index: position.gpu_index,
         blocked_by: position.blocked_by.clone().unwrap_or_default(),
+        holders_omitted: count(position.holders.len() - listed),
     }))
+}
+
+/// How many holders a `Queued` event lists.
+const QUEUED_HOLDERS: usize = 16;
+/// How many waiters Status lists when the request does not say.
+const STATUS_WAITERS: usize = 100;
+/// How many waiters Status lists at most, whatever the request says.
+const MAX_STATUS_WAITERS: usize = 1_000;
+/// How many holders Status lists, in all and per GPU.
+const STATUS_HOLDERS: usize = 256;
+/// How many consumers Status lists.
+const STATUS_CONSUMERS: usize = 1_024;
+
+/// How many waiters a Status for `request` lists.
+pub(crate) fn waiters_listed(request: &pb::StatusRequest) -> usize {
+    match request.max_waiters {
+        0 => STATUS_WAITERS,
+        n => usize::try_from(n).map_or(MAX_STATUS_WAITERS, |n| n.min(MAX_STATUS_WAITERS)),
+    }
+}
+
+fn count(n: usize) -> u32 {
+    u32::try_from(n).unwrap_or(u32::MAX)
 }
 
 fn event(kind: pb::lease_event::Kind) -> pb::LeaseEvent {
     pb::LeaseEvent { kind: Some(kind) }
-}
-
-fn holders(holders: &Arc<[HolderView]>, epoch: u64) -> Vec<pb::Holder> {
-    holders.iter().map(|h| holder(h, epoch)).collect()
 }
 
 fn holder(view: &HolderView, epoch: u64) -> pb::Holder {
@@ -175,7 +317,9 @@ fn consumer(record: &ConsumerRecord, unload: &str, now: std::time::Instant) -> p
     }
 }
 
-fn gpu(view: &GpuView, epoch: u64) -> pb::Gpu {
+/// One GPU, with at most `waiters` of its waiters, and its lists without
+/// labels: those are in the top-level lists, and are never sent twice.
+fn gpu(view: &GpuView, epoch: u64, waiters: usize) -> pb::Gpu {
     let (used_mib, free_mib, headroom_mib) = match &view.reading {
         Some(reading) => (reading.used_mib, reading.free_mib, view.headroom_mib),
         // Unknown size, no readings: nothing to say.
@@ -198,8 +342,25 @@ fn gpu(view: &GpuView, epoch: u64) -> pb::Gpu {
         free_mib,
         measured: view.spec.measured,
         headroom_mib,
-        holders: view.holders.iter().map(|h| holder(h, epoch)).collect(),
-        waiters: view.waiters.iter().map(waiter).collect(),
+        holders: view
+            .holders
+            .iter()
+            .take(STATUS_HOLDERS)
+            .map(|h| pb::Holder {
+                labels: Default::default(),
+                ..holder(h, epoch)
+            })
+            .collect(),
+        waiters: view
+            .waiters
+            .iter()
+            .take(waiters)
+            .map(|w| pb::Waiter {
+                labels: Default::default(),
+                ..waiter(w)
+            })
+            .collect(),
+        waiters_omitted: count(view.waiters.len().saturating_sub(waiters)),
         residents: view
             .residents
             .iter()
@@ -266,7 +427,14 @@ fn ended(counts: EndCounts) -> pb::LeaseEndCounts {
     }
 }
 
-pub(crate) fn status(status: &BrokerStatus, now: std::time::Instant) -> pb::StatusResponse {
+/// The snapshot, with at most `waiters` waiters listed; every list is
+/// capped, and what is left out is counted, so that it stays small however
+/// long the queue is.
+pub(crate) fn status(
+    status: &BrokerStatus,
+    now: std::time::Instant,
+    waiters: usize,
+) -> pb::StatusResponse {
     let core = &status.core;
     pb::StatusResponse {
         capacity: core.capacity,
@@ -279,14 +447,19 @@ pub(crate) fn status(status: &BrokerStatus, now: std::time::Instant) -> pb::Stat
         holders: core
             .holders
             .iter()
+            .take(STATUS_HOLDERS)
             .map(|h| holder(h, status.epoch))
             .collect(),
-        waiters: core.waiters.iter().map(waiter).collect(),
+        holders_omitted: count(core.holders.len().saturating_sub(STATUS_HOLDERS)),
+        waiters: core.waiters.iter().take(waiters).map(waiter).collect(),
+        waiters_omitted: count(core.waiters.len().saturating_sub(waiters)),
         consumers: core
             .consumers
             .iter()
+            .take(STATUS_CONSUMERS)
             .map(|c| consumer(c, status.unload.get(&c.name).copied().unwrap_or(""), now))
             .collect(),
+        consumers_omitted: count(core.consumers.len().saturating_sub(STATUS_CONSUMERS)),
         broker: Some(pb::BrokerInfo {
             version: env!("CARGO_PKG_VERSION").to_owned(),
             epoch: status.epoch,
@@ -294,9 +467,14 @@ pub(crate) fn status(status: &BrokerStatus, now: std::time::Instant) -> pb::Stat
             shutting_down: status.shutting_down,
             reloads: status.reloads.applied,
             last_reload_error: status.reloads.last_error.clone(),
+            log_lines_dropped: status.log_lines_dropped,
         }),
         ended: Some(ended(core.ended)),
-        gpus: core.gpus.iter().map(|g| gpu(g, status.epoch)).collect(),
+        gpus: core
+            .gpus
+            .iter()
+            .map(|g| gpu(g, status.epoch, waiters))
+            .collect(),
         evictions: Some(evictions(&core.evictions)),
         inventory: status.inventory.to_owned(),
     }

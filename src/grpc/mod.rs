@@ -9,6 +9,8 @@
 
 mod convert;
 
+pub(crate) use convert::rewrite_too_large;
+
 use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
@@ -21,7 +23,7 @@ use tonic::{Request, Response, Status, Streaming};
 use tracing::{Instrument, debug, info_span};
 
 use crate::auth::Authority;
-use crate::broker::{Broker, Lease, RevokeOutcome, Ticket};
+use crate::broker::{Broker, Lease, RevokeOutcome, SessionGuard, Ticket};
 use crate::core::{FencingToken, LeaseEnd, RevokeReason, Withdrawal};
 use crate::pb::v1 as pb;
 use crate::pb::v1::lease_broker_server::LeaseBroker;
@@ -43,6 +45,10 @@ const HALF_CLOSE_SETTLE: Duration = Duration::from_millis(20);
 /// How long the broker waits to hand a client its final `Revoked` before it
 /// ends the stream regardless.
 const FAREWELL_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// How long a finished call keeps reading the client's stream, so that the
+/// client sees the end of the response before its stream is reset.
+const LINGER: Duration = Duration::from_millis(500);
 
 /// The `LeaseBroker` service.
 #[derive(Clone, Debug)]
@@ -72,13 +78,44 @@ impl LeaseService {
 type EventSender = mpsc::Sender<Result<pb::LeaseEvent, Status>>;
 
 /// The stream of events of one `AcquireLease` call.
-pub type LeaseEventStream = ReceiverStream<Result<pb::LeaseEvent, Status>>;
+pub type LeaseEventStream = SessionStream<Result<pb::LeaseEvent, Status>>;
 
 /// The stream of unload requests of one `Residency` call.
-pub type ResidencyStream = ReceiverStream<Result<pb::ResidencyCommand, Status>>;
+pub type ResidencyStream = SessionStream<Result<pb::ResidencyCommand, Status>>;
 
 /// The stream of snapshots of one `WatchStatus` call.
 pub type StatusStream = Pin<Box<dyn Stream<Item = Result<pb::StatusResponse, Status>> + Send>>;
+
+/// A response stream that counts as a stream being served (see
+/// [`Broker::session`]) until tonic drops it, which it does once the last
+/// message and the status are handed to HTTP/2, or the call is reset. So
+/// shutdown knows when every client's last word is on its way, and closes
+/// the connections only then.
+#[derive(Debug)]
+pub struct SessionStream<T> {
+    inner: ReceiverStream<T>,
+    _served: SessionGuard,
+}
+
+impl<T> SessionStream<T> {
+    fn new(receiver: mpsc::Receiver<T>, served: SessionGuard) -> Self {
+        Self {
+            inner: ReceiverStream::new(receiver),
+            _served: served,
+        }
+    }
+}
+
+impl<T> Stream for SessionStream<T> {
+    type Item = T;
+
+    fn poll_next(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<T>> {
+        Pin::new(&mut self.inner).poll_next(cx)
+    }
+}
 
 #[tonic::async_trait]
 impl LeaseBroker for LeaseService {
@@ -101,7 +138,8 @@ impl LeaseBroker for LeaseService {
     ) -> Result<Response<pb::StatusResponse>, Status> {
         self.authority
             .may_read_status(&Authority::caller(&request))?;
-        Ok(Response::new(self.snapshot()))
+        let waiters = convert::waiters_listed(request.get_ref());
+        Ok(Response::new(self.snapshot(waiters)))
     }
 
     async fn revoke_lease(
@@ -176,7 +214,12 @@ impl LeaseBroker for LeaseService {
     ) -> Result<Response<Self::ResidencyStream>, Status> {
         let caller = Authority::caller(&request);
         let mut inbound = request.into_inner();
-        let consumer = match inbound.message().await? {
+        let limits = *self.broker.limits();
+        let hello = inbound
+            .message()
+            .await
+            .map_err(|status| convert::inbound_error(status, &limits))?;
+        let consumer = match hello {
             Some(pb::ResidencyReport {
                 kind: Some(pb::residency_report::Kind::Hello(hello)),
             }) => hello.consumer,
@@ -211,7 +254,7 @@ impl LeaseBroker for LeaseService {
                             Ok(Some(pb::ResidencyReport {
                                 kind: Some(pb::residency_report::Kind::Unloaded(unloaded)),
                             })) => {
-                                listener.unloaded((!unloaded.all_gpus).then_some(unloaded.gpu_index));
+                                let _ = listener.unloaded((!unloaded.all_gpus).then_some(unloaded.gpu_index));
                             }
                             Ok(Some(_)) => {
                                 let status = Status::invalid_argument(
@@ -232,7 +275,7 @@ impl LeaseBroker for LeaseService {
             }
             .instrument(span),
         );
-        Ok(Response::new(ReceiverStream::new(rx)))
+        Ok(Response::new(SessionStream::new(rx, self.broker.session())))
     }
 
     type WatchStatusStream = StatusStream;
@@ -243,6 +286,7 @@ impl LeaseBroker for LeaseService {
     ) -> Result<Response<Self::WatchStatusStream>, Status> {
         self.authority
             .may_read_status(&Authority::caller(&request))?;
+        let waiters = convert::waiters_listed(request.get_ref());
         let service = self.clone();
         let mut changes = self.broker.subscribe();
         let (tx, rx) = mpsc::channel(1);
@@ -251,7 +295,7 @@ impl LeaseBroker for LeaseService {
             let _guard = guard;
             loop {
                 changes.borrow_and_update();
-                if tx.send(Ok(service.snapshot())).await.is_err() {
+                if tx.send(Ok(service.snapshot(waiters))).await.is_err() {
                     return;
                 }
                 // A burst of changes while the snapshot was being sent marks
@@ -260,13 +304,14 @@ impl LeaseBroker for LeaseService {
                     changed = changes.changed() => if changed.is_err() { return },
                     () = tx.closed() => return,
                     () = service.broker.shutdown_token().cancelled() => {
-                        let _ = tx.send(Ok(service.snapshot())).await;
+                        let _ = tx.send(Ok(service.snapshot(waiters))).await;
                         return;
                     }
                 }
             }
         });
-        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+        let stream = SessionStream::new(rx, self.broker.session());
+        Ok(Response::new(Box::pin(stream)))
     }
 }
 
@@ -287,7 +332,9 @@ impl LeaseService {
                     FIRST_MESSAGE_TIMEOUT.as_secs()
                 ))
             })?;
-        let acquire = match first? {
+        let limits = *self.broker.limits();
+        let first = first.map_err(|status| convert::inbound_error(status, &limits))?;
+        let acquire = match first {
             Some(pb::LeaseRequest {
                 kind: Some(RequestKind::Acquire(acquire)),
             }) => acquire,
@@ -303,6 +350,7 @@ impl LeaseService {
             }
         };
         self.authority.may_act_as(&caller, &acquire.consumer)?;
+        convert::check_labels(&acquire.labels, &limits)?;
         let max_wait = (acquire.max_wait_ms > 0)
             .then(|| Duration::from_millis(u64::from(acquire.max_wait_ms)));
         let request = convert::request(acquire);
@@ -325,12 +373,12 @@ impl LeaseService {
             }
             .instrument(span),
         );
-        Ok(Response::new(ReceiverStream::new(rx)))
+        Ok(Response::new(SessionStream::new(rx, self.broker.session())))
     }
 
-    fn snapshot(&self) -> pb::StatusResponse {
+    fn snapshot(&self, waiters: usize) -> pb::StatusResponse {
         let now = std::time::Instant::now();
-        convert::status(&self.broker.status(), now)
+        convert::status(&self.broker.status(), now, waiters)
     }
 }
 
@@ -349,7 +397,28 @@ enum Waited {
 }
 
 impl Session {
+    /// The whole call: the conversation, then the end of the response
+    /// (its status goes out as `events` is dropped), then a short linger.
     async fn run(mut self, ticket: Ticket, max_wait: Option<Duration>) {
+        self.converse(ticket, max_wait).await;
+        let Self {
+            mut inbound,
+            events,
+            ..
+        } = self;
+        drop(events);
+        // If the client has not half-closed, dropping its request stream now
+        // would make HTTP/2 reset the stream right behind the trailers; a
+        // strict client (grpclib) then reports the reset, and drops the
+        // messages it had not yet read (a `revoked`, the status). Give it a
+        // moment to read them and close its side.
+        let _ = tokio::time::timeout(LINGER, async {
+            while let Ok(Some(_)) = inbound.message().await {}
+        })
+        .await;
+    }
+
+    async fn converse(&mut self, ticket: Ticket, max_wait: Option<Duration>) {
         let lease = match self.wait(ticket, max_wait).await {
             Waited::Granted(lease) => lease,
             Waited::Over(status) => {

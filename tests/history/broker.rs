@@ -251,7 +251,7 @@ pub(crate) async fn connect(addr: &str) -> Result<LeaseBrokerClient<Channel>, St
 /// One `Status` snapshot.
 pub(crate) async fn status(addr: &str) -> Result<pb::StatusResponse, String> {
     let mut client = connect(addr).await?;
-    tokio::time::timeout(PATIENCE, client.status(pb::StatusRequest {}))
+    tokio::time::timeout(PATIENCE, client.status(pb::StatusRequest::default()))
         .await
         .map_err(|_| "Status timed out".to_owned())?
         .map(tonic::Response::into_inner)
@@ -279,7 +279,7 @@ pub(crate) async fn wait_for(
                     continue;
                 }
             };
-            let mut snapshots = match client.watch_status(pb::StatusRequest {}).await {
+            let mut snapshots = match client.watch_status(pb::StatusRequest::default()).await {
                 Ok(response) => response.into_inner(),
                 Err(e) => {
                     trouble = Some(e.to_string());

@@ -105,7 +105,7 @@ async fn tokens_are_required_and_must_match_the_consumer() {
     // Status is open unless configured otherwise.
     with_token(&broker, None)
         .await
-        .status(pb::StatusRequest {})
+        .status(pb::StatusRequest::default())
         .await
         .unwrap();
 
@@ -145,12 +145,12 @@ async fn status_can_require_a_token() {
     let broker = broker(&config).await;
     let refused = with_token(&broker, None)
         .await
-        .status(pb::StatusRequest {})
+        .status(pb::StatusRequest::default())
         .await;
     assert_eq!(refused.unwrap_err().code(), Code::Unauthenticated);
     with_token(&broker, Some("c"))
         .await
-        .status(pb::StatusRequest {})
+        .status(pb::StatusRequest::default())
         .await
         .unwrap();
 }
@@ -343,7 +343,7 @@ async fn tls_and_mutual_tls() {
         ..ConnectOptions::default()
     };
     let mut client = connect_with(&https, &with_identity).await.unwrap();
-    client.status(pb::StatusRequest {}).await.unwrap();
+    client.status(pb::StatusRequest::default()).await.unwrap();
 
     // Without a client certificate, the handshake fails.
     let without = ConnectOptions {
@@ -352,13 +352,13 @@ async fn tls_and_mutual_tls() {
     };
     let refused = match connect_with(&https, &without).await {
         Err(_) => true,
-        Ok(mut client) => client.status(pb::StatusRequest {}).await.is_err(),
+        Ok(mut client) => client.status(pb::StatusRequest::default()).await.is_err(),
     };
     assert!(refused, "a client without a certificate got through");
     // Plain HTTP/2 on the TLS port gets nowhere either.
     let plain = match gpulease::client::connect(&broker.addr).await {
         Err(_) => true,
-        Ok(mut client) => client.status(pb::StatusRequest {}).await.is_err(),
+        Ok(mut client) => client.status(pb::StatusRequest::default()).await.is_err(),
     };
     assert!(plain, "a plaintext client got through");
 

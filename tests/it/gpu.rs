@@ -485,3 +485,43 @@ async fn an_unload_request_waits_for_a_residency_stream_that_opens_late() {
     fake.set(&card, &[]);
     image.granted().await;
 }
+
+#[tokio::test]
+async fn with_nvml_an_unloaded_claim_counts_only_once_a_reading_shows_it() {
+    let card = [("GPU-fake-0", 16 * GIB)];
+    let (broker, fake) = broker_with(&card).await;
+    let (reports, mut commands) = open_residency(&broker, "streamer").await;
+    let mut image = image_after_resident(&broker, &fake, "streamer", 2002).await;
+    let command = commands.message().await.unwrap().unwrap();
+    assert!(matches!(
+        command.kind,
+        Some(pb::residency_command::Kind::UnloadRequested(_))
+    ));
+    // It answers, but NVML still shows its 10 GiB: nothing changes.
+    reports
+        .send(pb::ResidencyReport {
+            kind: Some(pb::residency_report::Kind::Unloaded(pb::Unloaded {
+                gpu_index: 0,
+                all_gpus: false,
+            })),
+        })
+        .await
+        .unwrap();
+    let mut watch = broker
+        .client()
+        .await
+        .watch_status(pb::StatusRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    // Every reading (every 50 ms while memory is awaited) is a snapshot.
+    for _ in 0..8 {
+        let snapshot = watch.message().await.unwrap().unwrap();
+        assert_eq!(resident(&snapshot, 0), ["streamer"], "{snapshot:#?}");
+        assert!(snapshot.holders.is_empty(), "granted on a claim alone");
+    }
+    // Once a reading shows the memory free, the image is granted.
+    fake.set(&card, &[]);
+    image.granted().await;
+    image.send(RequestKind::Release(pb::Release {})).await;
+}

@@ -72,7 +72,7 @@ async fn a_stale_socket_file_is_replaced() {
     let mut client = gpulease::client::connect(&format!("unix:{socket_text}"))
         .await
         .unwrap();
-    client.status(pb::StatusRequest {}).await.unwrap();
+    client.status(pb::StatusRequest::default()).await.unwrap();
 
     // A second broker on the same, live socket refuses to start.
     let output = Command::new(BIN)

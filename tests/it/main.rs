@@ -11,6 +11,7 @@ mod cli;
 mod deploy;
 mod errors;
 mod gpu;
+mod hostile;
 mod leases;
 mod lifecycle;
 mod liveness;

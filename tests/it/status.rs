@@ -17,7 +17,7 @@ async fn watch_status_reflects_every_transition() {
     .await;
     let mut client = broker.client().await;
     let mut snapshots = client
-        .watch_status(pb::StatusRequest {})
+        .watch_status(pb::StatusRequest::default())
         .await
         .unwrap()
         .into_inner();
@@ -114,7 +114,7 @@ async fn the_unix_socket_serves_with_mode_0660() {
     let address = format!("unix:{}", socket.display());
     let mut client = gpulease::client::connect(&address).await.unwrap();
     let status = client
-        .status(pb::StatusRequest {})
+        .status(pb::StatusRequest::default())
         .await
         .unwrap()
         .into_inner();

@@ -30,6 +30,8 @@ pub struct Broker {
     /// `GPULEASE__METRICS__LISTEN`).
     pub metrics: Option<String>,
     pub dir: tempfile::TempDir,
+    /// The broker's log lines, when captured.
+    pub log: Option<Log>,
 }
 
 /// How to start a broker.
@@ -41,6 +43,67 @@ pub struct Options<'a> {
     /// Files to write into the broker's directory (its working directory)
     /// before it starts, by name.
     pub files: Vec<(&'a str, &'a str)>,
+    pub stderr: Stderr,
+    pub args: Vec<&'a str>,
+}
+
+/// What the broker's stderr is connected to.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Stderr {
+    /// The test's own stderr.
+    #[default]
+    Inherit,
+    /// A pipe the test reads into [`Broker::log`].
+    Capture,
+    /// A pipe whose reading end the test closes at once.
+    Closed,
+    /// A pipe that nobody reads: it fills up, and writes block.
+    Unread,
+}
+
+/// The log lines a broker wrote so far, read by a task of the test.
+#[derive(Clone, Default)]
+pub struct Log {
+    lines: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+    added: std::sync::Arc<tokio::sync::Notify>,
+    stop: std::sync::Arc<tokio::sync::Notify>,
+}
+
+impl Log {
+    /// Waits until a line containing every one of `needles` was logged,
+    /// and returns it.
+    pub async fn wait_for(&self, needles: &[&str]) -> String {
+        let found = tokio::time::timeout(PATIENCE, async {
+            loop {
+                let added = self.added.notified();
+                if let Some(line) = self.find(needles) {
+                    return line;
+                }
+                added.await;
+            }
+        })
+        .await;
+        found.unwrap_or_else(|_| panic!("no log line with {needles:?} in time"))
+    }
+
+    /// The first line logged so far that contains every one of `needles`.
+    pub fn find(&self, needles: &[&str]) -> Option<String> {
+        let lines = self.lines.lock().unwrap();
+        lines
+            .iter()
+            .find(|line| needles.iter().all(|needle| line.contains(needle)))
+            .cloned()
+    }
+
+    /// Stops reading and closes the pipe: the broker's reader went away.
+    pub fn close(&self) {
+        self.stop.notify_one();
+    }
+
+    fn push(&self, line: String) {
+        self.lines.lock().unwrap().push(line);
+        self.added.notify_waiters();
+    }
 }
 
 impl Broker {
@@ -68,7 +131,11 @@ impl Broker {
             .env("GPULEASE__STATE_DIR", dir.path().join("state"))
             .env("RUST_LOG", "info")
             .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
+            .stderr(match options.stderr {
+                Stderr::Inherit => Stdio::inherit(),
+                _ => Stdio::piped(),
+            })
+            .args(&options.args)
             .kill_on_drop(true);
         let socket = options.socket.then(|| dir.path().join("gpulease.sock"));
         if let Some(socket) = &socket {
@@ -86,6 +153,34 @@ impl Broker {
             command.env(key, value);
         }
         let mut child = command.spawn().expect("start gpulease serve");
+        let mut log = None;
+        let mut unread = None;
+        match options.stderr {
+            Stderr::Inherit => {}
+            Stderr::Closed => drop(child.stderr.take()),
+            Stderr::Unread => unread = child.stderr.take(),
+            Stderr::Capture => {
+                let captured = Log::default();
+                let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+                let sink = captured.clone();
+                tokio::spawn(async move {
+                    loop {
+                        tokio::select! {
+                            line = lines.next_line() => match line {
+                                Ok(Some(line)) => {
+                                    eprintln!("{line}");
+                                    sink.push(line);
+                                }
+                                _ => return,
+                            },
+                            // Dropping `lines` closes the reading end.
+                            () = sink.stop.notified() => return,
+                        }
+                    }
+                });
+                log = Some(captured);
+            }
+        }
         let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
         let mut addr = None;
         let mut unix = socket.is_none();
@@ -110,14 +205,19 @@ impl Broker {
                 None => {}
             }
         }
-        // Keep reading, so that the broker never writes into a closed pipe.
-        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+        // Keep reading, so that the broker never writes into a closed pipe;
+        // an unread stderr stays open (and full) as long as the broker runs.
+        tokio::spawn(async move {
+            let _unread = unread;
+            while let Ok(Some(_)) = lines.next_line().await {}
+        });
         Self {
             child,
             addr: addr.unwrap(),
             socket,
             metrics,
             dir,
+            log,
         }
     }
 
@@ -133,7 +233,7 @@ impl Broker {
         gpulease::client::connect_with(&self.addr, &options)
             .await
             .unwrap()
-            .status(pb::StatusRequest {})
+            .status(pb::StatusRequest::default())
             .await
             .unwrap()
             .into_inner()
@@ -142,10 +242,25 @@ impl Broker {
     pub async fn status(&self) -> pb::StatusResponse {
         self.client()
             .await
-            .status(pb::StatusRequest {})
+            .status(pb::StatusRequest::default())
             .await
             .unwrap()
             .into_inner()
+    }
+
+    /// The captured log; see [`Stderr::Capture`].
+    pub fn log(&self) -> &Log {
+        self.log
+            .as_ref()
+            .expect("start the broker with Stderr::Capture")
+    }
+
+    /// Waits (on WatchStatus) until the broker has no holder and no waiter.
+    pub async fn idle(&self) -> pb::StatusResponse {
+        self.wait_for("no holder and no waiter", |s| {
+            s.in_flight == 0 && s.queue_depth == 0
+        })
+        .await
     }
 
     /// Waits (on WatchStatus, not by sleeping) until a snapshot satisfies
@@ -157,7 +272,7 @@ impl Broker {
     ) -> pb::StatusResponse {
         let mut client = self.client().await;
         let mut snapshots = client
-            .watch_status(pb::StatusRequest {})
+            .watch_status(pb::StatusRequest::default())
             .await
             .unwrap()
             .into_inner();

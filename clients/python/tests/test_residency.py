@@ -132,15 +132,21 @@ def test_the_helper_reconnects_when_the_broker_restarts(
     assert "reconnecting" in caplog.text
 
 
-def test_report_unloaded_frees_the_residency(start_broker: Callable[..., Broker]) -> None:
+def test_an_unasked_report_unloaded_is_ignored(start_broker: Callable[..., Broker]) -> None:
     broker = memory_broker(start_broker)
-    helper = gpulease.residency("llm", lambda request: None, broker=broker.address)
+    asked: List[Any] = []
+    helper = gpulease.residency("llm", asked.append, broker=broker.address)
     try:
         assert helper.wait_connected(PATIENCE_S)
         make_llm_resident(broker)
-        # The model was unloaded without being asked (its keep-alive ran out).
+        # An unasked claim could come from anyone who may open the stream:
+        # the broker ignores it, so llm stays resident...
         assert helper.report_unloaded()
-        broker.wait_until(lambda s: residents(s) == [], "llm is no longer resident")
+        # ...and image's 12 GiB still needs llm to be asked to unload.
+        with gpulease.lease("image", vram_mib=12288, broker=broker.address, max_wait=PATIENCE_S):
+            pass
+        assert [request.for_consumer for request in asked] == ["image"]
+        assert broker.status().evictions.requested == 1
     finally:
         helper.close()
     assert not helper.report_unloaded()

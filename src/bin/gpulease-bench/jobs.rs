@@ -339,7 +339,7 @@ async fn unary(address: &str, iterations: usize, warmup: usize) -> Result<Latenc
     let mut samples = Latencies::default();
     for i in 0..warmup + iterations {
         let start = now_ns();
-        client.status(pb::StatusRequest {}).await?;
+        client.status(pb::StatusRequest::default()).await?;
         if i >= warmup {
             samples.first.push(now_ns() - start);
         }

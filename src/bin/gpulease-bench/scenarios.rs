@@ -568,12 +568,18 @@ impl Bench {
         }
         tokio::time::sleep(self.plan.throughput_warmup).await;
         let mut status = connect(address).await?;
-        let before = status.status(pb::StatusRequest {}).await?.into_inner();
+        let before = status
+            .status(pb::StatusRequest::default())
+            .await?
+            .into_inner();
         let start = Instant::now();
         let cpu_before = server.cpu_ns()?;
         tokio::time::sleep(self.plan.throughput_window).await;
         let cpu_ns = server.cpu_ns()?.saturating_sub(cpu_before);
-        let after = status.status(pb::StatusRequest {}).await?.into_inner();
+        let after = status
+            .status(pb::StatusRequest::default())
+            .await?
+            .into_inner();
         let elapsed = start.elapsed();
         let mut errors = 0;
         for mut worker in workers {
@@ -720,7 +726,10 @@ fn summary(samples: &[u64], what: &str) -> Result<Summary> {
 /// a server that lists no holders (the bare semaphore), its grant count.
 async fn current_token(address: &str) -> Result<u64> {
     let mut client = connect(address).await?;
-    let status = client.status(pb::StatusRequest {}).await?.into_inner();
+    let status = client
+        .status(pb::StatusRequest::default())
+        .await?
+        .into_inner();
     Ok(status
         .holders
         .iter()

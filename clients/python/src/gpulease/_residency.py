@@ -129,10 +129,12 @@ class Residency:
             return False
 
     def report_unloaded(self, gpu_index: Optional[int] = None) -> bool:
-        """Tells the broker that the consumer freed its memory on its own
-        (on `gpu_index`, or on every GPU with ``None``), for example when a
-        model's keep-alive ran out. Returns whether it could be sent (the
-        stream is open)."""
+        """Sends an `unloaded` report (for `gpu_index`, or every GPU with
+        ``None``). The broker believes it only as the answer to an unload
+        request it sent, and ignores (and logs) a claim it did not ask for:
+        memory freed on its own comes back through NVML's readings, or the
+        consumer's `idle_ttl`. Returns whether it could be sent (the stream
+        is open)."""
         with self._changed:
             feed = self._feed if self._connected else None
         if feed is None:

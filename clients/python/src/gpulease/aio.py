@@ -444,8 +444,8 @@ class Residency:
         return False
 
     async def report_unloaded(self, gpu_index: Optional[int] = None) -> bool:
-        """Tells the broker the consumer freed its memory on its own; see
-        `gpulease.Residency.report_unloaded`."""
+        """Sends an `unloaded` report, believed only as the answer to an
+        unload request; see `gpulease.Residency.report_unloaded`."""
         call = self._call if self._connected else None
         if call is None:
             return False

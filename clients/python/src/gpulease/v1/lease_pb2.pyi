@@ -97,18 +97,20 @@ class LeaseEvent(_message.Message):
     def __init__(self, queued: _Optional[_Union[Queued, _Mapping]] = ..., granted: _Optional[_Union[Granted, _Mapping]] = ..., revoked: _Optional[_Union[Revoked, _Mapping]] = ...) -> None: ...
 
 class Queued(_message.Message):
-    __slots__ = ("position", "queue_depth", "holders", "gpu_index", "blocked_by")
+    __slots__ = ("position", "queue_depth", "holders", "gpu_index", "blocked_by", "holders_omitted")
     POSITION_FIELD_NUMBER: _ClassVar[int]
     QUEUE_DEPTH_FIELD_NUMBER: _ClassVar[int]
     HOLDERS_FIELD_NUMBER: _ClassVar[int]
     GPU_INDEX_FIELD_NUMBER: _ClassVar[int]
     BLOCKED_BY_FIELD_NUMBER: _ClassVar[int]
+    HOLDERS_OMITTED_FIELD_NUMBER: _ClassVar[int]
     position: int
     queue_depth: int
     holders: _containers.RepeatedCompositeFieldContainer[Holder]
     gpu_index: int
     blocked_by: str
-    def __init__(self, position: _Optional[int] = ..., queue_depth: _Optional[int] = ..., holders: _Optional[_Iterable[_Union[Holder, _Mapping]]] = ..., gpu_index: _Optional[int] = ..., blocked_by: _Optional[str] = ...) -> None: ...
+    holders_omitted: int
+    def __init__(self, position: _Optional[int] = ..., queue_depth: _Optional[int] = ..., holders: _Optional[_Iterable[_Union[Holder, _Mapping]]] = ..., gpu_index: _Optional[int] = ..., blocked_by: _Optional[str] = ..., holders_omitted: _Optional[int] = ...) -> None: ...
 
 class Granted(_message.Message):
     __slots__ = ("lease_id", "fencing_token", "broker_epoch", "gpu_index", "gpu_uuid", "waited_ms")
@@ -135,11 +137,13 @@ class Revoked(_message.Message):
     def __init__(self, reason: _Optional[_Union[RevokeReason, str]] = ..., message: _Optional[str] = ...) -> None: ...
 
 class StatusRequest(_message.Message):
-    __slots__ = ()
-    def __init__(self) -> None: ...
+    __slots__ = ("max_waiters",)
+    MAX_WAITERS_FIELD_NUMBER: _ClassVar[int]
+    max_waiters: int
+    def __init__(self, max_waiters: _Optional[int] = ...) -> None: ...
 
 class StatusResponse(_message.Message):
-    __slots__ = ("capacity", "in_flight", "queue_depth", "total_grants", "last_wait_ms", "last_hold_ms", "oldest_queued_ms", "holders", "waiters", "consumers", "broker", "ended", "gpus", "evictions", "inventory")
+    __slots__ = ("capacity", "in_flight", "queue_depth", "total_grants", "last_wait_ms", "last_hold_ms", "oldest_queued_ms", "holders", "waiters", "consumers", "broker", "ended", "gpus", "evictions", "inventory", "waiters_omitted", "holders_omitted", "consumers_omitted")
     CAPACITY_FIELD_NUMBER: _ClassVar[int]
     IN_FLIGHT_FIELD_NUMBER: _ClassVar[int]
     QUEUE_DEPTH_FIELD_NUMBER: _ClassVar[int]
@@ -155,6 +159,9 @@ class StatusResponse(_message.Message):
     GPUS_FIELD_NUMBER: _ClassVar[int]
     EVICTIONS_FIELD_NUMBER: _ClassVar[int]
     INVENTORY_FIELD_NUMBER: _ClassVar[int]
+    WAITERS_OMITTED_FIELD_NUMBER: _ClassVar[int]
+    HOLDERS_OMITTED_FIELD_NUMBER: _ClassVar[int]
+    CONSUMERS_OMITTED_FIELD_NUMBER: _ClassVar[int]
     capacity: int
     in_flight: int
     queue_depth: int
@@ -170,10 +177,13 @@ class StatusResponse(_message.Message):
     gpus: _containers.RepeatedCompositeFieldContainer[Gpu]
     evictions: Evictions
     inventory: str
-    def __init__(self, capacity: _Optional[int] = ..., in_flight: _Optional[int] = ..., queue_depth: _Optional[int] = ..., total_grants: _Optional[int] = ..., last_wait_ms: _Optional[int] = ..., last_hold_ms: _Optional[int] = ..., oldest_queued_ms: _Optional[int] = ..., holders: _Optional[_Iterable[_Union[Holder, _Mapping]]] = ..., waiters: _Optional[_Iterable[_Union[Waiter, _Mapping]]] = ..., consumers: _Optional[_Iterable[_Union[Consumer, _Mapping]]] = ..., broker: _Optional[_Union[BrokerInfo, _Mapping]] = ..., ended: _Optional[_Union[LeaseEndCounts, _Mapping]] = ..., gpus: _Optional[_Iterable[_Union[Gpu, _Mapping]]] = ..., evictions: _Optional[_Union[Evictions, _Mapping]] = ..., inventory: _Optional[str] = ...) -> None: ...
+    waiters_omitted: int
+    holders_omitted: int
+    consumers_omitted: int
+    def __init__(self, capacity: _Optional[int] = ..., in_flight: _Optional[int] = ..., queue_depth: _Optional[int] = ..., total_grants: _Optional[int] = ..., last_wait_ms: _Optional[int] = ..., last_hold_ms: _Optional[int] = ..., oldest_queued_ms: _Optional[int] = ..., holders: _Optional[_Iterable[_Union[Holder, _Mapping]]] = ..., waiters: _Optional[_Iterable[_Union[Waiter, _Mapping]]] = ..., consumers: _Optional[_Iterable[_Union[Consumer, _Mapping]]] = ..., broker: _Optional[_Union[BrokerInfo, _Mapping]] = ..., ended: _Optional[_Union[LeaseEndCounts, _Mapping]] = ..., gpus: _Optional[_Iterable[_Union[Gpu, _Mapping]]] = ..., evictions: _Optional[_Union[Evictions, _Mapping]] = ..., inventory: _Optional[str] = ..., waiters_omitted: _Optional[int] = ..., holders_omitted: _Optional[int] = ..., consumers_omitted: _Optional[int] = ...) -> None: ...
 
 class Gpu(_message.Message):
-    __slots__ = ("index", "uuid", "name", "total_mib", "used_mib", "free_mib", "measured", "headroom_mib", "holders", "waiters", "residents", "blocked_by", "unleased")
+    __slots__ = ("index", "uuid", "name", "total_mib", "used_mib", "free_mib", "measured", "headroom_mib", "holders", "waiters", "residents", "blocked_by", "unleased", "waiters_omitted")
     INDEX_FIELD_NUMBER: _ClassVar[int]
     UUID_FIELD_NUMBER: _ClassVar[int]
     NAME_FIELD_NUMBER: _ClassVar[int]
@@ -187,6 +197,7 @@ class Gpu(_message.Message):
     RESIDENTS_FIELD_NUMBER: _ClassVar[int]
     BLOCKED_BY_FIELD_NUMBER: _ClassVar[int]
     UNLEASED_FIELD_NUMBER: _ClassVar[int]
+    WAITERS_OMITTED_FIELD_NUMBER: _ClassVar[int]
     index: int
     uuid: str
     name: str
@@ -200,7 +211,8 @@ class Gpu(_message.Message):
     residents: _containers.RepeatedCompositeFieldContainer[Resident]
     blocked_by: str
     unleased: _containers.RepeatedCompositeFieldContainer[GpuProcess]
-    def __init__(self, index: _Optional[int] = ..., uuid: _Optional[str] = ..., name: _Optional[str] = ..., total_mib: _Optional[int] = ..., used_mib: _Optional[int] = ..., free_mib: _Optional[int] = ..., measured: bool = ..., headroom_mib: _Optional[int] = ..., holders: _Optional[_Iterable[_Union[Holder, _Mapping]]] = ..., waiters: _Optional[_Iterable[_Union[Waiter, _Mapping]]] = ..., residents: _Optional[_Iterable[_Union[Resident, _Mapping]]] = ..., blocked_by: _Optional[str] = ..., unleased: _Optional[_Iterable[_Union[GpuProcess, _Mapping]]] = ...) -> None: ...
+    waiters_omitted: int
+    def __init__(self, index: _Optional[int] = ..., uuid: _Optional[str] = ..., name: _Optional[str] = ..., total_mib: _Optional[int] = ..., used_mib: _Optional[int] = ..., free_mib: _Optional[int] = ..., measured: bool = ..., headroom_mib: _Optional[int] = ..., holders: _Optional[_Iterable[_Union[Holder, _Mapping]]] = ..., waiters: _Optional[_Iterable[_Union[Waiter, _Mapping]]] = ..., residents: _Optional[_Iterable[_Union[Resident, _Mapping]]] = ..., blocked_by: _Optional[str] = ..., unleased: _Optional[_Iterable[_Union[GpuProcess, _Mapping]]] = ..., waiters_omitted: _Optional[int] = ...) -> None: ...
 
 class Resident(_message.Message):
     __slots__ = ("consumer", "footprint_mib", "idle_ms", "pid", "unload_requested", "unload_failed")
@@ -361,20 +373,22 @@ class Consumer(_message.Message):
     def __init__(self, name: _Optional[str] = ..., kind: _Optional[_Union[ConsumerKind, str]] = ..., configured: bool = ..., vram_mib: _Optional[int] = ..., coexist: bool = ..., grants: _Optional[int] = ..., last_active_ms_ago: _Optional[int] = ..., holding: bool = ..., waiting: _Optional[int] = ..., peak_mib: _Optional[int] = ..., unload: _Optional[str] = ...) -> None: ...
 
 class BrokerInfo(_message.Message):
-    __slots__ = ("version", "epoch", "uptime_ms", "shutting_down", "reloads", "last_reload_error")
+    __slots__ = ("version", "epoch", "uptime_ms", "shutting_down", "reloads", "last_reload_error", "log_lines_dropped")
     VERSION_FIELD_NUMBER: _ClassVar[int]
     EPOCH_FIELD_NUMBER: _ClassVar[int]
     UPTIME_MS_FIELD_NUMBER: _ClassVar[int]
     SHUTTING_DOWN_FIELD_NUMBER: _ClassVar[int]
     RELOADS_FIELD_NUMBER: _ClassVar[int]
     LAST_RELOAD_ERROR_FIELD_NUMBER: _ClassVar[int]
+    LOG_LINES_DROPPED_FIELD_NUMBER: _ClassVar[int]
     version: str
     epoch: int
     uptime_ms: int
     shutting_down: bool
     reloads: int
     last_reload_error: str
-    def __init__(self, version: _Optional[str] = ..., epoch: _Optional[int] = ..., uptime_ms: _Optional[int] = ..., shutting_down: bool = ..., reloads: _Optional[int] = ..., last_reload_error: _Optional[str] = ...) -> None: ...
+    log_lines_dropped: int
+    def __init__(self, version: _Optional[str] = ..., epoch: _Optional[int] = ..., uptime_ms: _Optional[int] = ..., shutting_down: bool = ..., reloads: _Optional[int] = ..., last_reload_error: _Optional[str] = ..., log_lines_dropped: _Optional[int] = ...) -> None: ...
 
 class LeaseEndCounts(_message.Message):
     __slots__ = ("released", "half_closed", "disconnected", "revoked", "withdrawn", "expired")
