@@ -3,7 +3,8 @@
 //!
 //! Applied live: the consumers (sizes, kinds, adapters, idle TTLs), tokens
 //! and Unix rules, `max_hold` (held leases follow it), `capacity`,
-//! `strict_consumers`, `lock_delay` and the `[gpu]` margins and timings.
+//! `strict_consumers`, `lock_delay`, the `[gpu]` margins and timings, and
+//! the queue's and the labels' `[limits]`.
 //! Kept until a restart, and named in the log: the listeners, TLS files,
 //! the socket's mode and group, the state directory, keepalive, the GPU
 //! inventory's source, `shutdown_grace` and the metrics listener. A file
@@ -164,8 +165,20 @@ fn merge(running: &Config, mut new: Config) -> (Config, ReloadReport) {
     restart!("gpu.nvml_library", gpu.nvml_library);
     restart!("gpu.static_memory_mib", gpu.static_memory_mib);
     restart!("metrics.listen", metrics.listen);
-    // Baked into the servers (streams, message size) and the broker.
-    restart!("limits", limits);
+    live!("limits.max_waiters", limits.max_waiters);
+    live!(
+        "limits.max_waiters_per_consumer",
+        limits.max_waiters_per_consumer
+    );
+    live!("limits.max_labels", limits.max_labels);
+    live!("limits.max_label_key_bytes", limits.max_label_key_bytes);
+    live!("limits.max_label_value_bytes", limits.max_label_value_bytes);
+    // Baked into the servers: the codec's bound and HTTP/2's settings.
+    restart!("limits.max_message_bytes", limits.max_message_bytes);
+    restart!(
+        "limits.max_streams_per_connection",
+        limits.max_streams_per_connection
+    );
     (new, report)
 }
 

@@ -66,7 +66,6 @@ pub struct Broker {
     /// Unload requests sent and not yet settled, by GPU and consumer, with
     /// when they were sent: for the unload metrics.
     pending_unloads: Mutex<std::collections::HashMap<(u32, String), Instant>>,
-    limits: Limits,
 }
 
 impl std::fmt::Debug for Broker {
@@ -101,6 +100,9 @@ impl State {
 /// The settings outside the core that a reload changes.
 #[derive(Debug)]
 struct Live {
+    /// `[limits]`: the queue's bounds and the labels' apply live; the
+    /// servers keep the stream and message bounds they started with.
+    limits: Limits,
     unload: std::collections::BTreeMap<String, UnloadMethod>,
     unload_timeout: Duration,
     poll_interval: Duration,
@@ -301,7 +303,6 @@ impl Broker {
             residency: memory::Listeners::default(),
             metrics: Metrics::new(),
             pending_unloads: Mutex::new(std::collections::HashMap::new()),
-            limits: config.limits,
         });
         broker.configure_metrics(config);
         tokio::spawn(Arc::clone(&broker).sweep_positions());
@@ -520,12 +521,14 @@ impl Broker {
         let consumer = request.consumer.clone();
         let mut log = Vec::new();
         let now = Instant::now().into_std();
+        // Read before the core's lock is taken, not under it.
+        let limits = self.limits();
         let (id, waiting, unloads) = {
             let mut state = self.lock();
             if state.shutting_down {
                 return Err(EnqueueError::ShuttingDown);
             }
-            self.check_room(&state, &consumer)?;
+            self.check_room(&state, &consumer, &limits)?;
             let seat = Seat {
                 consumer: consumer.clone(),
                 grant: grant_tx,
@@ -583,9 +586,14 @@ impl Broker {
     /// Refuses a request once `[limits]` says the queue is full, over all
     /// GPUs or for its consumer: every waiter costs memory (and a place in
     /// every snapshot), so their number is bounded.
-    fn check_room(&self, state: &State, consumer: &str) -> Result<(), EnqueueError> {
+    fn check_room(
+        &self,
+        state: &State,
+        consumer: &str,
+        limits: &Limits,
+    ) -> Result<(), EnqueueError> {
         let waiting = saturating_u32(state.sched.queue_depth());
-        if waiting >= self.limits.max_waiters {
+        if waiting >= limits.max_waiters {
             return Err(EnqueueError::QueueFull {
                 waiting,
                 whose: String::new(),
@@ -593,7 +601,7 @@ impl Broker {
             });
         }
         let mine = state.sched.waiting_of(consumer);
-        if mine >= self.limits.max_waiters_per_consumer {
+        if mine >= limits.max_waiters_per_consumer {
             return Err(EnqueueError::QueueFull {
                 waiting: mine,
                 whose: format!("of consumer {consumer:?} "),
@@ -603,9 +611,10 @@ impl Broker {
         Ok(())
     }
 
-    /// The bounds on what one client can make the broker hold or send.
-    pub fn limits(&self) -> &Limits {
-        &self.limits
+    /// The bounds on what one client can make the broker hold or send,
+    /// as the last reload set them.
+    pub fn limits(&self) -> Limits {
+        self.live().limits
     }
 
     /// A snapshot of everything.
@@ -1259,6 +1268,7 @@ fn settings(config: &Config) -> Settings {
 impl From<&Config> for Live {
     fn from(config: &Config) -> Self {
         Self {
+            limits: config.limits,
             unload: config.unload.clone(),
             unload_timeout: config.gpu.unload_timeout,
             poll_interval: config.gpu.poll_interval,

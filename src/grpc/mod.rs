@@ -214,7 +214,7 @@ impl LeaseBroker for LeaseService {
     ) -> Result<Response<Self::ResidencyStream>, Status> {
         let caller = Authority::caller(&request);
         let mut inbound = request.into_inner();
-        let limits = *self.broker.limits();
+        let limits = self.broker.limits();
         let hello = inbound
             .message()
             .await
@@ -332,7 +332,7 @@ impl LeaseService {
                     FIRST_MESSAGE_TIMEOUT.as_secs()
                 ))
             })?;
-        let limits = *self.broker.limits();
+        let limits = self.broker.limits();
         let first = first.map_err(|status| convert::inbound_error(status, &limits))?;
         let acquire = match first {
             Some(pb::LeaseRequest {

@@ -213,3 +213,45 @@ async fn sighup_rereads_a_token_file() {
     held.release().await;
     new.granted().await;
 }
+
+#[tokio::test]
+async fn the_queue_limits_change_live_and_the_server_limits_wait_for_a_restart() {
+    let config = "[auth]\nadmin_token = \"admin-secret\"\n";
+    let broker = Broker::start_with(Options {
+        config: Some(config),
+        ..Options::default()
+    })
+    .await;
+    let admin = || client_with(&broker, "admin-secret");
+    let mut holder = Call::open_with_client(admin().await, acquire("x"))
+        .await
+        .unwrap();
+    holder.granted().await;
+    rewrite(
+        &broker,
+        &format!("{config}[limits]\nmax_waiters = 1\nmax_message_bytes = 32768\n"),
+    );
+    let (code, stdout, stderr) = cli_reload(&broker, "admin-secret").await;
+    assert_eq!(code, 0, "{stderr}");
+    assert!(stdout.contains("applied limits.max_waiters"), "{stdout}");
+    assert!(
+        stdout.contains("kept until a restart: limits.max_message_bytes"),
+        "{stdout}"
+    );
+    let mut first = Call::open_with_client(admin().await, acquire("y"))
+        .await
+        .unwrap();
+    first.queued().await;
+    let second = Call::open_with_client(admin().await, acquire("z")).await;
+    let refused = match second {
+        Err(status) => status,
+        Ok(mut call) => match call.next().await {
+            Err(status) => status,
+            other => panic!("expected a refusal, got {other:?}"),
+        },
+    };
+    assert_eq!(refused.code(), Code::ResourceExhausted, "{refused:?}");
+    assert!(refused.message().contains("max_waiters"), "{refused:?}");
+    holder.release().await;
+    first.granted().await;
+}
