@@ -9,7 +9,10 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-use crate::core::{ConsumerKind, ConsumerProfile, validate_consumer_name};
+use crate::core::{
+    ConsumerKind, ConsumerProfile, DEFAULT_PREEMPT_GRACE, MAX_PRIORITY, MIN_PRIORITY,
+    validate_consumer_name,
+};
 
 /// The embedded defaults, as TOML; `gpulease serve --print-defaults` shows it.
 pub const DEFAULTS: &str = include_str!("defaults.toml");
@@ -55,6 +58,22 @@ pub struct Config {
     pub file: Option<PathBuf>,
     /// Bounds on what one client can make the broker hold or send.
     pub limits: Limits,
+    /// How each GPU's queue is served.
+    pub scheduling: SchedulingConfig,
+}
+
+/// The `[scheduling]` section.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SchedulingConfig {
+    /// Grant later requests that fit now while the head of the queue
+    /// cannot be granted, within the reservation rule. Default: true.
+    pub backfill: bool,
+    /// A waiter's effective priority rises by one for every whole `aging`
+    /// it has waited; zero turns aging off. Default: 60 s.
+    pub aging: Duration,
+    /// How long a waiter of higher priority waits before preemptible
+    /// holders in its way are asked to make room. Default: 30 s.
+    pub preempt_after: Duration,
 }
 
 /// The `[metrics]` section.
@@ -265,6 +284,7 @@ struct RawConfig {
     gpu: RawGpu,
     auth: RawAuth,
     limits: RawLimits,
+    scheduling: RawScheduling,
     #[serde(default)]
     consumers: BTreeMap<String, RawConsumer>,
     metrics: RawMetrics,
@@ -274,6 +294,16 @@ struct RawConfig {
 #[serde(deny_unknown_fields)]
 struct RawMetrics {
     listen: String,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawScheduling {
+    backfill: bool,
+    #[serde(with = "humantime_serde")]
+    aging: Duration,
+    #[serde(with = "humantime_serde")]
+    preempt_after: Duration,
 }
 
 #[derive(Debug, Deserialize)]
@@ -382,6 +412,12 @@ struct RawConsumer {
     unix_users: Vec<String>,
     #[serde(default)]
     unix_groups: Vec<String>,
+    #[serde(default)]
+    priority: i64,
+    #[serde(default)]
+    preemptible: bool,
+    #[serde(default, with = "humantime_serde")]
+    preempt_grace: Option<Duration>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -601,6 +637,24 @@ impl RawConfig {
                 }
                 Some(RawUnload::Command { command }) => Some(UnloadMethod::Command(command)),
             };
+            let priority = i32::try_from(consumer.priority)
+                .ok()
+                .filter(|p| (MIN_PRIORITY..=MAX_PRIORITY).contains(p))
+                .ok_or_else(|| {
+                    invalid(
+                        &format!("{key}.priority"),
+                        format!(
+                            "must be between {MIN_PRIORITY} and {MAX_PRIORITY}, not {}",
+                            consumer.priority
+                        ),
+                    )
+                })?;
+            if consumer.preempt_grace.is_some() && !consumer.preemptible {
+                return Err(invalid(
+                    &format!("{key}.preempt_grace"),
+                    "is set but `preemptible` is not true",
+                ));
+            }
             consumers.push(ConsumerProfile {
                 name: name.clone(),
                 kind: consumer.kind.into(),
@@ -608,6 +662,9 @@ impl RawConfig {
                 coexist: consumer.coexist,
                 unloadable: method.is_some(),
                 idle_ttl: consumer.idle_ttl.filter(|ttl| !ttl.is_zero()),
+                priority,
+                preemptible: consumer.preemptible,
+                preempt_grace: consumer.preempt_grace.unwrap_or(DEFAULT_PREEMPT_GRACE),
             });
             if let Some(method) = method {
                 unload.insert(name, method);
@@ -692,6 +749,11 @@ impl RawConfig {
             metrics,
             file: None,
             limits: self.limits.validate()?,
+            scheduling: SchedulingConfig {
+                backfill: self.scheduling.backfill,
+                aging: self.scheduling.aging,
+                preempt_after: self.scheduling.preempt_after,
+            },
         })
     }
 }
@@ -726,6 +788,53 @@ mod tests {
         assert_eq!(config.dead_client_bound(), Duration::from_secs(10));
         assert!(config.consumers.is_empty());
         assert_eq!(config.metrics.listen, None);
+        assert_eq!(
+            config.scheduling,
+            SchedulingConfig {
+                backfill: true,
+                aging: Duration::from_secs(60),
+                preempt_after: Duration::from_secs(30),
+            }
+        );
+    }
+
+    #[test]
+    fn priorities_and_preemption() {
+        let config = load(
+            r#"
+            [scheduling]
+            backfill = false
+            aging = "0s"
+            preempt_after = "2m"
+            [consumers.mvoice]
+            priority = 10
+            [consumers.train]
+            priority = -5
+            preemptible = true
+            preempt_grace = "1m"
+            [consumers.batch]
+            preemptible = true
+            "#,
+            &[],
+        )
+        .unwrap();
+        assert!(!config.scheduling.backfill);
+        assert_eq!(config.scheduling.aging, Duration::ZERO);
+        assert_eq!(config.scheduling.preempt_after, Duration::from_secs(120));
+        let by_name = |name: &str| config.consumers.iter().find(|c| c.name == name).unwrap();
+        assert_eq!(by_name("mvoice").priority, 10);
+        assert!(!by_name("mvoice").preemptible);
+        assert_eq!(by_name("train").priority, -5);
+        assert_eq!(by_name("train").preempt_grace, Duration::from_secs(60));
+        assert_eq!(by_name("batch").preempt_grace, Duration::from_secs(30));
+        assert!(error("[consumers.x]\npriority = 5000", &[]).contains("`consumers.x.priority`"));
+        assert!(error("[consumers.x]\npriority = \"high\"", &[]).contains("priority"));
+        assert!(
+            error("[consumers.x]\npreempt_grace = \"5s\"", &[])
+                .contains("`consumers.x.preempt_grace`")
+        );
+        assert!(error("[scheduling]\naging = \"often\"", &[]).contains("aging"));
+        assert!(error("[scheduling]\nbackfil = true", &[]).contains("backfil"));
     }
 
     #[test]
@@ -779,20 +888,14 @@ mod tests {
             config.consumers,
             [
                 ConsumerProfile {
-                    name: "mvoice".into(),
-                    kind: ConsumerKind::Tts,
                     vram_mib: 3000,
                     coexist: true,
-                    unloadable: false,
-                    idle_ttl: None,
+                    ..ConsumerProfile::new("mvoice", ConsumerKind::Tts)
                 },
                 ConsumerProfile {
-                    name: "ollama".into(),
-                    kind: ConsumerKind::Llm,
-                    vram_mib: 0,
-                    coexist: false,
                     unloadable: true,
                     idle_ttl: Some(Duration::from_secs(300)),
+                    ..ConsumerProfile::new("ollama", ConsumerKind::Llm)
                 },
             ]
         );

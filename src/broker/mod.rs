@@ -24,8 +24,8 @@ use tracing::{info, warn};
 
 use crate::config::{Config, Limits, UnloadMethod};
 use crate::core::{
-    Decisions, FencingToken, HolderView, LeaseEnd, Rejection, Request, Scheduler, Settings,
-    Snapshot, UnloadRequest, WaiterId, Withdrawal,
+    Decisions, FencingToken, HolderView, LeaseEnd, Preemption, Rejection, Request, RevokeReason,
+    Scheduler, Settings, Snapshot, UnloadRequest, WaiterId, Withdrawal,
 };
 use crate::inventory::Inventory;
 use crate::metrics::{Metrics, UnloadResult};
@@ -137,6 +137,25 @@ pub struct QueuePosition {
     pub holders: Arc<[HolderView]>,
     /// Why the head of the queue is not granted although a permit is free.
     pub blocked_by: Option<String>,
+    /// The request's effective priority now.
+    pub priority: i32,
+    /// How much longer it is expected to wait; `None` when unknown.
+    pub estimated_wait: Option<Duration>,
+}
+
+impl QueuePosition {
+    /// Where a request stands before anything is known.
+    fn unknown() -> Self {
+        Self {
+            position: u32::MAX,
+            queue_depth: 0,
+            gpu_index: 0,
+            holders: Arc::from([]),
+            blocked_by: None,
+            priority: 0,
+            estimated_wait: None,
+        }
+    }
 }
 
 /// A granted lease's particulars.
@@ -156,15 +175,29 @@ pub struct Grant {
     pub gpu_index: u32,
     /// The granted GPU's UUID; empty when unknown.
     pub gpu_uuid: String,
-    /// Fires when an operator revokes the lease.
+    /// Fires when the broker asks the holder to make way, and when an
+    /// operator or a preemption revokes the lease.
     pub revocation: Arc<Revocation>,
 }
 
-/// An operator's revocation of one lease.
+/// The broker's word to one lease's session, outside its own stream: a
+/// request to make way (preemption), and a revocation (by an operator, or
+/// after a preemption's grace). Each happens at most once.
 #[derive(Debug, Default)]
 pub struct Revocation {
     fired: CancellationToken,
-    message: std::sync::OnceLock<String>,
+    reason: std::sync::OnceLock<(RevokeReason, String)>,
+    preempt_asked: CancellationToken,
+    preempt: std::sync::OnceLock<PreemptNotice>,
+}
+
+/// A request to a preemptible holder to make way.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PreemptNotice {
+    /// How long it has to release.
+    pub grace: Duration,
+    /// Who it makes way for.
+    pub for_consumer: String,
 }
 
 impl PartialEq for Revocation {
@@ -181,9 +214,37 @@ impl Revocation {
         self.fired.cancelled().await;
     }
 
-    /// The operator's message.
-    pub fn message(&self) -> &str {
-        self.message.get().map_or("", String::as_str)
+    /// Why it was revoked (an operator's, unless a preemption's), and the
+    /// operator's message.
+    pub fn reason(&self) -> (RevokeReason, &str) {
+        self.reason
+            .get()
+            .map_or((RevokeReason::Admin, ""), |(reason, message)| {
+                (*reason, message.as_str())
+            })
+    }
+
+    /// Resolves once the holder is asked to make way; see
+    /// [`Revocation::preempt_notice`]. Cancel-safe.
+    pub async fn preempt_requested(&self) {
+        self.preempt_asked.cancelled().await;
+    }
+
+    /// The request to make way, once asked.
+    pub fn preempt_notice(&self) -> Option<&PreemptNotice> {
+        self.preempt.get()
+    }
+
+    /// Revokes the lease, once; later calls change nothing.
+    fn fire(&self, reason: RevokeReason, message: &str) {
+        let _ = self.reason.set((reason, message.to_owned()));
+        self.fired.cancel();
+    }
+
+    fn ask_to_preempt(&self, notice: PreemptNotice) {
+        if self.preempt.set(notice).is_ok() {
+            self.preempt_asked.cancel();
+        }
     }
 }
 
@@ -511,13 +572,7 @@ impl Broker {
     /// free and its memory fits.
     pub fn enqueue(self: &Arc<Self>, request: Request) -> Result<Ticket, EnqueueError> {
         let (grant_tx, grant_rx) = oneshot::channel();
-        let (position_tx, position_rx) = watch::channel(QueuePosition {
-            position: u32::MAX,
-            queue_depth: 0,
-            gpu_index: 0,
-            holders: Arc::from([]),
-            blocked_by: None,
-        });
+        let (position_tx, position_rx) = watch::channel(QueuePosition::unknown());
         let consumer = request.consumer.clone();
         let mut log = Vec::new();
         let now = Instant::now().into_std();
@@ -534,19 +589,24 @@ impl Broker {
                 grant: grant_tx,
                 position: position_tx,
             };
-            let (id, gpu_index, _) = state.sched.enqueue(request, seat, now)?;
+            let (id, gpu_index, position) = state.sched.enqueue(request, seat, now)?;
             state.queue_moved = true;
             let unloads = self.settle(&mut state, &mut log);
-            // Still waiting: it is last in its GPU's queue, since nothing
-            // was enqueued after it while the lock was held.
+            // Still waiting: grants since it joined only moved it up, and
+            // nothing joined after it while the lock was held.
             let waiting = state.sched.is_waiting(id).then(|| {
                 let depth = saturating_u32(state.sched.queue_len(gpu_index));
+                let position = position.min(depth);
                 QueuePosition {
-                    position: depth,
+                    position,
                     queue_depth: depth,
                     gpu_index,
                     holders: state.sched.holders(Some(gpu_index), now).into(),
                     blocked_by: state.sched.blocked(gpu_index).map(ToString::to_string),
+                    priority: state.sched.effective_priority(id, now).unwrap_or(0),
+                    estimated_wait: (position as usize <= NEAR_SWEEP)
+                        .then(|| state.sched.estimated_wait(gpu_index, position, now))
+                        .flatten(),
                 }
             });
             (id, waiting, unloads)
@@ -567,10 +627,7 @@ impl Broker {
                 receiver: position_rx,
                 last: waiting.unwrap_or(QueuePosition {
                     position: 0,
-                    queue_depth: 0,
-                    gpu_index: 0,
-                    holders: Arc::from([]),
-                    blocked_by: None,
+                    ..QueuePosition::unknown()
                 }),
             },
             done: false,
@@ -656,8 +713,7 @@ impl Broker {
             .find(|h| h.token == token);
         match (holder, state.revocations.get(&token)) {
             (Some(holder), Some(HeldLease { revocation, .. })) => {
-                let _ = revocation.message.set(message.to_owned());
-                revocation.fired.cancel();
+                revocation.fire(RevokeReason::Admin, message);
                 RevokeOutcome::Revoked {
                     consumer: holder.request.consumer,
                 }
@@ -722,6 +778,9 @@ impl Broker {
         self.changed();
         self.emit(log);
         self.dispatch(unloads);
+        // The ended holder's job memory is being freed: read it now, since
+        // memory decisions on its GPU wait for a reading after the end.
+        self.poll_now.notify_one();
     }
 
     /// Takes a waiter out of the queue; `false` if it no longer waits. The
@@ -772,8 +831,23 @@ impl Broker {
             let Decisions {
                 grants,
                 unloads: asked,
+                preemptions,
+                revocations,
             } = state.sched.grant_ready(now.into_std());
             unloads.extend(asked);
+            for preemption in preemptions {
+                self.preempt(state, preemption, log);
+            }
+            for token in revocations {
+                if let Some(HeldLease { revocation, .. }) = state.revocations.get(&token) {
+                    revocation.fire(
+                        RevokeReason::Preempted,
+                        "not released within its grace after preempt_requested",
+                    );
+                    let seq = state.next_seq();
+                    log.push(Event::Preempted(seq, self.lease_id(token)));
+                }
+            }
             if grants.is_empty() {
                 self.ensure_tokens(state);
                 return unloads;
@@ -823,6 +897,23 @@ impl Broker {
                 }
             }
         }
+    }
+
+    /// Tells a preemptible holder's session to ask it to make way.
+    fn preempt(&self, state: &mut State, preemption: Preemption, log: &mut Vec<Event>) {
+        let Some(HeldLease { revocation, .. }) = state.revocations.get(&preemption.token) else {
+            return;
+        };
+        revocation.ask_to_preempt(PreemptNotice {
+            grace: preemption.grace,
+            for_consumer: preemption.for_consumer.clone(),
+        });
+        let seq = state.next_seq();
+        log.push(Event::PreemptRequested(
+            seq,
+            self.lease_id(preemption.token),
+            preemption,
+        ));
     }
 
     fn lease_id(&self, token: FencingToken) -> String {
@@ -875,7 +966,7 @@ impl Broker {
                 .iter()
                 .map(|index| state.sched.holders(Some(*index), now).into())
                 .collect();
-            state.sched.for_each_waiter(limit, |place, seat| {
+            state.sched.for_each_waiter(limit, now, |place, seat| {
                 // Only the head's reason matters to it; the others wait
                 // behind the head whatever the reason.
                 let blocked_by = place
@@ -894,6 +985,8 @@ impl Broker {
                             holders: slot
                                 .map_or_else(|| Arc::from([]), |s| Arc::clone(&holders[s])),
                             blocked_by,
+                            priority: place.priority,
+                            estimated_wait: place.estimated_wait,
                         };
                     }
                     changed
@@ -1127,6 +1220,8 @@ enum Event {
     Granted(u64, String, Grant),
     /// The lease, how it ended, its id and its GPU.
     Ended(u64, crate::core::EndedLease, LeaseEnd, String, u32),
+    PreemptRequested(u64, String, Preemption),
+    Preempted(u64, String),
 }
 
 impl Broker {
@@ -1143,6 +1238,7 @@ impl Broker {
                     self.metrics
                         .ended(*gpu_index, &ended.consumer, end_name(*how), ended.held);
                 }
+                Event::PreemptRequested(..) | Event::Preempted(..) => {}
             }
         }
         emit(log);
@@ -1238,6 +1334,20 @@ fn emit(log: Vec<Event>) {
                         waited_ms = millis(ended.waited), held_ms = millis(ended.held), how, "lease ended");
                 }
             }
+            Event::PreemptRequested(seq, lease_id, p) => warn!(
+                seq,
+                consumer = %p.consumer,
+                %lease_id,
+                token = p.token.0,
+                for_consumer = %p.for_consumer,
+                grace_ms = millis(p.grace),
+                "asked a preemptible holder to make way"
+            ),
+            Event::Preempted(seq, lease_id) => warn!(
+                seq,
+                %lease_id,
+                "a preemptible holder did not release within its grace; revoking"
+            ),
         }
     }
 }
@@ -1262,6 +1372,9 @@ fn settings(config: &Config) -> Settings {
         safety_margin_mib: config.gpu.safety_margin_mib,
         unload_timeout: config.gpu.unload_timeout,
         lock_delay: config.lock_delay,
+        backfill: config.scheduling.backfill,
+        aging: config.scheduling.aging,
+        preempt_after: config.scheduling.preempt_after,
     }
 }
 
@@ -1286,6 +1399,7 @@ pub fn end_name(how: LeaseEnd) -> &'static str {
         LeaseEnd::Revoked(crate::core::RevokeReason::Shutdown) => "revoked_shutdown",
         LeaseEnd::Revoked(crate::core::RevokeReason::MaxHoldExceeded) => "revoked_max_hold",
         LeaseEnd::Revoked(crate::core::RevokeReason::Admin) => "revoked_admin",
+        LeaseEnd::Revoked(crate::core::RevokeReason::Preempted) => "revoked_preempted",
     }
 }
 

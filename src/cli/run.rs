@@ -9,7 +9,9 @@
 //! SIGINT too, except from a terminal, whose Ctrl-C already reaches the whole
 //! foreground process group. If the lease is lost while the command runs
 //! (the broker revokes it or goes away), the command is sent SIGTERM, then
-//! SIGKILL after a grace period, unless `--no-kill-on-loss` is given.
+//! SIGKILL after a grace period, unless `--no-kill-on-loss` is given. A
+//! preemptible lease asked to make way (`preempt_requested`) sends the
+//! command SIGTERM at once, so that it can stop before its grace runs out.
 
 use std::ffi::OsString;
 use std::io::{IsTerminal, Write as _};
@@ -57,6 +59,10 @@ pub struct RunArgs {
     /// Which GPU: an index or a UUID; default: whichever can take it soonest.
     #[arg(long, value_name = "GPU")]
     gpu: Option<String>,
+    /// Ask with this priority; it may be below the consumer's configured
+    /// priority, never above (a higher one is lowered to it).
+    #[arg(long, allow_negative_numbers = true, value_name = "N")]
+    priority: Option<i32>,
     /// A label shown in the broker's status, as KEY=VALUE (repeatable).
     #[arg(long = "label", value_parser = parse_label, value_name = "KEY=VALUE")]
     labels: Vec<(String, String)>,
@@ -94,6 +100,7 @@ pub(super) async fn run(args: RunArgs) -> Result<ExitCode, Failure> {
         client_pid: std::process::id(),
         labels: args.labels.iter().cloned().collect(),
         gpu: args.gpu.clone().unwrap_or_default(),
+        priority: args.priority,
     };
     send(&requests, RequestKind::Acquire(acquire)).await;
     let mut events = client
@@ -144,6 +151,8 @@ async fn wait_for_grant(
         match event.and_then(|e| e.kind) {
             Some(EventKind::Queued(queued)) => progress.queued(&queued),
             Some(EventKind::Granted(granted)) => return Ok(granted),
+            // Only a holder is asked to make way.
+            Some(EventKind::PreemptRequested(_)) => {}
             Some(EventKind::Revoked(revoked)) => {
                 progress.clear();
                 return Err(Failure::new(
@@ -217,6 +226,19 @@ async fn supervise(
                 let why = match event {
                     Ok(Some(pb::LeaseEvent { kind: Some(EventKind::Revoked(revoked)) })) => {
                         format!("the broker revoked the lease: {}", revoked.message)
+                    }
+                    Ok(Some(pb::LeaseEvent {
+                        kind: Some(EventKind::PreemptRequested(asked)),
+                    })) => {
+                        // The lease is still held: the command gets the
+                        // grace to stop, then the broker revokes it.
+                        eprintln!(
+                            "gpulease: {} needs the GPU; asking the command to stop (SIGTERM) within {}",
+                            asked.for_consumer,
+                            short(asked.grace_ms)
+                        );
+                        signal_child(child, Signal::SIGTERM);
+                        continue;
                     }
                     // Nothing else is sent to a holder; ignore it.
                     Ok(Some(_)) => continue,
@@ -358,8 +380,13 @@ impl Progress {
         } else {
             format!(", held by {}", holders.join(", "))
         };
+        let estimate = if queued.estimated_wait_ms > 0 {
+            format!(", ~{}", short(queued.estimated_wait_ms))
+        } else {
+            String::new()
+        };
         let line = format!(
-            "gpulease: waiting for the GPU: position {} of {}{held_by}",
+            "gpulease: waiting for the GPU: position {} of {}{estimate}{held_by}",
             queued.position, queued.queue_depth
         );
         let mut stderr = std::io::stderr();

@@ -281,7 +281,9 @@ pub(super) fn render(s: &pb::StatusResponse) -> String {
         },
     );
 
-    let mut holders = vec![row(["LEASE", "CONSUMER", "TOKEN", "HELD", "PID", "VRAM"])];
+    let mut holders = vec![row([
+        "LEASE", "CONSUMER", "TOKEN", "HELD", "PID", "VRAM", "PRIO", "",
+    ])];
     holders.extend(s.holders.iter().map(|h| {
         row([
             &h.lease_id,
@@ -290,11 +292,19 @@ pub(super) fn render(s: &pb::StatusResponse) -> String {
             &short(h.held_ms),
             &pid(h.client_pid),
             &mib(h.vram_mib),
+            &h.priority.to_string(),
+            if h.preempt_requested {
+                "asked to make way"
+            } else {
+                ""
+            },
         ])
     }));
     section(&mut out, "holders", holders);
 
-    let mut waiters = vec![row(["POS", "CONSUMER", "WAITING", "PID", "VRAM"])];
+    let mut waiters = vec![row([
+        "POS", "CONSUMER", "WAITING", "PID", "VRAM", "PRIO", "ESTIMATE",
+    ])];
     waiters.extend(s.waiters.iter().map(|w| {
         row([
             &w.position.to_string(),
@@ -302,6 +312,8 @@ pub(super) fn render(s: &pb::StatusResponse) -> String {
             &short(w.waiting_ms),
             &pid(w.client_pid),
             &mib(w.vram_mib),
+            &w.priority.to_string(),
+            &estimate(w.estimated_wait_ms),
         ])
     }));
     section(&mut out, "waiters", waiters);
@@ -317,6 +329,7 @@ pub(super) fn render(s: &pb::StatusResponse) -> String {
         "GRANTS",
         "LAST ACTIVE",
         "NOW",
+        "PRIO",
     ])];
     consumers.extend(s.consumers.iter().map(|c| {
         let kind = pb::ConsumerKind::try_from(c.kind)
@@ -339,6 +352,11 @@ pub(super) fn render(s: &pb::StatusResponse) -> String {
             &c.grants.to_string(),
             &last,
             &now,
+            &if c.preemptible {
+                format!("{} preemptible", c.priority)
+            } else {
+                c.priority.to_string()
+            },
         ])
     }));
     section(&mut out, "consumers", consumers);
@@ -369,6 +387,7 @@ fn render_gpus(out: &mut String, s: &pb::StatusResponse) {
         "FREE",
         "TOTAL",
         "HEADROOM",
+        "RESERVED FOR",
         "WAITING FOR",
     ])];
     gpus.extend(s.gpus.iter().map(|g| {
@@ -380,6 +399,11 @@ fn render_gpus(out: &mut String, s: &pb::StatusResponse) {
             &mib(g.free_mib),
             &mib(g.total_mib),
             &format!("{} MiB", g.headroom_mib),
+            if g.reserved_for.is_empty() {
+                "-"
+            } else {
+                &g.reserved_for
+            },
             if g.blocked_by.is_empty() {
                 "-"
             } else {
@@ -389,7 +413,7 @@ fn render_gpus(out: &mut String, s: &pb::StatusResponse) {
     }));
     section(out, &format!("gpus ({})", s.inventory), gpus);
 
-    let mut residents = vec![row(["RESIDENT", "GPU", "FOOTPRINT", "IDLE", "UNLOAD"])];
+    let mut residents = vec![row(["RESIDENT", "GPU", "KEEPS", "PEAK", "IDLE", "UNLOAD"])];
     for g in &s.gpus {
         residents.extend(g.residents.iter().map(|r| {
             let state = match (r.unload_requested, r.unload_failed) {
@@ -401,6 +425,7 @@ fn render_gpus(out: &mut String, s: &pb::StatusResponse) {
                 &r.consumer,
                 &g.index.to_string(),
                 &mib(r.footprint_mib),
+                &mib(r.peak_mib),
                 &short(r.idle_ms),
                 state,
             ])
@@ -477,6 +502,15 @@ fn pid(pid: u32) -> String {
     }
 }
 
+/// An estimated wait: `~40.0s`, or `-` when unknown.
+fn estimate(ms: u64) -> String {
+    if ms == 0 {
+        "-".to_owned()
+    } else {
+        format!("~{}", short(ms))
+    }
+}
+
 fn mib(mib: u64) -> String {
     if mib == 0 {
         "-".to_owned()
@@ -535,6 +569,8 @@ mod tests {
                 consumer: "comfyui".into(),
                 position: 1,
                 waiting_ms: 200,
+                priority: 5,
+                estimated_wait_ms: 40_000,
                 ..Default::default()
             }],
             ..Default::default()
@@ -549,6 +585,7 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("1    comfyui   200ms"), "{text}");
+        assert!(text.contains("5     ~40.0s"), "{text}");
         assert!(text.contains("no consumers"), "{text}");
     }
 }

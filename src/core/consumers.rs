@@ -1,7 +1,7 @@
 //! The consumers the core knows: the configured ones, and those that asked
 //! since the start, with their activity.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
 use std::time::{Duration, Instant};
 
 /// How many consumers that are not configured are remembered at most. A
@@ -39,7 +39,37 @@ pub struct ConsumerProfile {
     /// How long it stays resident after its last lease, at most; `None`
     /// until it unloads or leaves the GPU.
     pub idle_ttl: Option<Duration>,
+    /// Higher is served first; 0 is the default and a stranger's.
+    pub priority: i32,
+    /// Whether its leases may be revoked for a waiter of higher priority.
+    pub preemptible: bool,
+    /// How long it has to release after it is asked to make way.
+    pub preempt_grace: Duration,
 }
+
+impl ConsumerProfile {
+    /// A consumer of `kind` with no memory of its own, priority 0, that may
+    /// not be preempted or asked to unload.
+    pub fn new(name: &str, kind: ConsumerKind) -> Self {
+        Self {
+            name: name.to_owned(),
+            kind,
+            vram_mib: 0,
+            coexist: false,
+            unloadable: false,
+            idle_ttl: None,
+            priority: 0,
+            preemptible: false,
+            preempt_grace: DEFAULT_PREEMPT_GRACE,
+        }
+    }
+}
+
+/// How long a preemptible holder has to release, unless configured.
+pub const DEFAULT_PREEMPT_GRACE: Duration = Duration::from_secs(30);
+
+/// How many hold times are kept per consumer for wait estimates.
+const HOLDS_KEPT: usize = 16;
 
 /// A consumer's profile and activity.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -58,14 +88,27 @@ pub struct ConsumerRecord {
     pub waiting: u32,
     /// The most GPU memory it was seen using while it held a lease, in MiB.
     pub peak_mib: u64,
+    /// Its most recent hold times, oldest first.
+    pub holds: VecDeque<Duration>,
 }
 
 impl ConsumerRecord {
-    /// The memory it keeps resident: the most it was seen using, but never
-    /// less than its configured size.
-    pub fn footprint_mib(&self) -> u64 {
-        let configured = self.profile.as_ref().map_or(0, |p| p.vram_mib);
-        configured.max(self.peak_mib)
+    fn new(name: &str, profile: Option<ConsumerProfile>) -> Self {
+        Self {
+            name: name.to_owned(),
+            profile,
+            grants: 0,
+            last_active: None,
+            holding: 0,
+            waiting: 0,
+            peak_mib: 0,
+            holds: VecDeque::new(),
+        }
+    }
+
+    /// Its typical hold time: the median of its recent ones.
+    pub fn typical_hold(&self) -> Option<Duration> {
+        median(&self.holds)
     }
 
     /// How long ago it was last active, at `now`.
@@ -85,6 +128,15 @@ pub(super) struct ConsumerBook {
     /// Set when a search for an idle stranger to forget found none, so that
     /// a flood of new names does not search again until one goes idle.
     none_idle: bool,
+    /// Everyone's most recent hold times, for consumers not yet seen.
+    holds: VecDeque<Duration>,
+}
+
+/// The median of some durations; `None` when there are none.
+fn median(holds: &VecDeque<Duration>) -> Option<Duration> {
+    let mut sorted: Vec<Duration> = holds.iter().copied().collect();
+    sorted.sort_unstable();
+    sorted.get(sorted.len() / 2).copied()
 }
 
 impl ConsumerBook {
@@ -92,22 +144,17 @@ impl ConsumerBook {
         let records = profiles
             .into_iter()
             .map(|profile| {
-                let record = ConsumerRecord {
-                    name: profile.name.clone(),
-                    profile: Some(profile),
-                    grants: 0,
-                    last_active: None,
-                    holding: 0,
-                    waiting: 0,
-                    peak_mib: 0,
-                };
-                (record.name.clone(), record)
+                (
+                    profile.name.clone(),
+                    ConsumerRecord::new(&profile.name.clone(), Some(profile)),
+                )
             })
             .collect();
         Self {
             records,
             unconfigured: 0,
             none_idle: false,
+            holds: VecDeque::new(),
         }
     }
 
@@ -123,21 +170,57 @@ impl ConsumerBook {
             unconfigured += usize::from(record.profile.is_none());
         }
         for (name, profile) in profiles {
-            self.records.insert(
-                name.clone(),
-                ConsumerRecord {
-                    name,
-                    profile: Some(profile),
-                    grants: 0,
-                    last_active: None,
-                    holding: 0,
-                    waiting: 0,
-                    peak_mib: 0,
-                },
-            );
+            let record = ConsumerRecord::new(&name, Some(profile));
+            self.records.insert(name, record);
         }
         self.unconfigured = unconfigured;
         self.none_idle = false;
+    }
+
+    /// A consumer's priority: configured, or 0.
+    pub(super) fn priority(&self, name: &str) -> i32 {
+        self.profile(name).map_or(0, |p| p.priority)
+    }
+
+    /// Whether `name`'s leases may be revoked for higher priorities.
+    pub(super) fn is_preemptible(&self, name: &str) -> bool {
+        self.profile(name).is_some_and(|p| p.preemptible)
+    }
+
+    /// How long `name` has to make way.
+    pub(super) fn preempt_grace(&self, name: &str) -> Duration {
+        self.profile(name)
+            .map_or(DEFAULT_PREEMPT_GRACE, |p| p.preempt_grace)
+    }
+
+    /// The most memory `name` was seen using while it held a lease.
+    pub(super) fn peak_mib(&self, name: &str) -> u64 {
+        self.records.get(name).map_or(0, |r| r.peak_mib)
+    }
+
+    /// Learns that a lease of `name` was held for `held`.
+    pub(super) fn held_for(&mut self, name: &str, held: Duration) {
+        for holds in [
+            self.records.get_mut(name).map(|r| &mut r.holds),
+            Some(&mut self.holds),
+        ]
+        .into_iter()
+        .flatten()
+        {
+            if holds.len() == HOLDS_KEPT {
+                holds.pop_front();
+            }
+            holds.push_back(held);
+        }
+    }
+
+    /// How long a lease of `name` is typically held: its own median, else
+    /// the median of everyone's recent holds; `None` before any.
+    pub(super) fn typical_hold(&self, name: &str) -> Option<Duration> {
+        self.records
+            .get(name)
+            .and_then(ConsumerRecord::typical_hold)
+            .or_else(|| median(&self.holds))
     }
 
     pub(super) fn is_configured(&self, name: &str) -> bool {
@@ -169,18 +252,8 @@ impl ConsumerBook {
                 self.none_idle = !self.forget_one_idle();
             }
             self.unconfigured += 1;
-            self.records.insert(
-                name.to_owned(),
-                ConsumerRecord {
-                    name: name.to_owned(),
-                    profile: None,
-                    grants: 0,
-                    last_active: None,
-                    holding: 0,
-                    waiting: 0,
-                    peak_mib: 0,
-                },
-            );
+            self.records
+                .insert(name.to_owned(), ConsumerRecord::new(name, None));
         }
         let record = self
             .records

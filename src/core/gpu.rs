@@ -5,6 +5,8 @@
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
+use super::consumers::ConsumerBook;
+use super::queue::Queue;
 use super::{FencingToken, Request, WaiterId};
 
 /// A GPU, as the inventory describes it at start.
@@ -60,7 +62,8 @@ pub struct MemoryReading {
 pub struct Resident {
     /// The consumer.
     pub consumer: String,
-    /// The memory it is believed to keep, in MiB.
+    /// The memory it keeps now, in MiB: what its processes hold in the
+    /// latest reading (measured GPUs), else its configured size.
     pub footprint_mib: u64,
     /// When its last lease on this GPU ended.
     pub idle_since: Instant,
@@ -82,8 +85,10 @@ pub struct UnloadRequest {
     pub consumer: String,
     /// The GPU to free.
     pub gpu_index: u32,
-    /// The memory it is believed to keep, in MiB.
+    /// The memory it keeps now, in MiB.
     pub footprint_mib: u64,
+    /// The most memory it was seen using while it held a lease, in MiB.
+    pub peak_mib: u64,
     /// For whom: the consumer at the head of the queue.
     pub for_consumer: String,
 }
@@ -92,8 +97,8 @@ pub struct UnloadRequest {
 #[derive(Debug)]
 pub(super) struct GpuState<W> {
     pub(super) spec: GpuSpec,
-    /// Waiting requests by id; ids grow with arrival, so this is FIFO order.
-    pub(super) waiting: BTreeMap<WaiterId, Waiting<W>>,
+    /// Waiting requests, by effective priority and then arrival.
+    pub(super) waiting: Queue<W>,
     /// Held leases by token, in grant order.
     pub(super) holding: BTreeMap<FencingToken, Holding>,
     /// Idle consumers keeping memory here, by name.
@@ -107,22 +112,42 @@ pub(super) struct GpuState<W> {
     pub(super) admission: Option<Admission>,
     /// Why the head of the queue is not granted.
     pub(super) blocked: Option<Blocked>,
-}
-
-#[derive(Debug)]
-pub(super) struct Waiting<W> {
-    pub(super) request: Request,
-    pub(super) since: Instant,
-    pub(super) payload: W,
+    /// When a lease on it last ended: its job memory is being freed, so
+    /// memory decisions wait for a reading taken after that.
+    pub(super) last_end: Option<Instant>,
+    /// The waiter that holds the reservation: it would fit if the leases
+    /// backfilled ahead of it ended, so nothing more is granted before it.
+    pub(super) reserved: Option<WaiterId>,
 }
 
 #[derive(Debug)]
 pub(super) struct Holding {
     pub(super) request: Request,
+    /// Its priority when granted (before aging).
+    pub(super) priority: i32,
     pub(super) granted_at: Instant,
     pub(super) waited: Duration,
     /// The most GPU memory its processes were seen using, in MiB.
     pub(super) peak_mib: u64,
+    /// The request's id in the queue.
+    pub(super) waiter: WaiterId,
+    /// Granted by backfill, ahead of waiters served before it: the newest
+    /// waiter's id at the grant, so that the waiters it overtook are those
+    /// up to it that were ordered before it.
+    pub(super) overtook: Option<WaiterId>,
+    /// It was asked to make way for a waiter of higher priority.
+    pub(super) preempt: Option<Preempt>,
+}
+
+/// A holder asked to make way.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(super) struct Preempt {
+    /// The waiter it makes way for.
+    pub(super) for_waiter: WaiterId,
+    /// When its lease is revoked unless it has ended.
+    pub(super) deadline: Instant,
+    /// Whether the revocation was decided already.
+    pub(super) revoked: bool,
 }
 
 /// The head waiter's wait for memory: whom it asked to unload, and until
@@ -158,6 +183,17 @@ pub(super) enum Admit {
     /// It does not fit yet; these consumers should be asked to unload (none
     /// when it waits for memory to come back on its own).
     Wait(Vec<UnloadRequest>),
+}
+
+impl Holding {
+    /// Whether this lease was backfilled ahead of waiter `id`, of
+    /// `priority`.
+    pub(super) fn overtook(&self, id: WaiterId, priority: i32) -> bool {
+        self.overtook.is_some_and(|newest| {
+            id <= newest
+                && (priority > self.priority || (priority == self.priority && id < self.waiter))
+        })
+    }
 }
 
 impl<W> GpuState<W> {
@@ -196,10 +232,10 @@ impl<W> GpuState<W> {
         }
     }
 
-    pub(super) fn new(spec: GpuSpec) -> Self {
+    pub(super) fn new(spec: GpuSpec, aging: Duration) -> Self {
         Self {
             spec,
-            waiting: BTreeMap::new(),
+            waiting: Queue::new(aging),
             holding: BTreeMap::new(),
             residents: BTreeMap::new(),
             reading: None,
@@ -207,29 +243,66 @@ impl<W> GpuState<W> {
             fences: Vec::new(),
             admission: None,
             blocked: None,
+            last_end: None,
+            reserved: None,
         }
     }
 
-    /// The memory a holder's processes use now, by the latest reading.
-    fn observed_mib(&self, request: &Request) -> u64 {
+    /// The memory the processes of `pid` (and their children) use now, by
+    /// the latest reading.
+    pub(super) fn observed_mib(&self, pid: u32) -> u64 {
         self.reading.as_ref().map_or(0, |reading| {
             reading
                 .processes
                 .iter()
-                .filter(|p| p.belongs_to(request.client_pid))
+                .filter(|p| p.belongs_to(pid))
                 .map(|p| p.used_mib)
                 .sum()
         })
+    }
+
+    /// Whether memory decisions must wait for a reading: a measured GPU
+    /// whose latest reading was taken before its latest lease end (the
+    /// ended holder's job memory is being freed), or that has none.
+    pub(super) fn reading_is_stale(&self) -> bool {
+        self.spec.measured
+            && match (self.reading_at, self.last_end) {
+                (None, _) => true,
+                (Some(read), Some(ended)) => read < ended,
+                (Some(_), None) => false,
+            }
+    }
+
+    /// The memory a resident keeps that counts as room for itself: on a
+    /// measured GPU what its processes hold in the latest reading (nothing
+    /// if they cannot be told apart), else its configured size. Never its
+    /// peak: between jobs a process holds only its model.
+    fn own_room(&self, resident: &Resident) -> u64 {
+        if self.spec.measured {
+            self.observed_mib(resident.pid)
+        } else {
+            resident.footprint_mib
+        }
+    }
+
+    /// The memory a holder takes by the broker's accounting: what it was
+    /// promised, or what its processes use if that is more.
+    pub(super) fn holder_mib(&self, holding: &Holding) -> u64 {
+        if self.spec.measured {
+            holding
+                .request
+                .vram_mib
+                .max(self.observed_mib(holding.request.client_pid))
+        } else {
+            holding.request.vram_mib
+        }
     }
 
     /// Memory that `consumer` could take now, in MiB (negative when even
     /// the margin is not free). Its own resident memory counts as room: it
     /// will reuse what it keeps.
     pub(super) fn headroom(&self, consumer: &str, margin_mib: u64) -> i128 {
-        let own = self
-            .residents
-            .get(consumer)
-            .map_or(0, |resident| resident.footprint_mib);
+        let own = self.residents.get(consumer).map_or(0, |r| self.own_room(r));
         let margin = i128::from(margin_mib);
         match (&self.reading, self.spec.measured) {
             (Some(reading), true) => {
@@ -241,7 +314,7 @@ impl<W> GpuState<W> {
                     .map(|h| {
                         h.request
                             .vram_mib
-                            .saturating_sub(self.observed_mib(&h.request))
+                            .saturating_sub(self.observed_mib(h.request.client_pid))
                     })
                     .sum();
                 i128::from(reading.free_mib) - i128::from(promised) - margin + i128::from(own)
@@ -257,21 +330,87 @@ impl<W> GpuState<W> {
         }
     }
 
+    /// How much longer each of the first `limit` waiters, in queue order,
+    /// is expected to wait: a permit frees up when a holder reaches its
+    /// consumer's typical hold time, and each waiter ahead then holds it for
+    /// its own consumer's. Memory is not modelled. `None` where the
+    /// estimate depends on a hold time that has not been learned yet.
+    pub(super) fn estimate_waits(
+        &self,
+        consumers: &ConsumerBook,
+        capacity: usize,
+        now: Instant,
+        limit: usize,
+    ) -> Vec<Option<Duration>> {
+        use std::cmp::Reverse;
+        // `Duration::MAX` stands for "unknown"; it stays unknown when added to.
+        let unknown = Duration::MAX;
+        let mut free_at: std::collections::BinaryHeap<Reverse<Duration>> = self
+            .holding
+            .values()
+            .map(|h| {
+                let held = now.saturating_duration_since(h.granted_at);
+                consumers
+                    .typical_hold(&h.request.consumer)
+                    .map_or(unknown, |typical| typical.saturating_sub(held))
+            })
+            .chain(std::iter::repeat_n(
+                Duration::ZERO,
+                capacity.saturating_sub(self.holding.len()),
+            ))
+            .map(Reverse)
+            .collect();
+        let mut estimates = Vec::new();
+        for (_, _, waiting) in self.waiting.in_order(now).take(limit) {
+            let Reverse(start) = free_at.pop().unwrap_or(Reverse(unknown));
+            estimates.push((start != unknown).then_some(start));
+            let hold = consumers
+                .typical_hold(&waiting.request.consumer)
+                .unwrap_or(unknown);
+            free_at.push(Reverse(start.saturating_add(hold)));
+        }
+        estimates
+    }
+
+    /// Whether `request` fits in memory now, without asking anyone to
+    /// unload.
+    pub(super) fn fits_now(&self, request: &Request, margin_mib: u64) -> bool {
+        request.vram_mib == 0
+            || (!self.reading_is_stale()
+                && i128::from(request.vram_mib) <= self.headroom(&request.consumer, margin_mib))
+    }
+
     /// Decides for the head waiter `id`, which needs `request.vram_mib`.
-    /// `evictable` says whether a consumer may be asked to unload.
+    /// `consumers` says who may be asked to unload, and in which order.
     pub(super) fn admit(
         &mut self,
         id: WaiterId,
         request: &Request,
         margin_mib: u64,
         unload_timeout: Duration,
-        evictable: impl Fn(&str) -> bool,
+        consumers: &ConsumerBook,
         now: Instant,
     ) -> Admit {
         let need_mib = request.vram_mib;
+        if need_mib == 0 {
+            return Admit::Grant;
+        }
+        if self.reading_is_stale() {
+            // Decide on what the memory is now, not on a reading from
+            // before a holder ended: its job memory may be free already,
+            // and asking someone to unload for it would be needless.
+            if self.blocked.is_none() || self.reading.is_none() {
+                self.blocked = Some(if self.reading.is_none() {
+                    Blocked::NoReading
+                } else {
+                    Blocked::StaleReading
+                });
+            }
+            return Admit::Wait(Vec::new());
+        }
         let room = self.headroom(&request.consumer, margin_mib);
         let free_mib = u64::try_from(room.max(0)).unwrap_or(u64::MAX);
-        if need_mib == 0 || i128::from(need_mib) <= room {
+        if i128::from(need_mib) <= room {
             return Admit::Grant;
         }
         if let Some(admission) = &self.admission
@@ -311,22 +450,22 @@ impl<W> GpuState<W> {
             return Admit::Wait(Vec::new());
         }
 
-        // Idle residents that may not stay beside others, least recently
-        // used first, until the request would fit.
+        // Idle residents that may not stay beside others, lower priority
+        // first, then least recently used, until the request would fit.
         let mut candidates: Vec<&Resident> = self
             .residents
             .values()
             .filter(|r| {
                 r.consumer != request.consumer
                     && !r.unload_failed
-                    && evictable(&r.consumer)
+                    && consumers.is_evictable(&r.consumer)
                     && !self
                         .holding
                         .values()
                         .any(|h| h.request.consumer == r.consumer)
             })
             .collect();
-        candidates.sort_by_key(|r| r.idle_since);
+        candidates.sort_by_key(|r| (consumers.priority(&r.consumer), r.idle_since));
         let mut freed = 0i128;
         let mut victims = Vec::new();
         for resident in candidates {
@@ -352,6 +491,7 @@ impl<W> GpuState<W> {
                     consumer: victim.clone(),
                     gpu_index: self.spec.index,
                     footprint_mib: resident.footprint_mib,
+                    peak_mib: consumers.peak_mib(victim),
                     for_consumer: request.consumer.clone(),
                 });
             }
@@ -376,6 +516,9 @@ impl<W> GpuState<W> {
 pub enum Blocked {
     /// The GPU's memory has not been read yet.
     NoReading,
+    /// A lease just ended; its memory is read again before anything that
+    /// needs memory is decided.
+    StaleReading,
     /// A holder vanished without releasing (or, at start, unknown processes
     /// use the GPU): its processes may still be using it.
     Fenced {
@@ -421,6 +564,7 @@ impl std::fmt::Display for Blocked {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Self::NoReading => write!(f, "reading the GPU's memory"),
+            Self::StaleReading => write!(f, "reading the GPU's memory after a lease ended"),
             Self::Fenced { who, pids, left } => {
                 let pids: Vec<String> = pids.iter().map(ToString::to_string).collect();
                 let left = humantime::format_duration(Duration::from_millis(

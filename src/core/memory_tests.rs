@@ -8,12 +8,10 @@ const GIB: u64 = 1024;
 
 fn profile(name: &str, kind: ConsumerKind, vram_mib: u64, coexist: bool) -> ConsumerProfile {
     ConsumerProfile {
-        name: name.into(),
-        kind,
         vram_mib,
         coexist,
         unloadable: true,
-        idle_ttl: None,
+        ..ConsumerProfile::new(name, kind)
     }
 }
 
@@ -34,7 +32,7 @@ fn card(measured: bool, gpus: usize) -> Scheduler<&'static str> {
         strict: false,
         safety_margin_mib: 0,
         unload_timeout: Duration::from_secs(10),
-        lock_delay: Duration::ZERO,
+        ..Settings::default()
     };
     Scheduler::new(
         settings,
@@ -135,7 +133,13 @@ fn with_readings_the_grant_waits_until_the_memory_is_really_free() {
     sched.observe(0, reading(16 * GIB, &[]), t0);
     use_once(&mut sched, "tts", 100, t0);
     use_once(&mut sched, "llm", 200, t0 + Duration::from_secs(1));
-    sched.observe(0, reading(3 * GIB, &[(100, 3 * GIB), (200, 10 * GIB)]), t0);
+    // Read after the last lease ended: memory decisions wait for that.
+    let read = t0 + Duration::from_secs(1);
+    sched.observe(
+        0,
+        reading(3 * GIB, &[(100, 3 * GIB), (200, 10 * GIB)]),
+        read,
+    );
 
     let t1 = t0 + Duration::from_secs(2);
     sched

@@ -22,18 +22,27 @@ mod gpu;
 #[cfg(test)]
 mod memory_tests;
 mod name;
+mod queue;
+#[cfg(test)]
+mod sharing_tests;
 #[cfg(test)]
 mod tests;
 
 use std::collections::{BTreeMap, VecDeque};
 use std::time::{Duration, Instant};
 
-pub use consumers::{ConsumerKind, ConsumerProfile, ConsumerRecord};
+pub use consumers::{ConsumerKind, ConsumerProfile, ConsumerRecord, DEFAULT_PREEMPT_GRACE};
 pub use gpu::{Blocked, Fence, GpuSpec, MemoryReading, ProcessUsage, Resident, UnloadRequest};
 pub use name::{ConsumerNameError, validate_consumer_name};
+pub use queue::{MAX_PRIORITY, MIN_PRIORITY};
 
 use consumers::ConsumerBook;
-use gpu::{Admit, GpuState, Holding, Waiting};
+use gpu::{Admit, GpuState, Holding, Preempt};
+use queue::Waiting;
+
+/// How many waiters past the head backfill looks at for one that fits now.
+/// A bound, so that finding the next grant never scans a long queue.
+pub const BACKFILL_WINDOW: usize = 32;
 
 /// Identifies a waiting request. Ids increase in arrival order, so the
 /// queue's order is the order of its ids.
@@ -58,6 +67,9 @@ pub struct Request {
     pub labels: BTreeMap<String, String>,
     /// Which GPU it wants.
     pub gpu: GpuChoice,
+    /// A priority below its consumer's, if it asks for one; a higher one is
+    /// lowered to the consumer's.
+    pub priority: Option<i32>,
 }
 
 /// Which GPU a request wants.
@@ -86,9 +98,20 @@ pub struct Settings {
     /// After a holder vanishes without releasing, how long the next grant on
     /// a measured GPU may wait for its processes to leave; zero turns it off.
     pub lock_delay: Duration,
+    /// Whether later requests that fit now may be granted while the head of
+    /// the queue cannot be, within the reservation rule; `false` is strict
+    /// FIFO within each priority.
+    pub backfill: bool,
+    /// A waiter's effective priority rises by one for every whole `aging` it
+    /// has waited; zero turns aging off.
+    pub aging: Duration,
+    /// How long a waiter must have waited before a lower-priority,
+    /// preemptible holder in its way is asked to make room.
+    pub preempt_after: Duration,
 }
 
 impl Default for Settings {
+    /// One lease per GPU, strict FIFO, no aging: the plainest scheduler.
     fn default() -> Self {
         Self {
             capacity: 1,
@@ -96,6 +119,9 @@ impl Default for Settings {
             safety_margin_mib: 0,
             unload_timeout: Duration::from_secs(10),
             lock_delay: Duration::ZERO,
+            backfill: false,
+            aging: Duration::ZERO,
+            preempt_after: Duration::from_secs(30),
         }
     }
 }
@@ -147,6 +173,8 @@ pub enum RevokeReason {
     MaxHoldExceeded,
     /// An operator revoked it.
     Admin,
+    /// It did not make way in time for a waiter of higher priority.
+    Preempted,
 }
 
 /// How a waiting request left the queue without a grant.
@@ -190,6 +218,19 @@ pub struct EndedLease {
     pub waited: Duration,
 }
 
+/// A decision to ask a holder to make way for a waiter of higher priority.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Preemption {
+    /// The lease to end.
+    pub token: FencingToken,
+    /// Its holder.
+    pub consumer: String,
+    /// Who waits for it.
+    pub for_consumer: String,
+    /// How long the holder has before its lease is revoked.
+    pub grace: Duration,
+}
+
 /// What [`Scheduler::grant_ready`] decided.
 #[derive(Debug)]
 pub struct Decisions<W> {
@@ -197,6 +238,11 @@ pub struct Decisions<W> {
     pub grants: Vec<Grant<W>>,
     /// Residents to ask to unload.
     pub unloads: Vec<UnloadRequest>,
+    /// Holders to ask to make way.
+    pub preemptions: Vec<Preemption>,
+    /// Leases to revoke ([`RevokeReason::Preempted`]): asked to make way,
+    /// their grace passed.
+    pub revocations: Vec<FencingToken>,
 }
 
 /// A held lease, as the snapshot shows it.
@@ -212,6 +258,10 @@ pub struct HolderView {
     pub request: Request,
     /// How long it has been held.
     pub held: Duration,
+    /// Its priority when granted.
+    pub priority: i32,
+    /// Whether it was asked to make way for a waiter of higher priority.
+    pub preempt_requested: bool,
 }
 
 /// A waiting request, as the snapshot shows it.
@@ -225,6 +275,11 @@ pub struct WaiterView {
     pub request: Request,
     /// How long it has waited.
     pub waiting: Duration,
+    /// Its effective priority now (its priority plus aging).
+    pub priority: i32,
+    /// How much longer it is expected to wait, from the hold times learned
+    /// per consumer; `None` when unknown.
+    pub estimated_wait: Option<Duration>,
 }
 
 /// Counts of how leases and requests ended.
@@ -266,6 +321,9 @@ pub struct ResidentView {
     pub resident: Resident,
     /// How long it has been idle.
     pub idle: Duration,
+    /// The most memory its consumer was seen using while it held a lease,
+    /// in MiB: what a job of it needs, not what it keeps.
+    pub peak_mib: u64,
 }
 
 /// One GPU, as the snapshot shows it.
@@ -287,6 +345,8 @@ pub struct GpuView {
     pub blocked: Option<Blocked>,
     /// Processes on it that belong to no holder and no resident.
     pub unleased: Vec<ProcessUsage>,
+    /// The consumer of the waiter that holds the GPU's reservation.
+    pub reserved_for: Option<String>,
 }
 
 /// Everything the core knows, at one instant.
@@ -372,7 +432,10 @@ impl<W> Scheduler<W> {
             next_waiter: 0,
             last_token: 0,
             token_ceiling: u64::MAX,
-            gpus: gpus.into_iter().map(GpuState::new).collect(),
+            gpus: gpus
+                .into_iter()
+                .map(|spec| GpuState::new(spec, settings.aging))
+                .collect(),
             consumers: ConsumerBook::new(consumers),
             stats: Stats::default(),
         }
@@ -412,6 +475,16 @@ impl<W> Scheduler<W> {
         self.consumers.waiting(consumer)
     }
 
+    /// The priority a request waits with: its consumer's (0 for strangers),
+    /// or the lower one it asked for, within the bounds.
+    fn priority_of(&self, request: &Request) -> i32 {
+        let own = self.consumers.priority(&request.consumer);
+        request
+            .priority
+            .map_or(own, |asked| asked.min(own))
+            .clamp(MIN_PRIORITY, MAX_PRIORITY)
+    }
+
     /// The last fencing token handed out; 0 before the first grant.
     pub fn last_token(&self) -> FencingToken {
         FencingToken(self.last_token)
@@ -441,8 +514,8 @@ impl<W> Scheduler<W> {
         self.gpus.iter().map(|g| &g.spec)
     }
 
-    /// Puts a request at the back of a GPU's queue: the one it names, or the
-    /// one that can take it soonest.
+    /// Puts a request in a GPU's queue (the one it names, or the one that
+    /// can take it soonest), behind every waiter of its priority or higher.
     ///
     /// Returns its id, the GPU's index and its position there (1 = next).
     /// The request is not granted here, even when it could be: call
@@ -469,16 +542,19 @@ impl<W> Scheduler<W> {
         }
         self.next_waiter += 1;
         let id = WaiterId(self.next_waiter);
+        let priority = self.priority_of(&request);
         let gpu = &mut self.gpus[slot];
+        let position = gpu.waiting.ahead_of_newcomer(priority, now) + 1;
         gpu.waiting.insert(
             id,
             Waiting {
                 request,
+                priority,
                 since: now,
                 payload,
             },
         );
-        Ok((id, gpu.spec.index, saturating_u32(gpu.waiting.len())))
+        Ok((id, gpu.spec.index, saturating_u32(position)))
     }
 
     fn choose_gpu(&self, request: &Request) -> Result<usize, Rejection> {
@@ -548,15 +624,24 @@ impl<W> Scheduler<W> {
     }
 
     /// Grants the lease to waiters at the head of each GPU's queue while
-    /// permits are free and their memory fits, and decides which idle
-    /// residents to ask to unload where it does not. Costs O(grants · log n)
-    /// per GPU, never O(queue length).
+    /// permits are free and their memory fits, backfills later requests
+    /// that fit now while the head cannot be granted (within the
+    /// reservation rule), decides which idle residents to ask to unload and
+    /// which preemptible holders to ask to make way, and revokes those whose
+    /// grace has passed. This is the one place where grants are decided.
+    ///
+    /// Costs O(levels · log n) per grant and per GPU, plus at most
+    /// [`BACKFILL_WINDOW`] waiters looked at for backfill: never O(queue
+    /// length).
     pub fn grant_ready(&mut self, now: Instant) -> Decisions<W> {
         let mut decisions = Decisions {
             grants: Vec::new(),
             unloads: Vec::new(),
+            preemptions: Vec::new(),
+            revocations: Vec::new(),
         };
         for slot in 0..self.gpus.len() {
+            self.revoke_overdue(slot, now, &mut decisions);
             self.grant_ready_on(slot, now, &mut decisions);
         }
         decisions
@@ -567,21 +652,24 @@ impl<W> Scheduler<W> {
         let margin = self.settings.safety_margin_mib;
         let unload_timeout = self.settings.unload_timeout;
         loop {
-            let consumers = &self.consumers;
             let gpu = &mut self.gpus[slot];
-            if gpu.holding.len() >= capacity {
-                return;
-            }
-            let Some((&id, head)) = gpu.waiting.first_key_value() else {
+            let Some(head) = gpu.waiting.head(now) else {
                 gpu.admission = None;
                 gpu.blocked = None;
+                gpu.reserved = None;
                 return;
             };
-            let request = head.request.clone();
-            if gpu.admission.as_ref().is_some_and(|a| a.waiter != id) {
+            if gpu.admission.as_ref().is_some_and(|a| a.waiter != head) {
                 gpu.admission = None;
             }
+            if gpu.holding.len() >= capacity {
+                self.note_reservation(slot, head);
+                self.consider_preemption(slot, head, now, decisions);
+                return;
+            }
             if !gpu.fences_clear(now) {
+                // The vanished holder may still be at work: nothing is
+                // granted here, backfill included.
                 return;
             }
             if self.last_token >= self.token_ceiling {
@@ -589,27 +677,64 @@ impl<W> Scheduler<W> {
                 return;
             }
             let was_admitting = gpu.admission.is_some();
-            let evictable = |name: &str| consumers.is_evictable(name);
-            let admit = gpu.admit(id, &request, margin, unload_timeout, evictable, now);
-            if let Admit::Wait(unloads) = admit {
-                let stats = &mut self.stats.evictions;
-                stats.requested += unloads.len() as u64;
-                decisions.unloads.extend(unloads);
-                let gpu = &self.gpus[slot];
-                if was_admitting
-                    && gpu.admission.is_none()
-                    && let Some(Blocked::NotFreed { culprits, .. }) = &gpu.blocked
-                {
-                    stats.failed += culprits.len() as u64;
+            let request = gpu
+                .waiting
+                .get(head)
+                .expect("the head waits")
+                .request
+                .clone();
+            let admit = gpu.admit(head, &request, margin, unload_timeout, &self.consumers, now);
+            match admit {
+                Admit::Grant => {
+                    self.grant(slot, head, false, now, decisions);
+                    continue;
                 }
+                Admit::Wait(unloads) => {
+                    let stats = &mut self.stats.evictions;
+                    stats.requested += unloads.len() as u64;
+                    decisions.unloads.extend(unloads);
+                    let gpu = &self.gpus[slot];
+                    if was_admitting
+                        && gpu.admission.is_none()
+                        && let Some(Blocked::NotFreed { culprits, .. }) = &gpu.blocked
+                    {
+                        stats.failed += culprits.len() as u64;
+                    }
+                }
+            }
+            self.consider_preemption(slot, head, now, decisions);
+            if !self.settings.backfill || self.note_reservation(slot, head) {
                 return;
             }
-            let gpu = &mut self.gpus[slot];
-            let (_, waiting) = gpu.waiting.pop_first().expect("the head exists");
-            // Whoever was asked to unload for this grant made room in time.
+            let Some(candidate) = self.backfill_candidate(slot, head, now) else {
+                return;
+            };
+            self.grant(slot, candidate, true, now, decisions);
+        }
+    }
+
+    /// Grants waiter `id` on GPU `slot`: ahead of the head when
+    /// `backfilled`.
+    fn grant(
+        &mut self,
+        slot: usize,
+        id: WaiterId,
+        backfilled: bool,
+        now: Instant,
+        decisions: &mut Decisions<W>,
+    ) {
+        let gpu = &mut self.gpus[slot];
+        let waiting = gpu.waiting.remove(id).expect("the waiter waits");
+        if !backfilled {
+            // Whoever was asked to unload for this grant and is gone made
+            // room in time; one still resident did not (the memory came from
+            // elsewhere), and still keeps its memory.
             if let Some(admission) = gpu.admission.take() {
                 for victim in admission.victims {
-                    gpu.residents.remove(&victim);
+                    if let Some(resident) = gpu.residents.get_mut(&victim) {
+                        resident.unload_requested = None;
+                        continue;
+                    }
                     let stats = &mut self.stats.evictions;
                     stats.completed += 1;
                     stats.last_unload = now.saturating_duration_since(admission.asked_at);
@@ -617,36 +742,187 @@ impl<W> Scheduler<W> {
                 }
             }
             gpu.blocked = None;
-            // It uses its resident memory again.
-            gpu.residents.remove(&waiting.request.consumer);
-            self.last_token += 1;
-            let token = FencingToken(self.last_token);
-            let waited = now.saturating_duration_since(waiting.since);
-            let record = self.consumers.touch(&waiting.request.consumer, now);
-            record.waiting = record.waiting.saturating_sub(1);
-            record.holding += 1;
-            record.grants += 1;
-            self.stats.total_grants += 1;
-            self.stats.last_wait = waited;
-            let consumer = waiting.request.consumer.clone();
-            gpu.holding.insert(
-                token,
-                Holding {
-                    request: waiting.request,
-                    granted_at: now,
-                    waited,
-                    peak_mib: 0,
-                },
-            );
-            decisions.grants.push(Grant {
-                waiter: id,
-                consumer,
-                token,
-                gpu_index: gpu.spec.index,
-                gpu_uuid: gpu.spec.uuid.clone(),
+            gpu.reserved = None;
+        }
+        // It uses its resident memory again.
+        gpu.residents.remove(&waiting.request.consumer);
+        self.last_token += 1;
+        let token = FencingToken(self.last_token);
+        let waited = now.saturating_duration_since(waiting.since);
+        let record = self.consumers.touch(&waiting.request.consumer, now);
+        record.waiting = record.waiting.saturating_sub(1);
+        record.holding += 1;
+        record.grants += 1;
+        self.stats.total_grants += 1;
+        self.stats.last_wait = waited;
+        let consumer = waiting.request.consumer.clone();
+        gpu.holding.insert(
+            token,
+            Holding {
+                request: waiting.request,
+                priority: waiting.priority,
+                granted_at: now,
                 waited,
-                payload: waiting.payload,
+                peak_mib: 0,
+                waiter: id,
+                overtook: backfilled.then_some(WaiterId(self.next_waiter)),
+                preempt: None,
+            },
+        );
+        decisions.grants.push(Grant {
+            waiter: id,
+            consumer,
+            token,
+            gpu_index: gpu.spec.index,
+            gpu_uuid: gpu.spec.uuid.clone(),
+            waited,
+            payload: waiting.payload,
+        });
+    }
+
+    /// The reservation rule. Backfill may delay the head only by the
+    /// backfilled leases' own durations: once the head would fit (memory
+    /// and permit) if the leases backfilled ahead of it ended, it holds the
+    /// GPU's reservation and nothing more is granted before it. Returns
+    /// whether the head holds it. A head that no lease overtook holds
+    /// none: it waits for holders granted in their turn.
+    fn note_reservation(&mut self, slot: usize, head: WaiterId) -> bool {
+        let capacity = self.settings.capacity;
+        let margin = self.settings.safety_margin_mib;
+        let gpu = &mut self.gpus[slot];
+        let reserved = self.settings.backfill && {
+            let waiting = gpu.waiting.get(head).expect("the head waits");
+            let backfilled: Vec<&Holding> = gpu
+                .holding
+                .values()
+                .filter(|h| h.overtook(head, waiting.priority))
+                .collect();
+            let request = &waiting.request;
+            let permit = gpu.holding.len() - backfilled.len() < capacity;
+            let freed: u64 = backfilled.iter().map(|h| gpu.holder_mib(h)).sum();
+            let memory = request.vram_mib == 0
+                || gpu.headroom(&request.consumer, margin) + i128::from(freed)
+                    >= i128::from(request.vram_mib);
+            !backfilled.is_empty() && permit && memory
+        };
+        gpu.reserved = reserved.then_some(head);
+        reserved
+    }
+
+    /// The first waiter behind `head`, within [`BACKFILL_WINDOW`], that fits
+    /// now without anyone unloading. Residents asked to unload for the head
+    /// are not granted ahead of it.
+    fn backfill_candidate(&self, slot: usize, head: WaiterId, now: Instant) -> Option<WaiterId> {
+        let gpu = &self.gpus[slot];
+        let margin = self.settings.safety_margin_mib;
+        let victims: &[String] = gpu.admission.as_ref().map_or(&[], |a| a.victims.as_slice());
+        gpu.waiting
+            .in_order(now)
+            .filter(|(id, _, _)| *id != head)
+            .take(BACKFILL_WINDOW)
+            .find(|(_, _, waiting)| {
+                !victims.contains(&waiting.request.consumer)
+                    && gpu.fits_now(&waiting.request, margin)
+            })
+            .map(|(id, _, _)| id)
+    }
+
+    /// Asks preemptible holders of lower priority to make way for `head`,
+    /// once it has waited `preempt_after` and cannot be granted because of
+    /// them (their memory or their permit): the fewest, lowest priority
+    /// first and then the most recently granted (the least work lost).
+    /// Nothing is asked while residents are unloading for the head, while
+    /// the memory reading is stale, or while earlier requests for it stand.
+    fn consider_preemption(
+        &mut self,
+        slot: usize,
+        head: WaiterId,
+        now: Instant,
+        decisions: &mut Decisions<W>,
+    ) {
+        let capacity = self.settings.capacity;
+        let margin = self.settings.safety_margin_mib;
+        let gpu = &self.gpus[slot];
+        let waiting = gpu.waiting.get(head).expect("the head waits");
+        if now.saturating_duration_since(waiting.since) < self.settings.preempt_after
+            || gpu.admission.as_ref().is_some_and(|a| a.waiter == head)
+            || gpu.reading_is_stale()
+            || gpu
+                .holding
+                .values()
+                .any(|h| h.preempt.as_ref().is_some_and(|p| p.for_waiter == head))
+        {
+            return;
+        }
+        let priority = gpu.waiting.effective(waiting, now);
+        let request = &waiting.request;
+        let room = gpu.headroom(&request.consumer, margin);
+        let fits = |ended: usize, freed: u64| {
+            gpu.holding.len() - ended < capacity
+                && (request.vram_mib == 0
+                    || room + i128::from(freed) >= i128::from(request.vram_mib))
+        };
+        if fits(0, 0) {
+            return;
+        }
+        let mut candidates: Vec<(&FencingToken, &Holding)> = gpu
+            .holding
+            .iter()
+            .filter(|(_, h)| {
+                h.preempt.is_none()
+                    && h.priority < priority
+                    && self.consumers.is_preemptible(&h.request.consumer)
+            })
+            .collect();
+        candidates.sort_by_key(|(token, h)| (h.priority, std::cmp::Reverse(**token)));
+        let (mut chosen, mut freed) = (Vec::new(), 0u64);
+        for (token, holding) in candidates {
+            chosen.push(*token);
+            freed += gpu.holder_mib(holding);
+            if fits(chosen.len(), freed) {
+                break;
+            }
+        }
+        if !fits(chosen.len(), freed) {
+            return;
+        }
+        let for_consumer = request.consumer.clone();
+        let gpu = &mut self.gpus[slot];
+        for token in chosen {
+            let holding = gpu.holding.get_mut(&token).expect("a holder");
+            let grace = self.consumers.preempt_grace(&holding.request.consumer);
+            holding.preempt = Some(Preempt {
+                for_waiter: head,
+                deadline: now + grace,
+                revoked: false,
             });
+            decisions.preemptions.push(Preemption {
+                token,
+                consumer: holding.request.consumer.clone(),
+                for_consumer: for_consumer.clone(),
+                grace,
+            });
+        }
+    }
+
+    /// Revokes the leases asked to make way whose grace has passed, while
+    /// the waiter they make way for still waits; forgets the request when
+    /// it no longer does.
+    fn revoke_overdue(&mut self, slot: usize, now: Instant, decisions: &mut Decisions<W>) {
+        let gpu = &mut self.gpus[slot];
+        for (token, holding) in &mut gpu.holding {
+            let Some(preempt) = &mut holding.preempt else {
+                continue;
+            };
+            if preempt.revoked || now < preempt.deadline {
+                continue;
+            }
+            if gpu.waiting.contains(preempt.for_waiter) {
+                preempt.revoked = true;
+                decisions.revocations.push(*token);
+            } else {
+                holding.preempt = None;
+            }
         }
     }
 
@@ -655,7 +931,7 @@ impl<W> Scheduler<W> {
     /// Returns its payload, or `None` if it is no longer waiting (it was
     /// granted or withdrawn before); in that case nothing changes.
     pub fn withdraw(&mut self, id: WaiterId, how: Withdrawal, now: Instant) -> Option<W> {
-        let waiting = self.gpus.iter_mut().find_map(|g| g.waiting.remove(&id))?;
+        let waiting = self.gpus.iter_mut().find_map(|g| g.waiting.remove(id))?;
         let record = self.consumers.touch(&waiting.request.consumer, now);
         record.waiting = record.waiting.saturating_sub(1);
         self.consumers.went_idle(&waiting.request.consumer);
@@ -667,8 +943,8 @@ impl<W> Scheduler<W> {
     }
 
     /// Ends a held lease and frees its permit. The consumer stays resident
-    /// on the GPU with its footprint (configured, or the most it was seen
-    /// using), if it has one.
+    /// on the GPU with what its processes hold now (or its configured
+    /// size, unmeasured), if it keeps anything.
     ///
     /// Returns what ended, or `None` if the token does not name a held lease
     /// (it ended before): ending a lease twice is harmless and changes
@@ -680,36 +956,47 @@ impl<W> Scheduler<W> {
             .find(|g| g.holding.contains_key(&token))?;
         let holding = gpu.holding.remove(&token)?;
         let held = now.saturating_duration_since(holding.granted_at);
-        let record = self.consumers.touch(&holding.request.consumer, now);
+        let consumer = holding.request.consumer.clone();
+        let pid = holding.request.client_pid;
+        let record = self.consumers.touch(&consumer, now);
         record.holding = record.holding.saturating_sub(1);
         record.peak_mib = record.peak_mib.max(holding.peak_mib);
-        let footprint = record.footprint_mib();
-        if footprint > 0
-            && !gpu
-                .holding
-                .values()
-                .any(|h| h.request.consumer == holding.request.consumer)
-        {
+        let configured = record.profile.as_ref().map_or(0, |p| p.vram_mib);
+        let keeps_memory = configured > 0 || record.peak_mib > 0;
+        if how != LeaseEnd::Unclaimed {
+            self.consumers.held_for(&consumer, held);
+        }
+        let observed = gpu.observed_mib(pid);
+        if keeps_memory && !gpu.holding.values().any(|h| h.request.consumer == consumer) {
+            let footprint_mib = if gpu.spec.measured && observed > 0 {
+                observed
+            } else {
+                configured
+            };
             gpu.residents.insert(
-                holding.request.consumer.clone(),
+                consumer.clone(),
                 Resident {
-                    consumer: holding.request.consumer.clone(),
-                    footprint_mib: footprint,
+                    consumer: consumer.clone(),
+                    footprint_mib,
                     idle_since: now,
-                    pid: holding.request.client_pid,
+                    pid,
                     seen: holding.peak_mib > 0,
                     unload_requested: None,
                     unload_failed: false,
                 },
             );
         }
-        self.consumers.went_idle(&holding.request.consumer);
+        if gpu.spec.measured && how != LeaseEnd::Unclaimed {
+            // Its job memory is being freed: read again before deciding
+            // anything that needs memory.
+            gpu.last_end = Some(now);
+        }
+        self.consumers.went_idle(&consumer);
         let ungraceful = matches!(how, LeaseEnd::Disconnected | LeaseEnd::Revoked(_));
         let lock_delay = self.settings.lock_delay;
         if ungraceful && !lock_delay.is_zero() && gpu.spec.measured {
-            let pid = holding.request.client_pid;
             gpu.fences.push(Fence {
-                who: holding.request.consumer.clone(),
+                who: consumer.clone(),
                 pids: if pid == 0 { Vec::new() } else { vec![pid] },
                 since: now,
                 until: now + lock_delay,
@@ -725,7 +1012,7 @@ impl<W> Scheduler<W> {
             LeaseEnd::Revoked(_) => ended.revoked += 1,
         }
         Some(EndedLease {
-            consumer: holding.request.consumer,
+            consumer,
             token,
             held,
             waited: holding.waited,
@@ -733,8 +1020,12 @@ impl<W> Scheduler<W> {
     }
 
     /// Takes in a reading of a GPU's memory: learns how much its holders
-    /// use, and forgets residents whose processes have left it. Call
-    /// [`Scheduler::grant_ready`] afterwards: memory may have come back.
+    /// use, updates what residents keep, and forgets residents whose
+    /// processes have left it. Call [`Scheduler::grant_ready`] afterwards:
+    /// memory may have come back.
+    ///
+    /// `now` is when the reading was taken: one taken before a lease ended
+    /// does not count as a reading after it.
     ///
     /// The first reading of a GPU that shows processes no lease accounts for
     /// quarantines it: nothing is granted there until they leave, or for
@@ -764,6 +1055,10 @@ impl<W> Scheduler<W> {
                 });
             }
         }
+        if gpu.reading_at.is_some_and(|at| at > now) {
+            // An older reading arrived after a newer one: keep the newer.
+            return;
+        }
         gpu.reading_at = Some(now);
         for holding in gpu.holding.values_mut() {
             let used: u64 = reading
@@ -775,7 +1070,16 @@ impl<W> Scheduler<W> {
             holding.peak_mib = holding.peak_mib.max(used);
         }
         gpu.residents.retain(|_, resident| {
-            let present = reading.processes.iter().any(|p| p.belongs_to(resident.pid));
+            let used: u64 = reading
+                .processes
+                .iter()
+                .filter(|p| p.belongs_to(resident.pid))
+                .map(|p| p.used_mib)
+                .sum();
+            let present = used > 0 || reading.processes.iter().any(|p| p.belongs_to(resident.pid));
+            if present {
+                resident.footprint_mib = used;
+            }
             resident.seen |= present;
             // Gone from the GPU after having been seen on it: it unloaded.
             !resident.seen || present
@@ -810,8 +1114,10 @@ impl<W> Scheduler<W> {
     }
 
     /// The next moment at which time alone changes a decision: an unload
-    /// deadline or an idle TTL.
+    /// deadline, a lock-delay, an idle TTL, a preemption's grace, or a head
+    /// waiter reaching `preempt_after` with a preemptible holder in its way.
     pub fn next_deadline(&self) -> Option<Instant> {
+        let preempt_after = self.settings.preempt_after;
         let deadlines = self.gpus.iter().flat_map(|gpu| {
             let admission = gpu.admission.as_ref().map(|a| a.deadline);
             let fences = gpu.fences.iter().map(|f| f.until);
@@ -820,7 +1126,25 @@ impl<W> Scheduler<W> {
                     .idle_ttl(name)
                     .map(|ttl| resident.idle_since + ttl)
             });
-            admission.into_iter().chain(fences).chain(ttls)
+            let graces = gpu
+                .holding
+                .values()
+                .filter_map(|h| h.preempt.as_ref().filter(|p| !p.revoked))
+                .map(|p| p.deadline);
+            let preemptible = gpu
+                .holding
+                .values()
+                .any(|h| h.preempt.is_none() && self.consumers.is_preemptible(&h.request.consumer));
+            let head = preemptible
+                .then(|| gpu.waiting.oldest_since())
+                .flatten()
+                .map(|since| since + preempt_after);
+            admission
+                .into_iter()
+                .chain(fences)
+                .chain(ttls)
+                .chain(graces)
+                .chain(head)
         });
         deadlines.min()
     }
@@ -847,9 +1171,33 @@ impl<W> Scheduler<W> {
         self.gpus.iter().find(|g| g.spec.index == gpu_index)
     }
 
+    /// The effective priority of waiter `id` at `now`, if it waits.
+    pub fn effective_priority(&self, id: WaiterId, now: Instant) -> Option<i32> {
+        self.gpus.iter().find_map(|g| {
+            let waiting = g.waiting.get(id)?;
+            Some(g.waiting.effective(waiting, now))
+        })
+    }
+
+    /// How much longer the waiter at `position` of `gpu_index`'s queue is
+    /// expected to wait; O(position). `None` when unknown.
+    pub fn estimated_wait(&self, gpu_index: u32, position: u32, now: Instant) -> Option<Duration> {
+        let gpu = self.gpu(gpu_index)?;
+        let estimates = gpu.estimate_waits(
+            &self.consumers,
+            self.settings.capacity,
+            now,
+            position as usize,
+        );
+        estimates
+            .get((position as usize).checked_sub(1)?)
+            .copied()
+            .flatten()
+    }
+
     /// Whether `id` names a request that waits now.
     pub fn is_waiting(&self, id: WaiterId) -> bool {
-        self.gpus.iter().any(|g| g.waiting.contains_key(&id))
+        self.gpus.iter().any(|g| g.waiting.contains(id))
     }
 
     /// Takes in a new configuration (a reload): the settings and the
@@ -867,6 +1215,10 @@ impl<W> Scheduler<W> {
             capacity: settings.capacity.max(1),
             ..settings
         };
+        for gpu in &mut self.gpus {
+            // Waiters keep their priorities; only how fast they age changes.
+            gpu.waiting.set_aging(settings.aging);
+        }
         self.consumers.reconfigure(consumers);
     }
 
@@ -887,19 +1239,33 @@ impl<W> Scheduler<W> {
     pub fn for_each_waiter(
         &mut self,
         limit: Option<usize>,
+        now: Instant,
         mut visit: impl FnMut(WaiterPlace<'_>, &mut W),
     ) {
+        let capacity = self.settings.capacity;
         for gpu in &mut self.gpus {
             let depth = saturating_u32(gpu.waiting.len());
-            let waiters = gpu.waiting.values_mut().take(limit.unwrap_or(usize::MAX));
-            for (index, waiting) in waiters.enumerate() {
+            let take = limit.unwrap_or(usize::MAX);
+            let order: Vec<(WaiterId, i32)> = gpu
+                .waiting
+                .in_order(now)
+                .take(take)
+                .map(|(id, priority, _)| (id, priority))
+                .collect();
+            let estimates = gpu.estimate_waits(&self.consumers, capacity, now, order.len());
+            for (index, ((id, priority), estimate)) in order.into_iter().zip(estimates).enumerate()
+            {
                 let place = WaiterPlace {
                     gpu_index: gpu.spec.index,
                     position: saturating_u32(index + 1),
                     queue_depth: depth,
                     blocked: gpu.blocked.as_ref(),
+                    priority,
+                    estimated_wait: estimate,
                 };
-                visit(place, &mut waiting.payload);
+                if let Some(waiting) = gpu.waiting.get_mut(id) {
+                    visit(place, &mut waiting.payload);
+                }
             }
         }
     }
@@ -918,6 +1284,8 @@ impl<W> Scheduler<W> {
                     peak_mib: holding.peak_mib,
                     request: holding.request.clone(),
                     held: now.saturating_duration_since(holding.granted_at),
+                    priority: holding.priority,
+                    preempt_requested: holding.preempt.is_some(),
                 })
             })
             .collect();
@@ -928,19 +1296,24 @@ impl<W> Scheduler<W> {
     /// Everything the core knows, at `now`.
     pub fn snapshot(&self, now: Instant) -> Snapshot {
         let margin = self.settings.safety_margin_mib;
+        let capacity = self.settings.capacity;
         let gpus: Vec<GpuView> = self
             .gpus
             .iter()
             .map(|gpu| {
+                let estimates = gpu.estimate_waits(&self.consumers, capacity, now, usize::MAX);
                 let waiters: Vec<WaiterView> = gpu
                     .waiting
-                    .values()
+                    .in_order(now)
+                    .zip(estimates)
                     .enumerate()
-                    .map(|(index, waiting)| WaiterView {
+                    .map(|(index, ((_, priority, waiting), estimate))| WaiterView {
                         position: saturating_u32(index + 1),
                         gpu_index: gpu.spec.index,
                         request: waiting.request.clone(),
                         waiting: now.saturating_duration_since(waiting.since),
+                        priority,
+                        estimated_wait: estimate,
                     })
                     .collect();
                 let head = waiters.first().map_or("", |w| w.request.consumer.as_str());
@@ -962,6 +1335,7 @@ impl<W> Scheduler<W> {
                         .map(|r| ResidentView {
                             resident: r.clone(),
                             idle: now.saturating_duration_since(r.idle_since),
+                            peak_mib: self.consumers.peak_mib(&r.consumer),
                         })
                         .collect(),
                     blocked: gpu.blocked.clone(),
@@ -972,17 +1346,27 @@ impl<W> Scheduler<W> {
                         .filter(|p| !known(p))
                         .cloned()
                         .collect(),
+                    reserved_for: gpu
+                        .reserved
+                        .and_then(|id| gpu.waiting.get(id))
+                        .map(|w| w.request.consumer.clone()),
                 }
             })
             .collect();
+        // Queue order: each GPU's first, oldest first, then each GPU's
+        // second, and so on.
         let mut waiters: Vec<WaiterView> = gpus.iter().flat_map(|g| g.waiters.clone()).collect();
-        waiters.sort_by_key(|w| std::cmp::Reverse(w.waiting));
+        waiters.sort_by_key(|w| (w.position, std::cmp::Reverse(w.waiting)));
         Snapshot {
             capacity: saturating_u32(self.settings.capacity * self.gpus.len()),
             total_grants: self.stats.total_grants,
             last_wait: self.stats.last_wait,
             last_hold: self.stats.last_hold,
-            oldest_queued: waiters.first().map_or(Duration::ZERO, |w| w.waiting),
+            oldest_queued: waiters
+                .iter()
+                .map(|w| w.waiting)
+                .max()
+                .unwrap_or(Duration::ZERO),
             holders: self.holders(None, now),
             waiters,
             consumers: self.consumers.records(),
@@ -994,11 +1378,7 @@ impl<W> Scheduler<W> {
 
     /// Withdraws every waiter, for shutdown; returns their payloads.
     pub fn drain_waiters(&mut self, now: Instant) -> VecDeque<W> {
-        let ids: Vec<WaiterId> = self
-            .gpus
-            .iter()
-            .flat_map(|g| g.waiting.keys().copied())
-            .collect();
+        let ids: Vec<WaiterId> = self.gpus.iter().flat_map(|g| g.waiting.ids()).collect();
         ids.into_iter()
             .filter_map(|id| self.withdraw(id, Withdrawal::Withdrawn, now))
             .collect()
@@ -1016,6 +1396,10 @@ pub struct WaiterPlace<'a> {
     pub queue_depth: u32,
     /// Why the head of that queue is not granted, if it is not.
     pub blocked: Option<&'a Blocked>,
+    /// Its effective priority now.
+    pub priority: i32,
+    /// How much longer it is expected to wait; `None` when unknown.
+    pub estimated_wait: Option<Duration>,
 }
 
 fn saturating_u32(n: usize) -> u32 {

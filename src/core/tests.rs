@@ -36,14 +36,9 @@ fn check(script: &str, expected: &str) {
         match (words.next(), words.next()) {
             (Some("cap"), Some(n)) => capacity = n.parse().unwrap(),
             (Some("strict"), None) => strict = true,
-            (Some("configured"), Some(name)) => configured.push(ConsumerProfile {
-                name: name.to_owned(),
-                kind: ConsumerKind::Other,
-                vram_mib: 0,
-                coexist: false,
-                unloadable: false,
-                idle_ttl: None,
-            }),
+            (Some("configured"), Some(name)) => {
+                configured.push(ConsumerProfile::new(name, ConsumerKind::Other));
+            }
             _ => break,
         }
         lines.next();
@@ -345,12 +340,9 @@ fn consumer_names() {
 fn consumers_record_activity() {
     let start = Instant::now();
     let profile = ConsumerProfile {
-        name: "tts".into(),
-        kind: ConsumerKind::Tts,
         vram_mib: 3000,
         coexist: true,
-        unloadable: false,
-        idle_ttl: None,
+        ..ConsumerProfile::new("tts", ConsumerKind::Tts)
     };
     let mut sched: Scheduler<()> = Scheduler::single(1, false, [profile.clone()]);
     let ask = |name: &str| Request {
@@ -448,9 +440,11 @@ fn positions_follow_the_queue() {
     sched.grant_ready(now);
     sched.withdraw(ids[2], Withdrawal::Withdrawn, now);
     let mut seen = Vec::new();
-    sched.for_each_waiter(None, |place, name| seen.push((place.position, *name)));
+    sched.for_each_waiter(None, now, |place, name| seen.push((place.position, *name)));
     let mut first = Vec::new();
-    sched.for_each_waiter(Some(1), |place, name| first.push((place.position, *name)));
+    sched.for_each_waiter(Some(1), now, |place, name| {
+        first.push((place.position, *name))
+    });
     assert_eq!(first, [(1, "b")]);
     assert_eq!(seen, [(1, "b"), (2, "d")]);
     let drained = sched.drain_waiters(now);

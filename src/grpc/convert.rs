@@ -3,7 +3,9 @@
 
 use tonic::{Code, Status};
 
-use crate::broker::{BrokerStatus, EnqueueError, Grant, QueuePosition, lease_id, millis};
+use crate::broker::{
+    BrokerStatus, EnqueueError, Grant, PreemptNotice, QueuePosition, lease_id, millis,
+};
 use crate::config::Limits;
 use crate::core::{
     ConsumerKind, ConsumerRecord, EndCounts, EvictionStats, GpuChoice, GpuView, HolderView,
@@ -27,6 +29,7 @@ pub(crate) fn request(acquire: pb::Acquire) -> Request {
         client_pid: acquire.client_pid,
         labels: acquire.labels.into_iter().collect(),
         gpu,
+        priority: acquire.priority,
     }
 }
 
@@ -199,6 +202,10 @@ pub(crate) fn revoked_status(reason: RevokeReason) -> Status {
             "lease revoked: held longer than the broker's max_hold",
         ),
         RevokeReason::Admin => Status::new(Code::Aborted, "lease revoked by an operator"),
+        RevokeReason::Preempted => Status::new(
+            Code::Aborted,
+            "lease revoked: preempted for a waiter of higher priority",
+        ),
     }
 }
 
@@ -207,6 +214,7 @@ pub(crate) fn revoked(reason: RevokeReason, message: &str) -> pb::LeaseEvent {
         RevokeReason::Shutdown => pb::RevokeReason::Shutdown,
         RevokeReason::MaxHoldExceeded => pb::RevokeReason::MaxHoldExceeded,
         RevokeReason::Admin => pb::RevokeReason::Admin,
+        RevokeReason::Preempted => pb::RevokeReason::Preempted,
     };
     event(pb::lease_event::Kind::Revoked(pb::Revoked {
         reason: reason.into(),
@@ -237,7 +245,18 @@ pub(crate) fn queued(position: &QueuePosition, epoch: u64) -> pb::LeaseEvent {
         gpu_index: position.gpu_index,
         blocked_by: position.blocked_by.clone().unwrap_or_default(),
         holders_omitted: count(position.holders.len() - listed),
+        priority: position.priority,
+        estimated_wait_ms: position.estimated_wait.map_or(0, millis),
     }))
+}
+
+pub(crate) fn preempt_requested(notice: &PreemptNotice) -> pb::LeaseEvent {
+    event(pb::lease_event::Kind::PreemptRequested(
+        pb::PreemptRequested {
+            grace_ms: millis(notice.grace),
+            for_consumer: notice.for_consumer.clone(),
+        },
+    ))
 }
 
 /// How many holders a `Queued` event lists.
@@ -278,6 +297,8 @@ fn holder(view: &HolderView, epoch: u64) -> pb::Holder {
         client_pid: view.request.client_pid,
         labels: view.request.labels.clone().into_iter().collect(),
         peak_mib: view.peak_mib,
+        priority: view.priority,
+        preempt_requested: view.preempt_requested,
     }
 }
 
@@ -290,6 +311,8 @@ fn waiter(view: &WaiterView) -> pb::Waiter {
         client_pid: view.request.client_pid,
         labels: view.request.labels.clone().into_iter().collect(),
         gpu_index: view.gpu_index,
+        priority: view.priority,
+        estimated_wait_ms: view.estimated_wait.map_or(0, millis),
     }
 }
 
@@ -314,6 +337,8 @@ fn consumer(record: &ConsumerRecord, unload: &str, now: std::time::Instant) -> p
         waiting: record.waiting,
         peak_mib: record.peak_mib,
         unload: unload.to_owned(),
+        priority: profile.map_or(0, |p| p.priority),
+        preemptible: profile.is_some_and(|p| p.preemptible),
     }
 }
 
@@ -372,6 +397,7 @@ fn gpu(view: &GpuView, epoch: u64, waiters: usize) -> pb::Gpu {
                 unload_requested: r.resident.unload_requested.is_some()
                     && !r.resident.unload_failed,
                 unload_failed: r.resident.unload_failed,
+                peak_mib: r.peak_mib,
             })
             .collect(),
         blocked_by: view
@@ -387,6 +413,7 @@ fn gpu(view: &GpuView, epoch: u64, waiters: usize) -> pb::Gpu {
                 used_mib: p.used_mib,
             })
             .collect(),
+        reserved_for: view.reserved_for.clone().unwrap_or_default(),
     }
 }
 
@@ -411,6 +438,7 @@ pub(crate) fn unload_requested(
                 footprint_mib: request.footprint_mib,
                 for_consumer: request.for_consumer.clone(),
                 deadline_ms: millis(deadline),
+                peak_mib: request.peak_mib,
             },
         )),
     }

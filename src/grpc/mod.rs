@@ -431,9 +431,9 @@ impl Session {
         let (how, status) = self.hold(&lease).await;
         if let LeaseEnd::Revoked(reason) = how {
             let mut message = convert::revoked_status(reason).message().to_owned();
-            let operator = lease.revocation().message();
-            if reason == RevokeReason::Admin && !operator.is_empty() {
-                message = format!("{message}: {operator}");
+            let (_, said) = lease.revocation().reason();
+            if matches!(reason, RevokeReason::Admin | RevokeReason::Preempted) && !said.is_empty() {
+                message = format!("{message}: {said}");
             }
             self.farewell(Ok(convert::revoked(reason, &message))).await;
             lease.end(how);
@@ -553,8 +553,32 @@ impl Session {
     }
 
     /// Holds the lease until the client or the broker ends it; returns how
-    /// it ended and the status to end the stream with, if any.
+    /// it ended and the status to end the stream with, if any. A request to
+    /// make way (preemption) is passed on to the client once, and the lease
+    /// is held on.
     async fn hold(&mut self, lease: &Lease) -> (LeaseEnd, Option<Status>) {
+        let mut told_to_make_way = false;
+        loop {
+            tokio::select! {
+                () = lease.revocation().preempt_requested(), if !told_to_make_way => {
+                    told_to_make_way = true;
+                    if let Some(notice) = lease.revocation().preempt_notice() {
+                        // Best effort, like position updates: a client that
+                        // does not read still loses the lease at the end of
+                        // the grace.
+                        let _ = self.events.try_send(Ok(convert::preempt_requested(notice)));
+                    }
+                }
+                ended = self.hold_once(lease) => return ended,
+            }
+        }
+    }
+
+    /// [`Session::hold`] without the preemption request: resolves once the
+    /// lease ends. Cancel-safe except for a half-close's settling wait,
+    /// which is why [`Session::hold`] only cancels it for an event that
+    /// comes before the stream ends.
+    async fn hold_once(&mut self, lease: &Lease) -> (LeaseEnd, Option<Status>) {
         let shutdown = self.broker.shutdown_token().clone();
         let mut max_hold = self.broker.max_hold_changes();
         loop {
@@ -598,7 +622,9 @@ impl Session {
             () = self.events.closed() => (LeaseEnd::Disconnected, None),
             () = shutdown.cancelled() => (LeaseEnd::Revoked(RevokeReason::Shutdown), None),
             () = sleep_until(deadline) => (LeaseEnd::Revoked(RevokeReason::MaxHoldExceeded), None),
-            () = lease.revocation().fired() => (LeaseEnd::Revoked(RevokeReason::Admin), None),
+            () = lease.revocation().fired() => {
+                (LeaseEnd::Revoked(lease.revocation().reason().0), None)
+            }
         }
     }
 

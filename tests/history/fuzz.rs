@@ -32,6 +32,7 @@ struct Fields {
     client_pid: u32,
     gpu: String,
     labels: Vec<(String, String)>,
+    priority: Option<i32>,
 }
 
 /// A message on the request stream.
@@ -95,15 +96,17 @@ fn fields() -> impl Strategy<Value = Fields> {
             1 => "\\PC{0,12}",
         ],
         prop::collection::vec(("\\PC{0,8}", "\\PC{0,8}"), 0..3),
+        prop_oneof![4 => Just(None), 1 => any::<i32>().prop_map(Some), 1 => (-3..3i32).prop_map(Some)],
     )
         .prop_map(
-            |(consumer, vram_mib, max_wait_ms, client_pid, gpu, labels)| Fields {
+            |(consumer, vram_mib, max_wait_ms, client_pid, gpu, labels, priority)| Fields {
                 consumer,
                 vram_mib,
                 max_wait_ms,
                 client_pid,
                 gpu,
                 labels,
+                priority,
             },
         )
 }
@@ -150,6 +153,7 @@ fn request(message: Message) -> pb::LeaseRequest {
                 client_pid: f.client_pid,
                 labels: f.labels.into_iter().collect(),
                 gpu: f.gpu,
+                priority: f.priority,
             })),
             Message::Release => Some(RequestKind::Release(pb::Release {})),
             Message::Empty => None,

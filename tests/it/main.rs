@@ -18,5 +18,6 @@ mod liveness;
 mod metrics;
 mod reload;
 mod service;
+mod sharing;
 mod status;
 mod support;

@@ -13,6 +13,7 @@ class RevokeReason(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     REVOKE_REASON_SHUTDOWN: _ClassVar[RevokeReason]
     REVOKE_REASON_MAX_HOLD_EXCEEDED: _ClassVar[RevokeReason]
     REVOKE_REASON_ADMIN: _ClassVar[RevokeReason]
+    REVOKE_REASON_PREEMPTED: _ClassVar[RevokeReason]
 
 class ConsumerKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -25,6 +26,7 @@ REVOKE_REASON_UNSPECIFIED: RevokeReason
 REVOKE_REASON_SHUTDOWN: RevokeReason
 REVOKE_REASON_MAX_HOLD_EXCEEDED: RevokeReason
 REVOKE_REASON_ADMIN: RevokeReason
+REVOKE_REASON_PREEMPTED: RevokeReason
 CONSUMER_KIND_UNSPECIFIED: ConsumerKind
 CONSUMER_KIND_TTS: ConsumerKind
 CONSUMER_KIND_LLM: ConsumerKind
@@ -60,7 +62,7 @@ class LeaseRequest(_message.Message):
     def __init__(self, acquire: _Optional[_Union[Acquire, _Mapping]] = ..., release: _Optional[_Union[Release, _Mapping]] = ...) -> None: ...
 
 class Acquire(_message.Message):
-    __slots__ = ("consumer", "vram_mib", "max_wait_ms", "client_pid", "labels", "gpu")
+    __slots__ = ("consumer", "vram_mib", "max_wait_ms", "client_pid", "labels", "gpu", "priority")
     class LabelsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -74,43 +76,59 @@ class Acquire(_message.Message):
     CLIENT_PID_FIELD_NUMBER: _ClassVar[int]
     LABELS_FIELD_NUMBER: _ClassVar[int]
     GPU_FIELD_NUMBER: _ClassVar[int]
+    PRIORITY_FIELD_NUMBER: _ClassVar[int]
     consumer: str
     vram_mib: int
     max_wait_ms: int
     client_pid: int
     labels: _containers.ScalarMap[str, str]
     gpu: str
-    def __init__(self, consumer: _Optional[str] = ..., vram_mib: _Optional[int] = ..., max_wait_ms: _Optional[int] = ..., client_pid: _Optional[int] = ..., labels: _Optional[_Mapping[str, str]] = ..., gpu: _Optional[str] = ...) -> None: ...
+    priority: int
+    def __init__(self, consumer: _Optional[str] = ..., vram_mib: _Optional[int] = ..., max_wait_ms: _Optional[int] = ..., client_pid: _Optional[int] = ..., labels: _Optional[_Mapping[str, str]] = ..., gpu: _Optional[str] = ..., priority: _Optional[int] = ...) -> None: ...
 
 class Release(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
 
 class LeaseEvent(_message.Message):
-    __slots__ = ("queued", "granted", "revoked")
+    __slots__ = ("queued", "granted", "revoked", "preempt_requested")
     QUEUED_FIELD_NUMBER: _ClassVar[int]
     GRANTED_FIELD_NUMBER: _ClassVar[int]
     REVOKED_FIELD_NUMBER: _ClassVar[int]
+    PREEMPT_REQUESTED_FIELD_NUMBER: _ClassVar[int]
     queued: Queued
     granted: Granted
     revoked: Revoked
-    def __init__(self, queued: _Optional[_Union[Queued, _Mapping]] = ..., granted: _Optional[_Union[Granted, _Mapping]] = ..., revoked: _Optional[_Union[Revoked, _Mapping]] = ...) -> None: ...
+    preempt_requested: PreemptRequested
+    def __init__(self, queued: _Optional[_Union[Queued, _Mapping]] = ..., granted: _Optional[_Union[Granted, _Mapping]] = ..., revoked: _Optional[_Union[Revoked, _Mapping]] = ..., preempt_requested: _Optional[_Union[PreemptRequested, _Mapping]] = ...) -> None: ...
+
+class PreemptRequested(_message.Message):
+    __slots__ = ("grace_ms", "for_consumer")
+    GRACE_MS_FIELD_NUMBER: _ClassVar[int]
+    FOR_CONSUMER_FIELD_NUMBER: _ClassVar[int]
+    grace_ms: int
+    for_consumer: str
+    def __init__(self, grace_ms: _Optional[int] = ..., for_consumer: _Optional[str] = ...) -> None: ...
 
 class Queued(_message.Message):
-    __slots__ = ("position", "queue_depth", "holders", "gpu_index", "blocked_by", "holders_omitted")
+    __slots__ = ("position", "queue_depth", "holders", "gpu_index", "blocked_by", "priority", "estimated_wait_ms", "holders_omitted")
     POSITION_FIELD_NUMBER: _ClassVar[int]
     QUEUE_DEPTH_FIELD_NUMBER: _ClassVar[int]
     HOLDERS_FIELD_NUMBER: _ClassVar[int]
     GPU_INDEX_FIELD_NUMBER: _ClassVar[int]
     BLOCKED_BY_FIELD_NUMBER: _ClassVar[int]
+    PRIORITY_FIELD_NUMBER: _ClassVar[int]
+    ESTIMATED_WAIT_MS_FIELD_NUMBER: _ClassVar[int]
     HOLDERS_OMITTED_FIELD_NUMBER: _ClassVar[int]
     position: int
     queue_depth: int
     holders: _containers.RepeatedCompositeFieldContainer[Holder]
     gpu_index: int
     blocked_by: str
+    priority: int
+    estimated_wait_ms: int
     holders_omitted: int
-    def __init__(self, position: _Optional[int] = ..., queue_depth: _Optional[int] = ..., holders: _Optional[_Iterable[_Union[Holder, _Mapping]]] = ..., gpu_index: _Optional[int] = ..., blocked_by: _Optional[str] = ..., holders_omitted: _Optional[int] = ...) -> None: ...
+    def __init__(self, position: _Optional[int] = ..., queue_depth: _Optional[int] = ..., holders: _Optional[_Iterable[_Union[Holder, _Mapping]]] = ..., gpu_index: _Optional[int] = ..., blocked_by: _Optional[str] = ..., priority: _Optional[int] = ..., estimated_wait_ms: _Optional[int] = ..., holders_omitted: _Optional[int] = ...) -> None: ...
 
 class Granted(_message.Message):
     __slots__ = ("lease_id", "fencing_token", "broker_epoch", "gpu_index", "gpu_uuid", "waited_ms")
@@ -183,7 +201,7 @@ class StatusResponse(_message.Message):
     def __init__(self, capacity: _Optional[int] = ..., in_flight: _Optional[int] = ..., queue_depth: _Optional[int] = ..., total_grants: _Optional[int] = ..., last_wait_ms: _Optional[int] = ..., last_hold_ms: _Optional[int] = ..., oldest_queued_ms: _Optional[int] = ..., holders: _Optional[_Iterable[_Union[Holder, _Mapping]]] = ..., waiters: _Optional[_Iterable[_Union[Waiter, _Mapping]]] = ..., consumers: _Optional[_Iterable[_Union[Consumer, _Mapping]]] = ..., broker: _Optional[_Union[BrokerInfo, _Mapping]] = ..., ended: _Optional[_Union[LeaseEndCounts, _Mapping]] = ..., gpus: _Optional[_Iterable[_Union[Gpu, _Mapping]]] = ..., evictions: _Optional[_Union[Evictions, _Mapping]] = ..., inventory: _Optional[str] = ..., waiters_omitted: _Optional[int] = ..., holders_omitted: _Optional[int] = ..., consumers_omitted: _Optional[int] = ...) -> None: ...
 
 class Gpu(_message.Message):
-    __slots__ = ("index", "uuid", "name", "total_mib", "used_mib", "free_mib", "measured", "headroom_mib", "holders", "waiters", "residents", "blocked_by", "unleased", "waiters_omitted")
+    __slots__ = ("index", "uuid", "name", "total_mib", "used_mib", "free_mib", "measured", "headroom_mib", "holders", "waiters", "residents", "blocked_by", "unleased", "reserved_for", "waiters_omitted")
     INDEX_FIELD_NUMBER: _ClassVar[int]
     UUID_FIELD_NUMBER: _ClassVar[int]
     NAME_FIELD_NUMBER: _ClassVar[int]
@@ -197,6 +215,7 @@ class Gpu(_message.Message):
     RESIDENTS_FIELD_NUMBER: _ClassVar[int]
     BLOCKED_BY_FIELD_NUMBER: _ClassVar[int]
     UNLEASED_FIELD_NUMBER: _ClassVar[int]
+    RESERVED_FOR_FIELD_NUMBER: _ClassVar[int]
     WAITERS_OMITTED_FIELD_NUMBER: _ClassVar[int]
     index: int
     uuid: str
@@ -211,24 +230,27 @@ class Gpu(_message.Message):
     residents: _containers.RepeatedCompositeFieldContainer[Resident]
     blocked_by: str
     unleased: _containers.RepeatedCompositeFieldContainer[GpuProcess]
+    reserved_for: str
     waiters_omitted: int
-    def __init__(self, index: _Optional[int] = ..., uuid: _Optional[str] = ..., name: _Optional[str] = ..., total_mib: _Optional[int] = ..., used_mib: _Optional[int] = ..., free_mib: _Optional[int] = ..., measured: bool = ..., headroom_mib: _Optional[int] = ..., holders: _Optional[_Iterable[_Union[Holder, _Mapping]]] = ..., waiters: _Optional[_Iterable[_Union[Waiter, _Mapping]]] = ..., residents: _Optional[_Iterable[_Union[Resident, _Mapping]]] = ..., blocked_by: _Optional[str] = ..., unleased: _Optional[_Iterable[_Union[GpuProcess, _Mapping]]] = ..., waiters_omitted: _Optional[int] = ...) -> None: ...
+    def __init__(self, index: _Optional[int] = ..., uuid: _Optional[str] = ..., name: _Optional[str] = ..., total_mib: _Optional[int] = ..., used_mib: _Optional[int] = ..., free_mib: _Optional[int] = ..., measured: bool = ..., headroom_mib: _Optional[int] = ..., holders: _Optional[_Iterable[_Union[Holder, _Mapping]]] = ..., waiters: _Optional[_Iterable[_Union[Waiter, _Mapping]]] = ..., residents: _Optional[_Iterable[_Union[Resident, _Mapping]]] = ..., blocked_by: _Optional[str] = ..., unleased: _Optional[_Iterable[_Union[GpuProcess, _Mapping]]] = ..., reserved_for: _Optional[str] = ..., waiters_omitted: _Optional[int] = ...) -> None: ...
 
 class Resident(_message.Message):
-    __slots__ = ("consumer", "footprint_mib", "idle_ms", "pid", "unload_requested", "unload_failed")
+    __slots__ = ("consumer", "footprint_mib", "idle_ms", "pid", "unload_requested", "unload_failed", "peak_mib")
     CONSUMER_FIELD_NUMBER: _ClassVar[int]
     FOOTPRINT_MIB_FIELD_NUMBER: _ClassVar[int]
     IDLE_MS_FIELD_NUMBER: _ClassVar[int]
     PID_FIELD_NUMBER: _ClassVar[int]
     UNLOAD_REQUESTED_FIELD_NUMBER: _ClassVar[int]
     UNLOAD_FAILED_FIELD_NUMBER: _ClassVar[int]
+    PEAK_MIB_FIELD_NUMBER: _ClassVar[int]
     consumer: str
     footprint_mib: int
     idle_ms: int
     pid: int
     unload_requested: bool
     unload_failed: bool
-    def __init__(self, consumer: _Optional[str] = ..., footprint_mib: _Optional[int] = ..., idle_ms: _Optional[int] = ..., pid: _Optional[int] = ..., unload_requested: bool = ..., unload_failed: bool = ...) -> None: ...
+    peak_mib: int
+    def __init__(self, consumer: _Optional[str] = ..., footprint_mib: _Optional[int] = ..., idle_ms: _Optional[int] = ..., pid: _Optional[int] = ..., unload_requested: bool = ..., unload_failed: bool = ..., peak_mib: _Optional[int] = ...) -> None: ...
 
 class GpuProcess(_message.Message):
     __slots__ = ("pid", "used_mib")
@@ -281,19 +303,21 @@ class ResidencyCommand(_message.Message):
     def __init__(self, unload_requested: _Optional[_Union[UnloadRequested, _Mapping]] = ...) -> None: ...
 
 class UnloadRequested(_message.Message):
-    __slots__ = ("gpu_index", "footprint_mib", "for_consumer", "deadline_ms")
+    __slots__ = ("gpu_index", "footprint_mib", "for_consumer", "deadline_ms", "peak_mib")
     GPU_INDEX_FIELD_NUMBER: _ClassVar[int]
     FOOTPRINT_MIB_FIELD_NUMBER: _ClassVar[int]
     FOR_CONSUMER_FIELD_NUMBER: _ClassVar[int]
     DEADLINE_MS_FIELD_NUMBER: _ClassVar[int]
+    PEAK_MIB_FIELD_NUMBER: _ClassVar[int]
     gpu_index: int
     footprint_mib: int
     for_consumer: str
     deadline_ms: int
-    def __init__(self, gpu_index: _Optional[int] = ..., footprint_mib: _Optional[int] = ..., for_consumer: _Optional[str] = ..., deadline_ms: _Optional[int] = ...) -> None: ...
+    peak_mib: int
+    def __init__(self, gpu_index: _Optional[int] = ..., footprint_mib: _Optional[int] = ..., for_consumer: _Optional[str] = ..., deadline_ms: _Optional[int] = ..., peak_mib: _Optional[int] = ...) -> None: ...
 
 class Holder(_message.Message):
-    __slots__ = ("lease_id", "consumer", "fencing_token", "held_ms", "gpu_index", "vram_mib", "client_pid", "labels", "peak_mib")
+    __slots__ = ("lease_id", "consumer", "fencing_token", "held_ms", "gpu_index", "vram_mib", "client_pid", "labels", "peak_mib", "priority", "preempt_requested")
     class LabelsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -310,6 +334,8 @@ class Holder(_message.Message):
     CLIENT_PID_FIELD_NUMBER: _ClassVar[int]
     LABELS_FIELD_NUMBER: _ClassVar[int]
     PEAK_MIB_FIELD_NUMBER: _ClassVar[int]
+    PRIORITY_FIELD_NUMBER: _ClassVar[int]
+    PREEMPT_REQUESTED_FIELD_NUMBER: _ClassVar[int]
     lease_id: str
     consumer: str
     fencing_token: int
@@ -319,10 +345,12 @@ class Holder(_message.Message):
     client_pid: int
     labels: _containers.ScalarMap[str, str]
     peak_mib: int
-    def __init__(self, lease_id: _Optional[str] = ..., consumer: _Optional[str] = ..., fencing_token: _Optional[int] = ..., held_ms: _Optional[int] = ..., gpu_index: _Optional[int] = ..., vram_mib: _Optional[int] = ..., client_pid: _Optional[int] = ..., labels: _Optional[_Mapping[str, str]] = ..., peak_mib: _Optional[int] = ...) -> None: ...
+    priority: int
+    preempt_requested: bool
+    def __init__(self, lease_id: _Optional[str] = ..., consumer: _Optional[str] = ..., fencing_token: _Optional[int] = ..., held_ms: _Optional[int] = ..., gpu_index: _Optional[int] = ..., vram_mib: _Optional[int] = ..., client_pid: _Optional[int] = ..., labels: _Optional[_Mapping[str, str]] = ..., peak_mib: _Optional[int] = ..., priority: _Optional[int] = ..., preempt_requested: bool = ...) -> None: ...
 
 class Waiter(_message.Message):
-    __slots__ = ("consumer", "position", "waiting_ms", "vram_mib", "client_pid", "labels", "gpu_index")
+    __slots__ = ("consumer", "position", "waiting_ms", "vram_mib", "client_pid", "labels", "gpu_index", "priority", "estimated_wait_ms")
     class LabelsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -337,6 +365,8 @@ class Waiter(_message.Message):
     CLIENT_PID_FIELD_NUMBER: _ClassVar[int]
     LABELS_FIELD_NUMBER: _ClassVar[int]
     GPU_INDEX_FIELD_NUMBER: _ClassVar[int]
+    PRIORITY_FIELD_NUMBER: _ClassVar[int]
+    ESTIMATED_WAIT_MS_FIELD_NUMBER: _ClassVar[int]
     consumer: str
     position: int
     waiting_ms: int
@@ -344,10 +374,12 @@ class Waiter(_message.Message):
     client_pid: int
     labels: _containers.ScalarMap[str, str]
     gpu_index: int
-    def __init__(self, consumer: _Optional[str] = ..., position: _Optional[int] = ..., waiting_ms: _Optional[int] = ..., vram_mib: _Optional[int] = ..., client_pid: _Optional[int] = ..., labels: _Optional[_Mapping[str, str]] = ..., gpu_index: _Optional[int] = ...) -> None: ...
+    priority: int
+    estimated_wait_ms: int
+    def __init__(self, consumer: _Optional[str] = ..., position: _Optional[int] = ..., waiting_ms: _Optional[int] = ..., vram_mib: _Optional[int] = ..., client_pid: _Optional[int] = ..., labels: _Optional[_Mapping[str, str]] = ..., gpu_index: _Optional[int] = ..., priority: _Optional[int] = ..., estimated_wait_ms: _Optional[int] = ...) -> None: ...
 
 class Consumer(_message.Message):
-    __slots__ = ("name", "kind", "configured", "vram_mib", "coexist", "grants", "last_active_ms_ago", "holding", "waiting", "peak_mib", "unload")
+    __slots__ = ("name", "kind", "configured", "vram_mib", "coexist", "grants", "last_active_ms_ago", "holding", "waiting", "peak_mib", "unload", "priority", "preemptible")
     NAME_FIELD_NUMBER: _ClassVar[int]
     KIND_FIELD_NUMBER: _ClassVar[int]
     CONFIGURED_FIELD_NUMBER: _ClassVar[int]
@@ -359,6 +391,8 @@ class Consumer(_message.Message):
     WAITING_FIELD_NUMBER: _ClassVar[int]
     PEAK_MIB_FIELD_NUMBER: _ClassVar[int]
     UNLOAD_FIELD_NUMBER: _ClassVar[int]
+    PRIORITY_FIELD_NUMBER: _ClassVar[int]
+    PREEMPTIBLE_FIELD_NUMBER: _ClassVar[int]
     name: str
     kind: ConsumerKind
     configured: bool
@@ -370,7 +404,9 @@ class Consumer(_message.Message):
     waiting: int
     peak_mib: int
     unload: str
-    def __init__(self, name: _Optional[str] = ..., kind: _Optional[_Union[ConsumerKind, str]] = ..., configured: bool = ..., vram_mib: _Optional[int] = ..., coexist: bool = ..., grants: _Optional[int] = ..., last_active_ms_ago: _Optional[int] = ..., holding: bool = ..., waiting: _Optional[int] = ..., peak_mib: _Optional[int] = ..., unload: _Optional[str] = ...) -> None: ...
+    priority: int
+    preemptible: bool
+    def __init__(self, name: _Optional[str] = ..., kind: _Optional[_Union[ConsumerKind, str]] = ..., configured: bool = ..., vram_mib: _Optional[int] = ..., coexist: bool = ..., grants: _Optional[int] = ..., last_active_ms_ago: _Optional[int] = ..., holding: bool = ..., waiting: _Optional[int] = ..., peak_mib: _Optional[int] = ..., unload: _Optional[str] = ..., priority: _Optional[int] = ..., preemptible: bool = ...) -> None: ...
 
 class BrokerInfo(_message.Message):
     __slots__ = ("version", "epoch", "uptime_ms", "shutting_down", "reloads", "last_reload_error", "log_lines_dropped")

@@ -28,8 +28,8 @@ if _version_not_supported:
 class LeaseBrokerStub(object):
     """The lease broker.
 
-    A consumer opens `AcquireLease`, sends one `Acquire`, and waits in a FIFO
-    queue. When the broker answers `Granted`, the consumer holds the GPU until
+    A consumer opens `AcquireLease`, sends one `Acquire`, and waits in its
+    GPU's queue (by priority, then arrival; see `[scheduling]`). When the broker answers `Granted`, the consumer holds the GPU until
     its stream ends: it sends `Release`, half-closes its send side, cancels the
     call, or its connection drops (process exit, crash, HTTP/2 keepalive
     timeout). The broker proxies nothing: it only tells consumers when it is
@@ -77,8 +77,8 @@ class LeaseBrokerStub(object):
 class LeaseBrokerServicer(object):
     """The lease broker.
 
-    A consumer opens `AcquireLease`, sends one `Acquire`, and waits in a FIFO
-    queue. When the broker answers `Granted`, the consumer holds the GPU until
+    A consumer opens `AcquireLease`, sends one `Acquire`, and waits in its
+    GPU's queue (by priority, then arrival; see `[scheduling]`). When the broker answers `Granted`, the consumer holds the GPU until
     its stream ends: it sends `Release`, half-closes its send side, cancels the
     call, or its connection drops (process exit, crash, HTTP/2 keepalive
     timeout). The broker proxies nothing: it only tells consumers when it is
@@ -192,8 +192,8 @@ def add_LeaseBrokerServicer_to_server(servicer, server):
 class LeaseBroker(object):
     """The lease broker.
 
-    A consumer opens `AcquireLease`, sends one `Acquire`, and waits in a FIFO
-    queue. When the broker answers `Granted`, the consumer holds the GPU until
+    A consumer opens `AcquireLease`, sends one `Acquire`, and waits in its
+    GPU's queue (by priority, then arrival; see `[scheduling]`). When the broker answers `Granted`, the consumer holds the GPU until
     its stream ends: it sends `Release`, half-closes its send side, cancels the
     call, or its connection drops (process exit, crash, HTTP/2 keepalive
     timeout). The broker proxies nothing: it only tells consumers when it is
