@@ -296,7 +296,10 @@ impl Broker {
             broker.settle_unloads();
             let (fast, deadline) = {
                 let state = broker.lock();
-                (state.sched.awaiting_memory(), state.sched.next_deadline())
+                (
+                    state.sched.awaiting_memory(),
+                    state.sched.next_deadline(Instant::now().into_std()),
+                )
             };
             let poll_interval = broker.live().poll_interval;
             let interval = if fast {
@@ -309,6 +312,9 @@ impl Broker {
                 let deadline = Instant::from_std(deadline);
                 wake = wake.min(deadline.max(Instant::now()));
             }
+            // A change that brings a deadline before this wakes the poller
+            // early (see `Broker::settle`).
+            broker.lock().poller_wakes_at = Some(wake.into_std());
             let poll_now = async { broker.poll_now.notified().await };
             tokio::select! {
                 () = tokio::time::sleep_until(wake) => {}

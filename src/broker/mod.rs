@@ -86,6 +86,8 @@ struct State {
     shutting_down: bool,
     /// Set when the queue's order changed since the last position sweep.
     queue_moved: bool,
+    /// When the memory poller next wakes up by itself.
+    poller_wakes_at: Option<std::time::Instant>,
     /// The last sequence number given to a logged decision.
     log_seq: u64,
 }
@@ -348,6 +350,7 @@ impl Broker {
                 shutting_down: false,
                 queue_moved: false,
                 log_seq: 0,
+                poller_wakes_at: None,
             }),
             changes: watch::Sender::new(0),
             shutdown: CancellationToken::new(),
@@ -850,6 +853,15 @@ impl Broker {
             }
             if grants.is_empty() {
                 self.ensure_tokens(state);
+                // A change can bring the core's next deadline forward (a
+                // waiter that may preempt, an unload to wait for): wake the
+                // poller, which sleeps until the deadline it saw last.
+                if let Some(deadline) = state.sched.next_deadline(now.into_std())
+                    && state.poller_wakes_at.is_none_or(|at| deadline < at)
+                {
+                    state.poller_wakes_at = Some(deadline);
+                    self.poll_now.notify_one();
+                }
                 return unloads;
             }
             for grant in grants {

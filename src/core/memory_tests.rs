@@ -182,7 +182,7 @@ fn a_resident_that_never_frees_its_memory_is_named() {
         .enqueue(ask("image", 12 * GIB, 300), "image", t0)
         .unwrap();
     assert_eq!(sched.grant_ready(t0).unloads.len(), 1);
-    assert_eq!(sched.next_deadline(), Some(t0 + Duration::from_secs(10)));
+    assert_eq!(sched.next_deadline(t0), Some(t0 + Duration::from_secs(10)));
 
     let late = t0 + Duration::from_secs(10);
     sched.observe(0, reading(6 * GIB, &[(200, 10 * GIB)]), late);
@@ -328,7 +328,7 @@ fn an_idle_ttl_ends_residency() {
         }],
     );
     use_once(&mut sched, "llm", 0, t0);
-    assert_eq!(sched.next_deadline(), Some(t0 + Duration::from_secs(60)));
+    assert_eq!(sched.next_deadline(t0), Some(t0 + Duration::from_secs(60)));
     sched.expire_residents(t0 + Duration::from_secs(59));
     assert_eq!(resident_names(&sched, t0), ["llm"]);
     sched.expire_residents(t0 + Duration::from_secs(60));
@@ -390,7 +390,7 @@ fn a_vanished_holder_fences_the_gpu_until_its_processes_leave() {
         blocked.starts_with("crasher vanished without releasing"),
         "{blocked}"
     );
-    assert_eq!(sched.next_deadline(), Some(t0 + Duration::from_secs(5)));
+    assert_eq!(sched.next_deadline(t0), Some(t0 + Duration::from_secs(5)));
 
     // Its process is still there a moment later; then it leaves.
     let t1 = t0 + Duration::from_millis(100);

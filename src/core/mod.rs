@@ -1113,10 +1113,12 @@ impl<W> Scheduler<W> {
         }
     }
 
-    /// The next moment at which time alone changes a decision: an unload
-    /// deadline, a lock-delay, an idle TTL, a preemption's grace, or a head
-    /// waiter reaching `preempt_after` with a preemptible holder in its way.
-    pub fn next_deadline(&self) -> Option<Instant> {
+    /// The next moment after `now` at which time alone changes a decision:
+    /// an unload deadline, a lock-delay, an idle TTL, a preemption's grace,
+    /// or the oldest waiter reaching `preempt_after` while a preemptible
+    /// holder could be in its way. Call it after [`Scheduler::grant_ready`]
+    /// at `now`.
+    pub fn next_deadline(&self, now: Instant) -> Option<Instant> {
         let preempt_after = self.settings.preempt_after;
         let deadlines = self.gpus.iter().flat_map(|gpu| {
             let admission = gpu.admission.as_ref().map(|a| a.deadline);
@@ -1146,7 +1148,10 @@ impl<W> Scheduler<W> {
                 .chain(graces)
                 .chain(head)
         });
-        deadlines.min()
+        // One already past was acted on by the `grant_ready` before this
+        // call, or cannot be (a lock-delay with nobody waiting, a waiter
+        // that preempts nobody): a deadline is only what lies ahead.
+        deadlines.filter(|at| *at > now).min()
     }
 
     /// Whether a decision waits for a reading (memory to come back, a

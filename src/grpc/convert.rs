@@ -246,7 +246,7 @@ pub(crate) fn queued(position: &QueuePosition, epoch: u64) -> pb::LeaseEvent {
         blocked_by: position.blocked_by.clone().unwrap_or_default(),
         holders_omitted: count(position.holders.len() - listed),
         priority: position.priority,
-        estimated_wait_ms: position.estimated_wait.map_or(0, millis),
+        estimated_wait_ms: estimate_ms(position.estimated_wait),
     }))
 }
 
@@ -276,6 +276,12 @@ pub(crate) fn waiters_listed(request: &pb::StatusRequest) -> usize {
         0 => STATUS_WAITERS,
         n => usize::try_from(n).map_or(MAX_STATUS_WAITERS, |n| n.min(MAX_STATUS_WAITERS)),
     }
+}
+
+/// An estimated wait in milliseconds: 0 means unknown, so a known one is
+/// at least 1.
+fn estimate_ms(estimate: Option<std::time::Duration>) -> u64 {
+    estimate.map_or(0, |wait| millis(wait).max(1))
 }
 
 fn count(n: usize) -> u32 {
@@ -312,7 +318,7 @@ fn waiter(view: &WaiterView) -> pb::Waiter {
         labels: view.request.labels.clone().into_iter().collect(),
         gpu_index: view.gpu_index,
         priority: view.priority,
-        estimated_wait_ms: view.estimated_wait.map_or(0, millis),
+        estimated_wait_ms: estimate_ms(view.estimated_wait),
     }
 }
 

@@ -43,7 +43,8 @@ async fn run_asks_a_preemptible_command_to_stop_and_the_waiter_gets_the_gpu() {
     .await;
     // The command says it is ready once its trap is set, and on SIGTERM
     // says so and exits 7, so that the test can tell the signal reached it.
-    let script = "trap 'echo got SIGTERM >&2; exit 7' TERM; echo ready; sleep 600 & wait";
+    let script = "trap 'echo got SIGTERM >&2; kill $!; exit 7' TERM; echo ready; \
+                  sleep 600 </dev/null >/dev/null 2>&1 & wait";
     let mut child = Command::new(BIN)
         .args(["run", "--broker", &broker.addr, "--consumer", "train", "--"])
         .args(["sh", "-c", script])

@@ -54,6 +54,7 @@ def test_every_python_example_is_tested() -> None:
         "decorator",
         "lost",
         "queued",
+        "preempt",
         "asyncio",
         "status",
         "tls",
@@ -64,7 +65,9 @@ def test_every_python_example_is_tested() -> None:
     }
 
 
-@pytest.mark.parametrize("name", ["quickstart", "decorator", "lost", "queued", "asyncio"])
+@pytest.mark.parametrize(
+    "name", ["quickstart", "decorator", "lost", "queued", "preempt", "asyncio"]
+)
 def test_a_lease_example_takes_and_releases_one_lease(
     name: str, broker: Broker, tmp_path: Path
 ) -> None:

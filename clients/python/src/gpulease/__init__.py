@@ -37,6 +37,7 @@ from .errors import (
 )
 from .v1.lease_pb2 import (
     Granted,
+    PreemptRequested,
     Queued,
     RevokeLeaseResponse,
     RevokeReason,
@@ -63,6 +64,7 @@ __all__ = [
     "LeaseRejected",
     "LeaseTimeout",
     "LeaseUnauthorized",
+    "PreemptRequested",
     "Queued",
     "Residency",
     "RevokeLeaseResponse",

@@ -26,6 +26,7 @@ from ._protocol import (
     LostCallback,
     MaxWait,
     PathArg,
+    PreemptCallback,
     QueuedCallback,
     call_error,
     report_callback_error,
@@ -55,6 +56,12 @@ class Lease(GrantView):
     the broker revoked it or the connection broke. Leaving the `with` block
     then raises that `LeaseLost`, unless the body raised something else.
 
+    A preemptible lease may be asked to make way for a waiter of higher
+    priority: `preempt_requested` is set (and `on_preempt` called, from the
+    same background thread) with the notice in `preempt_notice`. The lease is
+    still held; leave the block within the notice's `grace_ms`, or the broker
+    revokes it (`lost`, reason ``REVOKE_REASON_PREEMPTED``).
+
     A `Lease` is entered once; used as a decorator, it makes a fresh one for
     every call.
     """
@@ -72,6 +79,8 @@ class Lease(GrantView):
         self._conversation: Optional[Conversation] = None
         #: Set when the held lease ends on its own while the body still runs.
         self.lost = threading.Event()
+        #: Set when the broker asks this (preemptible) lease to make way.
+        self.preempt_requested = threading.Event()
         # Guards the conversation between the caller and the watcher thread.
         self._lock = threading.Lock()
         self._owned_channel: Optional[grpc.Channel] = None
@@ -85,6 +94,7 @@ class Lease(GrantView):
         if conversation is not None and conversation.granted is not None:
             state = f"lease_id={conversation.granted.lease_id!r}"
             state += " lost" if self.lost.is_set() else ""
+            state += " preempt-requested" if self.preempt_requested.is_set() else ""
         return f"<gpulease.Lease {self._options.consumer!r} at {self._target} {state}>"
 
     def __enter__(self) -> Lease:
@@ -121,9 +131,10 @@ class Lease(GrantView):
         assert conversation is not None and watcher is not None and self._feed is not None
         with self._lock:
             lost = conversation.lost
-            conversation.releasing = True
+            send_release = conversation.begin_release()
         try:
-            self._feed.release()
+            if send_release:
+                self._feed.release()
             # The broker ends the stream once it has released the lease, so
             # the next holder is already on its way when this returns.
             watcher.join(RELEASE_TIMEOUT_S)
@@ -170,9 +181,11 @@ class Lease(GrantView):
         try:
             for event in call:
                 with self._lock:
-                    lost = conversation.on_hold_event(event)
-                if lost is not None:
-                    self._signal_lost(lost)
+                    signal = conversation.on_hold_event(event)
+                if isinstance(signal, LeaseLost):
+                    self._signal_lost(signal)
+                elif signal is not None:
+                    self._signal_preempt(signal)
             code, details = call.code(), call.details()
         except grpc.RpcError as error:
             code, details = error.code(), error.details()
@@ -192,6 +205,15 @@ class Lease(GrantView):
                 on_lost(error)
             except Exception:
                 report_callback_error("on_lost")
+
+    def _signal_preempt(self, notice: lease_pb2.PreemptRequested) -> None:
+        self.preempt_requested.set()
+        on_preempt = self._options.on_preempt
+        if on_preempt is not None:
+            try:
+                on_preempt(notice)
+            except Exception:
+                report_callback_error("on_preempt")
 
     def _abandon(self) -> None:
         """Ends the call at once; the broker ends the lease or the wait."""
@@ -250,8 +272,10 @@ def lease(
     max_wait: MaxWait = None,
     broker: Optional[str] = None,
     labels: Optional[Mapping[str, str]] = None,
+    priority: Optional[int] = None,
     on_queued: Optional[QueuedCallback] = None,
     on_lost: Optional[LostCallback] = None,
+    on_preempt: Optional[PreemptCallback] = None,
     token: Optional[str] = None,
     token_file: Optional[PathArg] = None,
     ca: Optional[PathArg] = None,
@@ -268,10 +292,19 @@ def lease(
       (TLS) or ``unix:/PATH``; default `$GPULEASE_BROKER`, else
       ``127.0.0.1:50051``.
     - `labels`: free-form strings shown in the broker's Status.
+    - `priority`: this request's priority; it may be lower than the
+      consumer's configured one (0 if none), never higher: the broker lowers
+      a higher value to the consumer's. ``None`` (the default) sends none,
+      so the consumer's own applies.
     - `on_queued`: called with each `Queued` event (position, queue depth,
-      holders) while waiting, in the waiting thread.
+      holders, priority, estimated wait) while waiting, in the waiting
+      thread.
     - `on_lost`: called once with the `LeaseLost` error if the lease ends
       while the body runs, from a background thread.
+    - `on_preempt`: called once with the `PreemptRequested` notice
+      (`grace_ms`, `for_consumer`) if the broker asks this preemptible lease
+      to make way, from the same background thread (a loss is noticed only
+      once it returns); see `Lease`.
     - `token` or `token_file`: the bearer token (default `$GPULEASE_TOKEN`,
       else the file `$GPULEASE_TOKEN_FILE`); `ca`: the CA bundle that signed
       the broker's certificate (default `$GPULEASE_CA`; implies TLS); `cert`
@@ -285,8 +318,10 @@ def lease(
         vram_mib=vram_mib,
         max_wait=max_wait,
         labels=labels,
+        priority=priority,
         on_queued=on_queued,
         on_lost=on_lost,
+        on_preempt=on_preempt,
     )
     connection = Connection.resolve(
         broker, token=token, token_file=token_file, ca=ca, cert=cert, key=key
@@ -413,8 +448,10 @@ class Client:
         vram_mib: int = 0,
         max_wait: MaxWait = None,
         labels: Optional[Mapping[str, str]] = None,
+        priority: Optional[int] = None,
         on_queued: Optional[QueuedCallback] = None,
         on_lost: Optional[LostCallback] = None,
+        on_preempt: Optional[PreemptCallback] = None,
     ) -> Lease:
         """Like `gpulease.lease()`, over this client's connection."""
         options = LeaseOptions.build(
@@ -422,7 +459,9 @@ class Client:
             vram_mib=vram_mib,
             max_wait=max_wait,
             labels=labels,
+            priority=priority,
             on_queued=on_queued,
             on_lost=on_lost,
+            on_preempt=on_preempt,
         )
         return Lease(options, self._connection, self._channel)

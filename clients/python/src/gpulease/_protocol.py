@@ -51,6 +51,11 @@ RELEASE_TIMEOUT_S = 5.0
 #: The largest `max_wait_ms` the wire format carries (uint32).
 _MAX_WAIT_MS_LIMIT = 2**32 - 1
 
+#: The range of `Acquire.priority` on the wire (int32). The broker lowers a
+#: value above the consumer's configured priority to it, and keeps every
+#: priority within its own bounds.
+_PRIORITY_RANGE = (-(2**31), 2**31 - 1)
+
 #: Options for every channel to the broker.
 #:
 #: Keepalive pings let a client that holds a lease notice a broker that froze
@@ -88,6 +93,10 @@ QueuedCallback = Callable[[lease_pb2.Queued], object]
 
 LostCallback = Callable[[LeaseLost], object]
 """Called once with the `LeaseLost` error when a held lease ends on its own."""
+
+PreemptCallback = Callable[[lease_pb2.PreemptRequested], object]
+"""Called once with the `PreemptRequested` notice when the broker asks a
+preemptible holder to make way for a waiter of higher priority."""
 
 MaxWait = Union[float, int, timedelta, None]
 
@@ -296,6 +305,8 @@ class LeaseOptions:
     labels: Mapping[str, str] = field(default_factory=dict)
     on_queued: Optional[QueuedCallback] = None
     on_lost: Optional[LostCallback] = None
+    priority: Optional[int] = None
+    on_preempt: Optional[PreemptCallback] = None
 
     @classmethod
     def build(
@@ -305,8 +316,10 @@ class LeaseOptions:
         vram_mib: int = 0,
         max_wait: MaxWait = None,
         labels: Optional[Mapping[str, str]] = None,
+        priority: Optional[int] = None,
         on_queued: Optional[QueuedCallback] = None,
         on_lost: Optional[LostCallback] = None,
+        on_preempt: Optional[PreemptCallback] = None,
     ) -> LeaseOptions:
         """Checks the arguments of `gpulease.lease()` / `gpulease.aio.lease()`.
 
@@ -321,6 +334,19 @@ class LeaseOptions:
         for key, value in checked_labels.items():
             if not isinstance(key, str) or not isinstance(value, str):
                 raise TypeError(f"labels must map str to str, got {key!r}: {value!r}")
+        if priority is not None:
+            if isinstance(priority, bool) or not isinstance(priority, int):
+                raise TypeError(f"priority must be an int or None, not {type(priority).__name__}")
+            low, high = _PRIORITY_RANGE
+            if not low <= priority <= high:
+                raise ValueError(f"priority must be a 32-bit int, got {priority!r}")
+        for name, callback in (
+            ("on_queued", on_queued),
+            ("on_lost", on_lost),
+            ("on_preempt", on_preempt),
+        ):
+            if callback is not None and not callable(callback):
+                raise TypeError(f"{name} must be callable, got {callback!r}")
         return cls(
             consumer=consumer,
             vram_mib=vram_mib,
@@ -328,20 +354,24 @@ class LeaseOptions:
             labels=checked_labels,
             on_queued=on_queued,
             on_lost=on_lost,
+            priority=priority,
+            on_preempt=on_preempt,
         )
 
     def acquire_request(self) -> lease_pb2.LeaseRequest:
         """The first message of the stream; the pid is read now, not at import,
-        so that a forked worker reports its own."""
-        return lease_pb2.LeaseRequest(
-            acquire=lease_pb2.Acquire(
-                consumer=self.consumer,
-                vram_mib=self.vram_mib,
-                max_wait_ms=self.max_wait_ms,
-                client_pid=os.getpid(),
-                labels=dict(self.labels),
-            )
+        so that a forked worker reports its own. `priority` is sent only when
+        it was given: unset, the broker uses the consumer's own."""
+        acquire = lease_pb2.Acquire(
+            consumer=self.consumer,
+            vram_mib=self.vram_mib,
+            max_wait_ms=self.max_wait_ms,
+            client_pid=os.getpid(),
+            labels=dict(self.labels),
         )
+        if self.priority is not None:
+            acquire.priority = self.priority
+        return lease_pb2.LeaseRequest(acquire=acquire)
 
 
 RELEASE_REQUEST = lease_pb2.LeaseRequest(release=lease_pb2.Release())
@@ -484,6 +514,8 @@ class Conversation:
         self.granted: Optional[lease_pb2.Granted] = None
         #: The loss of the held lease, once there was one.
         self.lost: Optional[LeaseLost] = None
+        #: The broker's request to make way, once it came.
+        self.preempt_notice: Optional[lease_pb2.PreemptRequested] = None
         #: Set when the client began to end the lease itself.
         self.releasing = False
 
@@ -505,8 +537,18 @@ class Conversation:
         elif kind == "queued":
             return event.queued
         # A `revoked` before the grant is never sent; the end of the stream
-        # that follows it says what happened.
+        # that follows it says what happened. Nor is `preempt_requested`,
+        # which is for holders.
         return None
+
+    def begin_release(self) -> bool:
+        """Marks that the client ends the lease now; returns whether to send
+        `release`. Not once the lease was lost: the broker ends that stream
+        itself, and a write racing its end can make gRPC report its own
+        error in place of the broker's status (grpc.aio turns a failed
+        write into INTERNAL, "Internal error from Core")."""
+        self.releasing = True
+        return self.lost is None
 
     def wait_failed(self, code: Optional[grpc.StatusCode], details: Optional[str]) -> LeaseError:
         """The error for a stream that ended before the grant."""
@@ -518,9 +560,22 @@ class Conversation:
             )
         return error_from_status(code, details, doing=self.doing)
 
-    def on_hold_event(self, event: lease_pb2.LeaseEvent) -> Optional[LeaseLost]:
-        """Reads one event while the lease is held; returns a new loss."""
-        if event.WhichOneof("kind") != "revoked" or self.lost is not None:
+    def on_hold_event(
+        self, event: lease_pb2.LeaseEvent
+    ) -> Union[LeaseLost, lease_pb2.PreemptRequested, None]:
+        """Reads one event while the lease is held; returns what to signal:
+        a new loss, or a first request to make way (the lease stays held;
+        one that comes once the lease is lost or being released is kept
+        but not signalled)."""
+        kind = event.WhichOneof("kind")
+        if kind == "preempt_requested":
+            if self.preempt_notice is not None:
+                return None
+            self.preempt_notice = event.preempt_requested
+            if self.lost is not None or self.releasing:
+                return None
+            return self.preempt_notice
+        if kind != "revoked" or self.lost is not None:
             return None
         revoked = event.revoked
         self.lost = LeaseLost(
@@ -567,8 +622,8 @@ def _reason_name(reason: int) -> str:
 
 
 def report_callback_error(what: str) -> None:
-    """Logs an exception raised by a user's `on_lost` or `on_unload`
-    callback, which runs where nobody could catch it."""
+    """Logs an exception raised by a user's `on_lost`, `on_preempt` or
+    `on_unload` callback, which runs where nobody could catch it."""
     logger.exception("gpulease: the %s callback raised", what)
 
 
@@ -615,6 +670,14 @@ class GrantView:
     def waited_ms(self) -> int:
         """How long the request waited in the queue, in milliseconds."""
         return self.granted.waited_ms
+
+    @property
+    def preempt_notice(self) -> Optional[lease_pb2.PreemptRequested]:
+        """The broker's request to make way (`grace_ms`, `for_consumer`),
+        once it came; else ``None``. The lease is still held then: release
+        it within `grace_ms`, or the broker revokes it."""
+        conversation = self._conversation
+        return conversation.preempt_notice if conversation is not None else None
 
     @property
     def lost_error(self) -> Optional[LeaseLost]:

@@ -27,6 +27,7 @@ from ._protocol import (
     LostCallback,
     MaxWait,
     PathArg,
+    PreemptCallback,
     QueuedCallback,
     UnloadCallback,
     call_error,
@@ -55,6 +56,11 @@ class Lease(GrantView):
     body runs (`on_lost` is called then too); leaving the block then raises
     that `LeaseLost` unless the body raised something else. Cancelling the
     task while it waits gives up its place in the queue.
+
+    `preempt_requested` is an `asyncio.Event` set when the broker asks this
+    preemptible lease to make way (`on_preempt` is called then too, with the
+    notice that `preempt_notice` keeps); the lease is still held, and is
+    revoked unless the block ends within the notice's `grace_ms`.
     """
 
     def __init__(
@@ -71,6 +77,7 @@ class Lease(GrantView):
         # Made on entry, in the running loop (Python 3.9 binds an Event to
         # a loop when it is made).
         self._lost: Optional[asyncio.Event] = None
+        self._preempt_requested: Optional[asyncio.Event] = None
         self._owned_channel: Optional[grpc.aio.Channel] = None
         self._call: Optional[Any] = None
         self._watcher: Optional[asyncio.Task[None]] = None
@@ -82,12 +89,20 @@ class Lease(GrantView):
             raise RuntimeError("the lease has not been entered yet")
         return self._lost
 
+    @property
+    def preempt_requested(self) -> asyncio.Event:
+        """Set when the broker asks this (preemptible) lease to make way."""
+        if self._preempt_requested is None:
+            raise RuntimeError("the lease has not been entered yet")
+        return self._preempt_requested
+
     def __repr__(self) -> str:
         conversation = self._conversation
         state = "new"
         if conversation is not None and conversation.granted is not None:
             state = f"lease_id={conversation.granted.lease_id!r}"
             state += " lost" if conversation.lost is not None else ""
+            state += " preempt-requested" if conversation.preempt_notice is not None else ""
         return f"<gpulease.aio.Lease {self._options.consumer!r} at {self._target} {state}>"
 
     async def __aenter__(self) -> Lease:
@@ -96,6 +111,7 @@ class Lease(GrantView):
         conversation = Conversation(self._options, self._target)
         self._conversation = conversation
         self._lost = asyncio.Event()
+        self._preempt_requested = asyncio.Event()
         if self._client is not None:
             channel = self._client._channel_in_loop()
         else:
@@ -114,14 +130,15 @@ class Lease(GrantView):
         conversation, call, watcher = self._conversation, self._call, self._watcher
         assert conversation is not None and call is not None and watcher is not None
         lost = conversation.lost
-        conversation.releasing = True
+        send_release = conversation.begin_release()
         try:
             if not watcher.done():
-                try:
-                    await call.write(RELEASE_REQUEST)
-                    await call.done_writing()
-                except (grpc.aio.AioRpcError, asyncio.InvalidStateError):
-                    pass  # The stream has just ended; the watcher says how.
+                if send_release:
+                    try:
+                        await call.write(RELEASE_REQUEST)
+                        await call.done_writing()
+                    except (grpc.aio.AioRpcError, asyncio.InvalidStateError):
+                        pass  # The stream has just ended; the watcher says how.
                 # The broker ends the stream once it has released the lease.
                 await asyncio.wait_for(asyncio.shield(watcher), RELEASE_TIMEOUT_S)
         except asyncio.TimeoutError:
@@ -180,9 +197,11 @@ class Lease(GrantView):
                 event = await call.read()
                 if event is grpc.aio.EOF:
                     break
-                lost = conversation.on_hold_event(event)
-                if lost is not None:
-                    await self._signal_lost(lost)
+                signal = conversation.on_hold_event(event)
+                if isinstance(signal, LeaseLost):
+                    await self._signal_lost(signal)
+                elif signal is not None:
+                    await self._signal_preempt(signal)
             code, details = await call.code(), await call.details()
         except grpc.aio.AioRpcError as error:
             code, details = error.code(), error.details()
@@ -200,6 +219,17 @@ class Lease(GrantView):
                     await result
             except Exception:
                 report_callback_error("on_lost")
+
+    async def _signal_preempt(self, notice: lease_pb2.PreemptRequested) -> None:
+        self.preempt_requested.set()
+        on_preempt = self._options.on_preempt
+        if on_preempt is not None:
+            try:
+                result = on_preempt(notice)
+                if inspect.isawaitable(result):
+                    await result
+            except Exception:
+                report_callback_error("on_preempt")
 
     async def _abandon(self) -> None:
         """Ends the call at once; the broker ends the lease or the wait."""
@@ -220,8 +250,10 @@ def lease(
     max_wait: MaxWait = None,
     broker: Optional[str] = None,
     labels: Optional[Mapping[str, str]] = None,
+    priority: Optional[int] = None,
     on_queued: Optional[QueuedCallback] = None,
     on_lost: Optional[LostCallback] = None,
+    on_preempt: Optional[PreemptCallback] = None,
     token: Optional[str] = None,
     token_file: Optional[PathArg] = None,
     ca: Optional[PathArg] = None,
@@ -236,8 +268,10 @@ def lease(
         vram_mib=vram_mib,
         max_wait=max_wait,
         labels=labels,
+        priority=priority,
         on_queued=on_queued,
         on_lost=on_lost,
+        on_preempt=on_preempt,
     )
     connection = Connection.resolve(
         broker, token=token, token_file=token_file, ca=ca, cert=cert, key=key
@@ -351,8 +385,10 @@ class Client:
         vram_mib: int = 0,
         max_wait: MaxWait = None,
         labels: Optional[Mapping[str, str]] = None,
+        priority: Optional[int] = None,
         on_queued: Optional[QueuedCallback] = None,
         on_lost: Optional[LostCallback] = None,
+        on_preempt: Optional[PreemptCallback] = None,
     ) -> Lease:
         """Like `gpulease.aio.lease()`, over this client's connection."""
         options = LeaseOptions.build(
@@ -360,8 +396,10 @@ class Client:
             vram_mib=vram_mib,
             max_wait=max_wait,
             labels=labels,
+            priority=priority,
             on_queued=on_queued,
             on_lost=on_lost,
+            on_preempt=on_preempt,
         )
         return Lease(options, self._connection, self)
 
