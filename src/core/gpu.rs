@@ -333,8 +333,10 @@ impl<W> GpuState<W> {
     /// How much longer each of the first `limit` waiters, in queue order,
     /// is expected to wait: a permit frees up when a holder reaches its
     /// consumer's typical hold time, and each waiter ahead then holds it for
-    /// its own consumer's. Memory is not modelled. `None` where the
-    /// estimate depends on a hold time that has not been learned yet.
+    /// its own consumer's. Memory is modelled only this far: while the head
+    /// cannot be granted (`blocked`), a free permit does not help, and the
+    /// next start is when a holder ends. `None` where the estimate depends
+    /// on a hold time that has not been learned yet.
     pub(super) fn estimate_waits(
         &self,
         consumers: &ConsumerBook,
@@ -356,7 +358,11 @@ impl<W> GpuState<W> {
             })
             .chain(std::iter::repeat_n(
                 Duration::ZERO,
-                capacity.saturating_sub(self.holding.len()),
+                if self.blocked.is_some() {
+                    0
+                } else {
+                    capacity.saturating_sub(self.holding.len())
+                },
             ))
             .map(Reverse)
             .collect();

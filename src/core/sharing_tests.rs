@@ -715,6 +715,41 @@ fn wait_estimates_come_from_learned_hold_times() {
     );
 }
 
+#[test]
+fn a_waiter_blocked_on_memory_waits_for_a_holder_not_for_a_free_permit() {
+    let t0 = Instant::now();
+    let spec = GpuSpec {
+        index: 0,
+        uuid: String::new(),
+        name: String::new(),
+        total_mib: 24 * GIB,
+        measured: false,
+    };
+    let settings = Settings {
+        capacity: 4,
+        ..Settings::default()
+    };
+    let mut sched: Scheduler<()> = Scheduler::new(settings, vec![spec], []);
+    let ask = |vram_mib| Request {
+        consumer: "train".into(),
+        vram_mib,
+        ..Request::default()
+    };
+    // One lease of 20 s teaches the typical hold.
+    sched.enqueue(ask(16 * GIB), (), t0).unwrap();
+    let token = sched.grant_ready(t0).grants[0].token;
+    let mut now = t0 + Duration::from_secs(20);
+    sched.end(token, LeaseEnd::Released, now).unwrap();
+    sched.enqueue(ask(16 * GIB), (), now).unwrap();
+    sched.grant_ready(now);
+    now += Duration::from_secs(5);
+    // Three permits are free, but not the memory: the holder's end is.
+    sched.enqueue(ask(16 * GIB), (), now).unwrap();
+    assert!(sched.grant_ready(now).grants.is_empty());
+    let waiters = sched.snapshot(now).waiters;
+    assert_eq!(waiters[0].estimated_wait, Some(Duration::from_secs(15)));
+}
+
 mod with_a_model {
     //! Random interleavings on a static card with backfill and priorities,
     //! checked against a model of the accounting: no grant over-commits the
