@@ -3,8 +3,10 @@
 //!
 //! Applied live: the consumers (sizes, kinds, adapters, idle TTLs), tokens
 //! and Unix rules, `max_hold` (held leases follow it), `capacity`,
-//! `strict_consumers`, `lock_delay`, the `[gpu]` margins and timings, and
-//! the queue's and the labels' `[limits]`.
+//! `strict_consumers`, `lock_delay`, `[scheduling]`, the `[gpu]` margins
+//! and timings, and the queue's and the labels' `[limits]`. A consumer's
+//! new `priority` applies to its requests from then on; those already
+//! queued keep the place they have.
 //! Kept until a restart, and named in the log: the listeners, TLS files,
 //! the socket's mode and group, the state directory, keepalive, the GPU
 //! inventory's source, `shutdown_grace` and the metrics listener. A file
@@ -121,6 +123,29 @@ impl Reloader {
 /// `new`, except that the keys that need a restart keep their running
 /// values; and what changed.
 fn merge(running: &Config, mut new: Config) -> (Config, ReloadReport) {
+    // Every key is sorted below into live or restart: a new field of
+    // `Config` fails to compile here until it is.
+    let Config {
+        listen: _,
+        socket: _,
+        capacity: _,
+        strict_consumers: _,
+        max_hold: _,
+        shutdown_grace: _,
+        lock_delay: _,
+        state_dir: _,
+        keepalive_interval: _,
+        keepalive_timeout: _,
+        consumers: _,
+        unload: _,
+        gpu: _,
+        auth: _,
+        consumer_auth: _,
+        metrics: _,
+        file: _,
+        limits: _,
+        scheduling: _,
+    } = running;
     let mut report = ReloadReport::default();
     macro_rules! live {
         ($key:literal, $($field:tt)+) => {
@@ -147,6 +172,9 @@ fn merge(running: &Config, mut new: Config) -> (Config, ReloadReport) {
     live!("strict_consumers", strict_consumers);
     live!("max_hold", max_hold);
     live!("lock_delay", lock_delay);
+    live!("scheduling.backfill", scheduling.backfill);
+    live!("scheduling.aging", scheduling.aging);
+    live!("scheduling.preempt_after", scheduling.preempt_after);
     live!("gpu.safety_margin_mib", gpu.safety_margin_mib);
     live!("gpu.poll_interval", gpu.poll_interval);
     live!("gpu.unload_timeout", gpu.unload_timeout);

@@ -255,3 +255,42 @@ async fn the_queue_limits_change_live_and_the_server_limits_wait_for_a_restart()
     holder.release().await;
     first.granted().await;
 }
+
+#[tokio::test]
+async fn a_priority_and_the_scheduling_settings_change_live() {
+    let config = "[auth]\nadmin_token = \"admin-secret\"\n[consumers.a]\n[consumers.b]\n";
+    let broker = Broker::start_with(Options {
+        config: Some(config),
+        ..Options::default()
+    })
+    .await;
+    let admin = || client_with(&broker, "admin-secret");
+    let mut holder = Call::open_with_client(admin().await, acquire("x"))
+        .await
+        .unwrap();
+    holder.granted().await;
+    let mut a = Call::open_with_client(admin().await, acquire("a"))
+        .await
+        .unwrap();
+    assert_eq!(a.queued().await.position, 1);
+    rewrite(
+        &broker,
+        "[auth]\nadmin_token = \"admin-secret\"\n[scheduling]\naging = \"0s\"\n\
+         [consumers.a]\n[consumers.b]\npriority = 5\n",
+    );
+    let (code, stdout, stderr) = cli_reload(&broker, "admin-secret").await;
+    assert_eq!(code, 0, "{stderr}");
+    assert!(
+        stdout.contains("applied consumers, scheduling.aging"),
+        "{stdout}"
+    );
+    // b asks after a, and goes first: its new priority counts.
+    let mut b = Call::open_with_client(admin().await, acquire("b"))
+        .await
+        .unwrap();
+    assert_eq!(b.queued().await.position, 1);
+    holder.release().await;
+    b.granted().await;
+    b.release().await;
+    a.granted().await;
+}
