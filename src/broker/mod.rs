@@ -12,6 +12,8 @@
 //!
 //! Nothing here knows protobuf: the gRPC layer converts at its edge.
 
+#[cfg(test)]
+mod deadline_tests;
 mod memory;
 
 use std::sync::{Arc, Mutex, MutexGuard};
