@@ -6,7 +6,9 @@
 //!
 //! The accepted connections are handed to tonic as a stream, in place of its
 //! own `TcpIncoming`, which retries a failing `accept` at once and logs
-//! nothing.
+//! nothing. Over TLS the broker runs the handshake itself ([`incoming_tls`])
+//! rather than tonic, so that the preface deadline applies inside TLS too:
+//! the handshake and the preface share one deadline.
 
 use std::future::Future;
 use std::io;
@@ -18,6 +20,9 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
 use tokio::sync::mpsc;
 use tokio::time::{Instant, Sleep};
+use tokio_rustls::TlsAcceptor;
+use tokio_rustls::server::TlsStream;
+use tokio_stream::StreamExt as _;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::server::Connected;
@@ -73,8 +78,7 @@ impl Accept for UnixListener {
 /// closes the listener, while the stream stays open until it is dropped) or
 /// the returned stream is dropped. Each connection
 /// must send its HTTP/2 preface within `preface` when given; `None` is for
-/// TLS, where the preface comes inside the TLS stream and tonic's TLS
-/// handshake timeout bounds the start instead.
+/// the raw connections under TLS (see [`incoming_tls`]).
 pub fn incoming<L: Accept>(
     listener: L,
     preface: Option<Duration>,
@@ -82,6 +86,48 @@ pub fn incoming<L: Accept>(
 ) -> Incoming<L::Io> {
     let (tx, rx) = mpsc::channel(16);
     tokio::spawn(accept_loop(listener, tx, preface, stop));
+    ReceiverStream::new(rx)
+}
+
+/// The same for TLS: each connection accepted on `listener` is handed to
+/// tonic once its TLS handshake is done, and must have completed that
+/// handshake and sent its HTTP/2 preface (inside TLS) within `deadline` of
+/// being accepted. Handshakes run concurrently, so a slow one holds up no
+/// other.
+pub fn incoming_tls(
+    listener: TcpListener,
+    acceptor: TlsAcceptor,
+    deadline: Duration,
+    stop: CancellationToken,
+) -> Incoming<TlsStream<Guarded<TcpStream>>> {
+    let (tx, rx) = mpsc::channel(16);
+    let mut accepted = incoming(listener, None, stop);
+    tokio::spawn(async move {
+        loop {
+            let io = tokio::select! {
+                io = accepted.next() => match io {
+                    Some(Ok(io)) => io,
+                    Some(Err(_)) => continue,
+                    None => return,
+                },
+                // tonic has stopped serving.
+                () = tx.closed() => return,
+            };
+            let until = Instant::now() + deadline;
+            let (acceptor, tx) = (acceptor.clone(), tx.clone());
+            tokio::spawn(async move {
+                match tokio::time::timeout_at(until, acceptor.accept(io)).await {
+                    Ok(Ok(tls)) => {
+                        let _ = tx.send(Ok(Guarded::until(tls, Some(until)))).await;
+                    }
+                    Ok(Err(e)) => debug!(error = %e, "TLS handshake failed"),
+                    Err(_) => {
+                        debug!("closing a connection whose TLS handshake did not finish in time")
+                    }
+                }
+            });
+        }
+    });
     ReceiverStream::new(rx)
 }
 
@@ -220,10 +266,14 @@ impl PrefaceDeadline {
 
 impl<IO> Guarded<IO> {
     fn new(io: IO, preface: Option<Duration>) -> Self {
+        Self::until(io, preface.map(|timeout| Instant::now() + timeout))
+    }
+
+    fn until(io: IO, deadline: Option<Instant>) -> Self {
         Self {
             io,
-            preface: preface.map(|timeout| PrefaceDeadline {
-                deadline: Box::pin(tokio::time::sleep(timeout)),
+            preface: deadline.map(|deadline| PrefaceDeadline {
+                deadline: Box::pin(tokio::time::sleep_until(deadline)),
                 read: 0,
                 header: [0; 9],
             }),

@@ -17,8 +17,9 @@ use tokio::net::{TcpListener, UnixListener, UnixStream};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
+use tokio_rustls::TlsAcceptor;
 use tonic::service::interceptor::InterceptedService;
-use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
+use tonic::transport::Server;
 use tracing::{info, warn};
 
 use crate::auth::{AuthInterceptor, Authority};
@@ -226,13 +227,8 @@ pub async fn serve(
         AuthInterceptor::new(authority),
     );
 
-    let router = |tls: Option<ServerTlsConfig>| -> Result<_, ServeError> {
-        let mut builder = Server::builder();
-        if let Some(tls) = tls {
-            builder = builder
-                .tls_config(tls.timeout(HANDSHAKE_TIMEOUT))
-                .map_err(|e| ServeError::Tls(e.to_string()))?;
-        }
+    let router = || -> Result<_, ServeError> {
+        let builder = Server::builder();
         // tonic refuses an oversized unary request before any handler
         // runs, with OUT_OF_RANGE; the broker's answer is RESOURCE_EXHAUSTED.
         let too_large = tower::util::MapResponseLayer::new(
@@ -256,21 +252,32 @@ pub async fn serve(
     let mut servers = JoinSet::new();
     let socket_path = listeners.socket_path().map(Path::to_path_buf);
     if let Some(listener) = listeners.tcp {
-        let tls = tls(config)?;
-        // Under TLS the preface comes inside the TLS stream; the TLS
-        // handshake timeout bounds the start of such a connection instead.
-        let preface = tls.is_none().then_some(HANDSHAKE_TIMEOUT);
-        let incoming = crate::incoming::incoming(listener, preface, accepting.clone());
         let stop = stop.clone();
-        let server = router(tls)?.serve_with_incoming_shutdown(incoming, stop.cancelled_owned());
-        servers.spawn(server);
+        let done = stop.clone().cancelled_owned();
+        match tls(config)? {
+            Some(acceptor) => {
+                // The TLS handshake and the HTTP/2 preface share one deadline.
+                let incoming = crate::incoming::incoming_tls(
+                    listener,
+                    acceptor,
+                    HANDSHAKE_TIMEOUT,
+                    accepting.clone(),
+                );
+                servers.spawn(router()?.serve_with_incoming_shutdown(incoming, done));
+            }
+            None => {
+                let incoming =
+                    crate::incoming::incoming(listener, Some(HANDSHAKE_TIMEOUT), accepting.clone());
+                servers.spawn(router()?.serve_with_incoming_shutdown(incoming, done));
+            }
+        }
     }
     if let Some((listener, _)) = listeners.unix {
         let incoming =
             crate::incoming::incoming(listener, Some(HANDSHAKE_TIMEOUT), accepting.clone());
         let stop = stop.clone();
         // Local peers prove who they are by their credentials, not TLS.
-        let server = router(None)?.serve_with_incoming_shutdown(incoming, stop.cancelled_owned());
+        let server = router()?.serve_with_incoming_shutdown(incoming, stop.cancelled_owned());
         servers.spawn(server);
     }
 
@@ -375,9 +382,16 @@ pub fn raise_open_file_limit() -> io::Result<(u64, Option<u64>)> {
     Ok((hard, Some(soft)))
 }
 
-/// The TLS settings of the TCP listener, if configured: the files are read
-/// now, so that a missing or unreadable one stops the broker at start.
-pub fn tls(config: &Config) -> Result<Option<ServerTlsConfig>, ServeError> {
+/// The TLS acceptor of the TCP listener, if configured: the files are read
+/// and parsed now, so that a missing or broken one stops the broker at
+/// start. The broker runs the TLS handshake itself (not tonic), so that the
+/// HTTP/2 preface deadline can be applied inside the TLS stream too.
+pub fn tls(config: &Config) -> Result<Option<TlsAcceptor>, ServeError> {
+    use tokio_rustls::rustls::pki_types::pem::PemObject as _;
+    use tokio_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    use tokio_rustls::rustls::server::WebPkiClientVerifier;
+    use tokio_rustls::rustls::{RootCertStore, ServerConfig};
+
     let Some(files) = &config.auth.tls else {
         return Ok(None);
     };
@@ -386,10 +400,40 @@ pub fn tls(config: &Config) -> Result<Option<ServerTlsConfig>, ServeError> {
             ServeError::Tls(format!("auth.{key}: cannot read {}: {e}", path.display()))
         })
     };
-    let identity = Identity::from_pem(read("tls_cert", &files.cert)?, read("tls_key", &files.key)?);
-    let mut tls = ServerTlsConfig::new().identity(identity);
-    if let Some(ca) = &files.client_ca {
-        tls = tls.client_ca_root(Certificate::from_pem(read("tls_client_ca", ca)?));
-    }
-    Ok(Some(tls))
+    let bad = |key: &str, path: &Path, e: &dyn std::fmt::Display| {
+        ServeError::Tls(format!("auth.{key}: {}: {e}", path.display()))
+    };
+    let certificates =
+        |key: &str, path: &Path| -> Result<Vec<CertificateDer<'static>>, ServeError> {
+            let pem = read(key, path)?;
+            let certs = CertificateDer::pem_slice_iter(&pem)
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| bad(key, path, &e))?;
+            if certs.is_empty() {
+                return Err(bad(key, path, &"no PEM certificate in it"));
+            }
+            Ok(certs)
+        };
+    let chain = certificates("tls_cert", &files.cert)?;
+    let key = PrivateKeyDer::from_pem_slice(&read("tls_key", &files.key)?)
+        .map_err(|e| bad("tls_key", &files.key, &e))?;
+    let builder = ServerConfig::builder();
+    let builder = match &files.client_ca {
+        None => builder.with_no_client_auth(),
+        Some(ca) => {
+            let mut roots = RootCertStore::empty();
+            for cert in certificates("tls_client_ca", ca)? {
+                roots.add(cert).map_err(|e| bad("tls_client_ca", ca, &e))?;
+            }
+            let verifier = WebPkiClientVerifier::builder(Arc::new(roots))
+                .build()
+                .map_err(|e| bad("tls_client_ca", ca, &e))?;
+            builder.with_client_cert_verifier(verifier)
+        }
+    };
+    let mut server = builder
+        .with_single_cert(chain, key)
+        .map_err(|e| bad("tls_cert", &files.cert, &e))?;
+    server.alpn_protocols = vec![b"h2".to_vec()];
+    Ok(Some(TlsAcceptor::from(Arc::new(server))))
 }

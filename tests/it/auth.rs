@@ -375,3 +375,58 @@ async fn tls_and_mutual_tls() {
         .unwrap();
     assert!(output.status.success(), "{output:?}");
 }
+
+#[tokio::test]
+async fn over_tls_a_connection_without_a_preface_is_closed_too() {
+    use tokio::io::AsyncReadExt as _;
+    use tokio_rustls::rustls;
+    use tokio_rustls::rustls::pki_types::pem::PemObject as _;
+    let dir = tempfile::tempdir().unwrap();
+    certificates(dir.path());
+    let p = |name: &str| dir.path().join(name);
+    let config = format!(
+        "[auth]\ntls_cert = \"{}\"\ntls_key = \"{}\"\n",
+        p("server.pem").display(),
+        p("server.key").display(),
+    );
+    let broker = broker(&config).await;
+    // A real client is served.
+    let https = format!("https://{}", broker.addr);
+    let options = ConnectOptions {
+        ca: Some(p("ca.pem")),
+        ..ConnectOptions::default()
+    };
+    let mut client = connect_with(&https, &options).await.unwrap();
+    client.status(pb::StatusRequest::default()).await.unwrap();
+
+    // One that never starts the TLS handshake, and one that completes it
+    // but never sends the HTTP/2 preface inside it.
+    let silent = tokio::net::TcpStream::connect(&broker.addr).await.unwrap();
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in rustls::pki_types::CertificateDer::pem_file_iter(p("ca.pem")).unwrap() {
+        roots.add(cert.unwrap()).unwrap();
+    }
+    let mut tls = rustls::ClientConfig::builder()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    tls.alpn_protocols = vec![b"h2".to_vec()];
+    let connector = tokio_rustls::TlsConnector::from(std::sync::Arc::new(tls));
+    let tcp = tokio::net::TcpStream::connect(&broker.addr).await.unwrap();
+    let name = rustls::pki_types::ServerName::try_from("127.0.0.1").unwrap();
+    let handshaken = connector.connect(name, tcp).await.unwrap();
+    let closed = |mut stream: Box<dyn tokio::io::AsyncRead + Unpin + Send>| async move {
+        let mut buf = [0u8; 512];
+        loop {
+            match stream.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {}
+            }
+        }
+    };
+    tokio::time::timeout(crate::support::PATIENCE, async {
+        tokio::join!(closed(Box::new(silent)), closed(Box::new(handshaken)))
+    })
+    .await
+    .expect("the broker kept a TLS connection without a preface open");
+    client.status(pb::StatusRequest::default()).await.unwrap();
+}

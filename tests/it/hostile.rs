@@ -895,3 +895,27 @@ async fn the_bearer_scheme_is_case_insensitive() {
         .unwrap_err();
     assert_eq!(error.code(), Code::Unauthenticated);
 }
+
+#[tokio::test]
+async fn queued_lists_a_few_holders_and_counts_the_rest() {
+    let broker = Broker::with_env(&[("GPULEASE__CAPACITY", "20")]).await;
+    let client = broker.client().await;
+    let mut holders = Vec::new();
+    for i in 0..20 {
+        let mut holder = Call::open_with_client(client.clone(), acquire(&format!("h{i}")))
+            .await
+            .unwrap();
+        holder.granted().await;
+        holders.push(holder);
+    }
+    let mut waiter = Call::open(&broker, acquire("waiter")).await.unwrap();
+    let queued = waiter.queued().await;
+    assert_eq!((queued.holders.len(), queued.holders_omitted), (16, 4));
+    let status = broker.status().await;
+    assert_eq!((status.holders.len(), status.holders_omitted), (20, 0));
+    drop(waiter);
+    for holder in holders {
+        holder.release().await;
+    }
+    crate::support::assert_idle(&broker).await;
+}
