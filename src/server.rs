@@ -242,9 +242,20 @@ pub async fn serve(
             .max_concurrent_streams(Some(limits.max_streams_per_connection))
             .layer(too_large)
             .add_service(lease_service.clone())
-            .add_service(health_service.clone())
-            .add_service(reflection_v1.clone())
-            .add_service(reflection_v1alpha.clone()))
+            // The same bound on every service: otherwise each stream of
+            // a connection could make the broker buffer tonic's default
+            // 4 MiB.
+            .add_service(
+                health_service
+                    .clone()
+                    .max_decoding_message_size(max_message),
+            )
+            .add_service(reflection_v1.clone().max_decoding_message_size(max_message))
+            .add_service(
+                reflection_v1alpha
+                    .clone()
+                    .max_decoding_message_size(max_message),
+            ))
     };
 
     let stop = CancellationToken::new();
