@@ -27,7 +27,7 @@ use std::time::Duration;
 use http_body_util::Full;
 use hyper::body::{Bytes, Incoming};
 use hyper::{Method, Request, Response, StatusCode};
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioIo, TokioTimer};
 use prometheus::{
     Encoder as _, Gauge, GaugeVec, HistogramOpts, HistogramVec, IntCounter, IntCounterVec,
     IntGaugeVec, Opts, Registry, TextEncoder,
@@ -554,10 +554,19 @@ pub fn code_name(code: tonic::Code) -> &'static str {
 /// What the HTTP listener serves: a fresh exposition per request.
 pub type Exposition = Arc<dyn Fn() -> String + Send + Sync>;
 
+/// Connections the metrics listener serves at once; more are closed at
+/// once. Prometheus needs one per server that scrapes.
+const MAX_CONNECTIONS: usize = 64;
+
+/// How long a client may take to send its request's headers.
+const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// Serves `GET /metrics` on `listener` until `stop` is cancelled: plain
-/// HTTP/1.1, one task per connection. Anything else is 404 (or 405 for a
-/// method other than GET and HEAD).
+/// HTTP/1.1, one task per connection, at most [`MAX_CONNECTIONS`] at once,
+/// each with [`HEADER_TIMEOUT`] to say what it wants. Anything else is 404
+/// (or 405 for a method other than GET and HEAD).
 pub async fn serve(listener: TcpListener, exposition: Exposition, stop: CancellationToken) {
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     loop {
         let (stream, peer) = tokio::select! {
             accepted = listener.accept() => match accepted {
@@ -571,14 +580,21 @@ pub async fn serve(listener: TcpListener, exposition: Exposition, stop: Cancella
             },
             () = stop.cancelled() => return,
         };
+        let Ok(slot) = Arc::clone(&slots).try_acquire_owned() else {
+            debug!(%peer, "too many metrics connections; closing this one");
+            continue;
+        };
         let exposition = Arc::clone(&exposition);
         let stop = stop.clone();
         tokio::spawn(async move {
+            let _slot = slot;
             let service = hyper::service::service_fn(move |request: Request<Incoming>| {
                 let exposition = Arc::clone(&exposition);
                 async move { Ok::<_, Infallible>(answer(&request, &exposition)) }
             });
             let connection = hyper::server::conn::http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(HEADER_TIMEOUT)
                 .serve_connection(TokioIo::new(stream), service);
             tokio::select! {
                 result = connection => if let Err(e) = result {

@@ -457,3 +457,52 @@ async fn the_rules_and_the_dashboard_use_only_metrics_that_exist() {
     }
     assert!(used > 15, "only {used} metric references found");
 }
+
+/// Idle connections cannot take the metrics listener over: past 64 at once,
+/// new ones are closed; once they go, scrapes work again.
+#[tokio::test]
+async fn the_metrics_listener_bounds_its_connections() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let broker = Broker::with_env(&[("GPULEASE__METRICS__LISTEN", "127.0.0.1:0")]).await;
+    let addr = broker.metrics.clone().unwrap();
+    let mut idle = Vec::new();
+    for _ in 0..64 {
+        idle.push(tokio::net::TcpStream::connect(&addr).await.unwrap());
+    }
+    // The 65th is accepted and closed at once, without an answer.
+    let refused = async {
+        loop {
+            let mut extra = tokio::net::TcpStream::connect(&addr).await.unwrap();
+            let _ = extra
+                .write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+                .await;
+            let mut answer = Vec::new();
+            let _ = extra.read_to_end(&mut answer).await;
+            if answer.is_empty() {
+                return;
+            }
+            // Accepted before the last idle connection was: try again.
+        }
+    };
+    tokio::time::timeout(PATIENCE, refused)
+        .await
+        .expect("a 65th connection was served");
+    drop(idle);
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    loop {
+        let mut stream = tokio::net::TcpStream::connect(&addr).await.unwrap();
+        let _ = stream
+            .write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            .await;
+        let mut answer = Vec::new();
+        let _ = stream.read_to_end(&mut answer).await;
+        if answer.starts_with(b"HTTP/1.1 200") {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the listener did not recover"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
