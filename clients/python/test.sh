@@ -3,8 +3,10 @@
 #
 # Creates (or reuses) the virtualenv target/py-venv, installs the pinned test
 # tools and `pip install ./clients/python` into it, fails if the committed
-# gRPC stubs are stale, builds the broker if target/debug/gpulease is missing,
-# and runs pytest. Arguments go to pytest. Environment:
+# gRPC stubs are stale, runs `ruff check` and `mypy` (strict, configured in
+# pyproject.toml) over the client, its tests and generate.py, builds the
+# broker if target/debug/gpulease is missing, and runs pytest. Arguments go
+# to pytest. Environment:
 #   PYTHON        the interpreter that makes the virtualenv (default python3)
 #   GPULEASE_BIN  the broker binary to test (default target/debug/gpulease)
 set -euo pipefail
@@ -31,6 +33,13 @@ rm -rf "$here/build"
 
 step "checking that the committed stubs match proto/"
 "$py" "$here/generate.py" --check
+
+# Their caches go to target/, as pytest's is off: nothing lands in the source tree.
+step "ruff check"
+(cd "$here" && "$venv/bin/ruff" check --cache-dir "$repo/target/ruff-cache" .)
+
+step "mypy --strict"
+(cd "$here" && "$py" -m mypy --cache-dir "$repo/target/mypy-cache")
 
 if [ -z "${GPULEASE_BIN:-}" ] && [ ! -x "$repo/target/debug/gpulease" ]; then
   step "building the broker"

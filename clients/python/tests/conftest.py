@@ -18,8 +18,9 @@ import sys
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional
+from typing import Any, Callable, Dict, Generator, Iterator, List, Mapping, Optional
 
+import pluggy
 import pytest
 
 import gpulease
@@ -201,13 +202,14 @@ def broker(start_broker: Callable[..., Broker]) -> Broker:
 
 
 @pytest.hookimpl(hookwrapper=True)
-def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
+def pytest_runtest_makereport(
+    item: pytest.Item, call: pytest.CallInfo[None]
+) -> Generator[None, pluggy.Result[pytest.TestReport], None]:
     outcome = yield
     report = outcome.get_result()
     if report.when == "call" and report.failed:
-        for log in sorted(
-            Path(str(item.funcargs.get("tmp_path", "/nonexistent"))).glob("broker-*.log")
-        ):
+        funcargs: Dict[str, Any] = getattr(item, "funcargs", {})
+        for log in sorted(Path(str(funcargs.get("tmp_path", "/nonexistent"))).glob("broker-*.log")):
             report.sections.append(
                 (f"broker log {log.name}", log.read_text(errors="replace")[-4000:])
             )

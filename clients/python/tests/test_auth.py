@@ -270,7 +270,7 @@ def test_mutual_tls_and_a_token(
     start_broker: Callable[..., Broker], certs: Certs, clean_env: pytest.MonkeyPatch
 ) -> None:
     extra = '\n[consumers.tts]\ntoken = "tts-secret"\n'
-    identity = {"ca": certs.ca, "cert": certs.client_cert, "key": certs.client_key}
+    identity: Dict[str, Any] = {"ca": certs.ca, "cert": certs.client_cert, "key": certs.client_key}
     broker = start_broker(config=tls_config(certs, mutual=True, extra=extra), client=identity)
     assert broker.status().capacity == 1
     with gpulease.lease("tts", broker=broker.address, token="tts-secret", **identity):

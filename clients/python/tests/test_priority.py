@@ -8,7 +8,7 @@ import asyncio
 import inspect
 import threading
 import time
-from typing import Awaitable, Callable, List, TypeVar
+from typing import Awaitable, Callable, List, TypeVar, get_type_hints
 
 import grpc
 import pytest
@@ -16,7 +16,8 @@ import pytest
 import gpulease
 import gpulease.aio
 from conftest import PATIENCE_S, Broker, ended
-from gpulease._protocol import Conversation, LeaseOptions
+from gpulease._compat import Unpack
+from gpulease._protocol import Conversation, LeaseKwargs, LeaseOptions
 from gpulease.v1 import lease_pb2
 from test_lease import hold_in_thread
 
@@ -48,21 +49,60 @@ priority = 10
 
 
 def test_every_lease_entry_point_takes_the_same_lease_options() -> None:
-    build = inspect.signature(LeaseOptions.build).parameters
-    lease_options = {k: (p.default, p.kind) for k, p in build.items() if k != "consumer"}
+    # One definition: each entry point (and LeaseOptions.build, which checks
+    # them) takes the options as **options: Unpack[LeaseKwargs], so a type
+    # checker sees every keyword; besides them, only the consumer and (for
+    # the functions that open their own connection) the connection's.
+    unpacked = Unpack[LeaseKwargs]
     connection = {"broker", "token", "token_file", "ca", "cert", "key"}
-    for entry in (
-        gpulease.lease,
-        gpulease.aio.lease,
-        gpulease.Client.lease,
-        gpulease.aio.Client.lease,
+    for entry, others in (
+        (LeaseOptions.build, {"consumer"}),
+        (gpulease.lease, {"consumer"} | connection),
+        (gpulease.aio.lease, {"consumer"} | connection),
+        (gpulease.Client.lease, {"self", "consumer"}),
+        (gpulease.aio.Client.lease, {"self", "consumer"}),
     ):
-        params = {
-            k: (p.default, p.kind)
-            for k, p in inspect.signature(entry).parameters.items()
-            if k not in {"self", "consumer"} | connection
-        }
-        assert params == lease_options, entry
+        params = inspect.signature(entry).parameters
+        (var_keyword,) = [p for p in params.values() if p.kind is p.VAR_KEYWORD]
+        assert get_type_hints(entry, include_extras=True)[var_keyword.name] == unpacked, entry
+        assert set(params) - {var_keyword.name} == others, entry
+    assert gpulease.LeaseKwargs is LeaseKwargs
+    assert set(LeaseKwargs.__annotations__) == {
+        "vram_mib",
+        "max_wait",
+        "gpu",
+        "labels",
+        "priority",
+        "on_queued",
+        "on_lost",
+        "on_preempt",
+    }
+
+
+def test_every_lease_entry_point_checks_the_lease_options() -> None:
+    client = gpulease.Client("127.0.0.1:1")
+    aio_client = gpulease.aio.Client("127.0.0.1:1")
+    try:
+        for entry in (gpulease.lease, gpulease.aio.lease, client.lease, aio_client.lease):
+            every: LeaseKwargs = {
+                "vram_mib": 1,
+                "max_wait": 2,
+                "gpu": "GPU-1",
+                "labels": {"job": "7"},
+                "priority": -1,
+                "on_queued": print,
+                "on_lost": print,
+                "on_preempt": print,
+            }
+            entry("x", **every)
+            with pytest.raises(TypeError, match="unexpected lease option 'vram'"):
+                entry("x", vram=1)  # type: ignore[call-arg]
+            with pytest.raises(ValueError, match="vram_mib"):
+                entry("x", vram_mib=-1)
+            with pytest.raises(TypeError, match="gpu"):
+                entry("x", gpu=1.0)  # type: ignore[arg-type]
+    finally:
+        client.close()
 
 
 def test_priority_is_sent_only_when_given_and_checked() -> None:

@@ -51,6 +51,7 @@ def test_every_python_example_is_tested() -> None:
     assert README.read_text().count("```python") == len(examples())
     assert set(examples()) == {
         "quickstart",
+        "gpu",
         "decorator",
         "lost",
         "queued",
@@ -63,6 +64,17 @@ def test_every_python_example_is_tested() -> None:
         "ollama",
         "comfyui",
     }
+
+
+def test_the_gpu_example_holds_the_gpu_it_names(
+    start_broker: Callable[..., Broker], tmp_path: Path
+) -> None:
+    broker = start_broker(gpu__source="static", gpu__static_memory_mib="8192,8192")
+    out = run_example(examples()["gpu"], broker, tmp_path)
+    assert out == "GPU 1 is ours\n"
+    status = broker.status()
+    assert status.total_grants == 1
+    assert ended(status)["released"] == 1
 
 
 @pytest.mark.parametrize(

@@ -25,6 +25,7 @@ from ._protocol import (
     KEY_ENV,
     TOKEN_ENV,
     TOKEN_FILE_ENV,
+    LeaseKwargs,
 )
 from ._residency import Residency, residency
 from .errors import (
@@ -60,6 +61,7 @@ __all__ = [
     "Granted",
     "Lease",
     "LeaseError",
+    "LeaseKwargs",
     "LeaseLost",
     "LeaseRejected",
     "LeaseTimeout",

@@ -12,22 +12,20 @@ from __future__ import annotations
 import functools
 import inspect
 import threading
-from typing import Any, Callable, Iterator, Mapping, Optional, TypeVar, Union, cast
+from typing import Any, Callable, Generator, Iterator, Optional, TypeVar, Union, cast
 
 import grpc
 
+from ._compat import Unpack
 from ._protocol import (
     RELEASE_REQUEST,
     RELEASE_TIMEOUT_S,
     Connection,
     Conversation,
     GrantView,
+    LeaseKwargs,
     LeaseOptions,
-    LostCallback,
-    MaxWait,
     PathArg,
-    PreemptCallback,
-    QueuedCallback,
     call_error,
     report_callback_error,
     revoke_request,
@@ -268,43 +266,22 @@ class _RequestFeed:
 def lease(
     consumer: str,
     *,
-    vram_mib: int = 0,
-    max_wait: MaxWait = None,
     broker: Optional[str] = None,
-    labels: Optional[Mapping[str, str]] = None,
-    priority: Optional[int] = None,
-    on_queued: Optional[QueuedCallback] = None,
-    on_lost: Optional[LostCallback] = None,
-    on_preempt: Optional[PreemptCallback] = None,
     token: Optional[str] = None,
     token_file: Optional[PathArg] = None,
     ca: Optional[PathArg] = None,
     cert: Optional[PathArg] = None,
     key: Optional[PathArg] = None,
+    **options: Unpack[LeaseKwargs],
 ) -> Lease:
     """A lease of the GPU for `consumer`, to use with `with` or as a decorator.
 
-    - `vram_mib`: the GPU memory the work needs, in MiB (0: unknown).
-    - `max_wait`: seconds (or a timedelta) to wait at most; ``None`` waits
-      forever, ``0`` takes the lease only if the GPU is free right now.
-      Raises `LeaseTimeout` when it passes.
+    - `options`: what the lease asks for: `vram_mib`, `max_wait`, `gpu`,
+      `labels`, `priority`, `on_queued`, `on_lost` and `on_preempt`; see
+      `LeaseKwargs`, where each is described.
     - `broker`: ``HOST:PORT``, ``http://HOST:PORT``, ``https://HOST:PORT``
       (TLS) or ``unix:/PATH``; default `$GPULEASE_BROKER`, else
       ``127.0.0.1:50051``.
-    - `labels`: free-form strings shown in the broker's Status.
-    - `priority`: this request's priority; it may be lower than the
-      consumer's configured one (0 if none), never higher: the broker lowers
-      a higher value to the consumer's. ``None`` (the default) sends none,
-      so the consumer's own applies.
-    - `on_queued`: called with each `Queued` event (position, queue depth,
-      holders, priority, estimated wait) while waiting, in the waiting
-      thread.
-    - `on_lost`: called once with the `LeaseLost` error if the lease ends
-      while the body runs, from a background thread.
-    - `on_preempt`: called once with the `PreemptRequested` notice
-      (`grace_ms`, `for_consumer`) if the broker asks this preemptible lease
-      to make way, from the same background thread (a loss is noticed only
-      once it returns); see `Lease`.
     - `token` or `token_file`: the bearer token (default `$GPULEASE_TOKEN`,
       else the file `$GPULEASE_TOKEN_FILE`); `ca`: the CA bundle that signed
       the broker's certificate (default `$GPULEASE_CA`; implies TLS); `cert`
@@ -313,20 +290,11 @@ def lease(
 
     Each lease opens its own connection; `Client.lease()` shares the client's.
     """
-    options = LeaseOptions.build(
-        consumer,
-        vram_mib=vram_mib,
-        max_wait=max_wait,
-        labels=labels,
-        priority=priority,
-        on_queued=on_queued,
-        on_lost=on_lost,
-        on_preempt=on_preempt,
-    )
+    lease_options = LeaseOptions.build(consumer, **options)
     connection = Connection.resolve(
         broker, token=token, token_file=token_file, ca=ca, cert=cert, key=key
     )
-    return Lease(options, connection)
+    return Lease(lease_options, connection)
 
 
 class Client:
@@ -395,7 +363,9 @@ class Client:
                 error.code(), error.details(), doing=f"Status at {self.target}"
             ) from None
 
-    def watch(self, *, timeout: Optional[float] = None) -> Iterator[lease_pb2.StatusResponse]:
+    def watch(
+        self, *, timeout: Optional[float] = None
+    ) -> Generator[lease_pb2.StatusResponse, None, None]:
         """A snapshot at once, then a new one after every change (bursts are
         coalesced), until the broker stops or, with `timeout`, that many
         seconds have passed. Leaving the loop early ends the call."""
@@ -441,27 +411,7 @@ class Client:
                 error.code(), error.details(), doing=f"RevokeLease at {self.target}"
             ) from None
 
-    def lease(
-        self,
-        consumer: str,
-        *,
-        vram_mib: int = 0,
-        max_wait: MaxWait = None,
-        labels: Optional[Mapping[str, str]] = None,
-        priority: Optional[int] = None,
-        on_queued: Optional[QueuedCallback] = None,
-        on_lost: Optional[LostCallback] = None,
-        on_preempt: Optional[PreemptCallback] = None,
-    ) -> Lease:
-        """Like `gpulease.lease()`, over this client's connection."""
-        options = LeaseOptions.build(
-            consumer,
-            vram_mib=vram_mib,
-            max_wait=max_wait,
-            labels=labels,
-            priority=priority,
-            on_queued=on_queued,
-            on_lost=on_lost,
-            on_preempt=on_preempt,
-        )
-        return Lease(options, self._connection, self._channel)
+    def lease(self, consumer: str, **options: Unpack[LeaseKwargs]) -> Lease:
+        """Like `gpulease.lease()`, over this client's connection; the
+        options are `LeaseKwargs`."""
+        return Lease(LeaseOptions.build(consumer, **options), self._connection, self._channel)

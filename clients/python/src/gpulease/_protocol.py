@@ -1,8 +1,9 @@
 """What the blocking and the asyncio clients share, so that they cannot drift
 apart: the broker address and credentials (`Connection`), the channel
-options, a lease's options, the rules of the `AcquireLease` and `Residency`
-conversations (without any I/O), and the one mapping from gRPC status codes
-to `LeaseError`s.
+options, a lease's options (`LeaseKwargs`, checked by `LeaseOptions.build`),
+the rules of the `AcquireLease` conversation (`Conversation`) and of the
+`Residency` reconnect loop (`ResidencyLoop`), without any I/O, and the one
+mapping from gRPC status codes to `LeaseError`s.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from typing import Any, Callable, List, Mapping, Optional, Tuple, Union
 
 import grpc
 
+from ._compat import TypedDict, Unpack
 from .errors import (
     BrokerUnavailable,
     LeaseError,
@@ -130,7 +132,7 @@ def resolve_target(broker: Optional[str]) -> str:
     return parse_broker(broker)[0]
 
 
-PathArg = Union[str, "os.PathLike[str]"]
+PathArg = Union[str, os.PathLike[str]]
 """A file name, as a str or a `pathlib.Path`."""
 
 
@@ -295,6 +297,69 @@ def max_wait_ms(max_wait: MaxWait) -> int:
     return millis
 
 
+GpuArg = Union[int, str, None]
+"""Which GPU a lease asks for: its index (an int, or a str of digits) or its
+UUID (``"GPU-…"``); ``None`` or ``""`` lets the broker choose."""
+
+
+class LeaseKwargs(TypedDict, total=False):
+    """The options of a lease, taken as keywords by every lease entry point:
+    `gpulease.lease()`, `gpulease.Client.lease()`, `gpulease.aio.lease()`
+    and `gpulease.aio.Client.lease()`. This is their one definition; use it
+    to type a wrapper's ``**options: Unpack[LeaseKwargs]``. Each may be left
+    out:
+
+    - `vram_mib`: the GPU memory the work needs, in MiB (default 0: unknown).
+    - `max_wait`: seconds (or a timedelta) to wait at most; ``None`` (the
+      default) waits forever, ``0`` takes the lease only if the GPU is free
+      right now. Raises `LeaseTimeout` when it passes.
+    - `gpu`: which GPU, by index (``1`` or ``"1"``) or UUID (``"GPU-…"``);
+      ``None`` (the default) takes whichever GPU can grant soonest. A GPU the
+      broker does not have is a `LeaseRejected`.
+    - `labels`: free-form strings shown in the broker's Status.
+    - `priority`: this request's priority; it may be lower than the
+      consumer's configured one (0 if none), never higher: the broker lowers
+      a higher value to the consumer's. ``None`` (the default) sends none,
+      so the consumer's own applies.
+    - `on_queued`: called with each `Queued` event (position, queue depth,
+      holders, priority, estimated wait) while waiting, in the waiting
+      thread (on asyncio: in the loop, awaited if it returns an awaitable).
+    - `on_lost`: called once with the `LeaseLost` error if the lease ends
+      while the body runs, from a background thread (on asyncio: in the loop).
+    - `on_preempt`: called once with the `PreemptRequested` notice
+      (`grace_ms`, `for_consumer`) if the broker asks this preemptible lease
+      to make way, from the same background thread (a loss is noticed only
+      once it returns); see `gpulease.Lease`.
+    """
+
+    vram_mib: int
+    max_wait: MaxWait
+    gpu: GpuArg
+    labels: Optional[Mapping[str, str]]
+    priority: Optional[int]
+    on_queued: Optional[QueuedCallback]
+    on_lost: Optional[LostCallback]
+    on_preempt: Optional[PreemptCallback]
+
+
+#: The names of the lease options, for the check of unknown keywords.
+LEASE_OPTION_NAMES = frozenset(LeaseKwargs.__annotations__)
+
+
+def gpu_selector(gpu: GpuArg) -> str:
+    """`gpu` as the wire's `Acquire.gpu`: ``""`` for any GPU, else the index
+    in decimal or the UUID. The broker checks that the GPU exists."""
+    if gpu is None:
+        return ""
+    if isinstance(gpu, int) and not isinstance(gpu, bool):
+        if gpu < 0:
+            raise ValueError(f"gpu must be a GPU index (>= 0) or UUID, got {gpu!r}")
+        return str(gpu)
+    if not isinstance(gpu, str):
+        raise TypeError(f"gpu must be an int index, a str index or UUID, or None, not {gpu!r}")
+    return gpu.strip()
+
+
 @dataclass(frozen=True)
 class LeaseOptions:
     """What one lease asks for, checked once and shared by both clients."""
@@ -307,39 +372,42 @@ class LeaseOptions:
     on_lost: Optional[LostCallback] = None
     priority: Optional[int] = None
     on_preempt: Optional[PreemptCallback] = None
+    #: `Acquire.gpu`: an index or UUID, or ``""`` for any GPU.
+    gpu: str = ""
 
     @classmethod
-    def build(
-        cls,
-        consumer: str,
-        *,
-        vram_mib: int = 0,
-        max_wait: MaxWait = None,
-        labels: Optional[Mapping[str, str]] = None,
-        priority: Optional[int] = None,
-        on_queued: Optional[QueuedCallback] = None,
-        on_lost: Optional[LostCallback] = None,
-        on_preempt: Optional[PreemptCallback] = None,
-    ) -> LeaseOptions:
-        """Checks the arguments of `gpulease.lease()` / `gpulease.aio.lease()`.
+    def build(cls, consumer: str, **options: Unpack[LeaseKwargs]) -> LeaseOptions:
+        """Checks a consumer and its `LeaseKwargs`, as every lease entry point
+        passes them on; an unknown keyword is a `TypeError`, as for any call.
 
         The consumer name itself is checked by the broker (INVALID_ARGUMENT),
-        so that the rule lives in one place.
+        so that the rule lives in one place; so is whether `gpu` exists.
         """
+        unknown = sorted(set(options) - LEASE_OPTION_NAMES)
+        if unknown:
+            raise TypeError(
+                f"unexpected lease option {unknown[0]!r}; the options are "
+                + ", ".join(sorted(LEASE_OPTION_NAMES))
+            )
         if not isinstance(consumer, str):
             raise TypeError(f"consumer must be a str, not {type(consumer).__name__}")
+        vram_mib = options.get("vram_mib", 0)
         if isinstance(vram_mib, bool) or not isinstance(vram_mib, int) or vram_mib < 0:
             raise ValueError(f"vram_mib must be a non-negative int, got {vram_mib!r}")
-        checked_labels = dict(labels or {})
+        checked_labels = dict(options.get("labels") or {})
         for key, value in checked_labels.items():
             if not isinstance(key, str) or not isinstance(value, str):
                 raise TypeError(f"labels must map str to str, got {key!r}: {value!r}")
+        priority = options.get("priority")
         if priority is not None:
             if isinstance(priority, bool) or not isinstance(priority, int):
                 raise TypeError(f"priority must be an int or None, not {type(priority).__name__}")
             low, high = _PRIORITY_RANGE
             if not low <= priority <= high:
                 raise ValueError(f"priority must be a 32-bit int, got {priority!r}")
+        on_queued = options.get("on_queued")
+        on_lost = options.get("on_lost")
+        on_preempt = options.get("on_preempt")
         for name, callback in (
             ("on_queued", on_queued),
             ("on_lost", on_lost),
@@ -350,12 +418,13 @@ class LeaseOptions:
         return cls(
             consumer=consumer,
             vram_mib=vram_mib,
-            max_wait_ms=max_wait_ms(max_wait),
+            max_wait_ms=max_wait_ms(options.get("max_wait")),
             labels=checked_labels,
             on_queued=on_queued,
             on_lost=on_lost,
             priority=priority,
             on_preempt=on_preempt,
+            gpu=gpu_selector(options.get("gpu")),
         )
 
     def acquire_request(self) -> lease_pb2.LeaseRequest:
@@ -368,6 +437,7 @@ class LeaseOptions:
             max_wait_ms=self.max_wait_ms,
             client_pid=os.getpid(),
             labels=dict(self.labels),
+            gpu=self.gpu,
         )
         if self.priority is not None:
             acquire.priority = self.priority
@@ -499,6 +569,117 @@ def report_residency_failure(
             error,
             delay,
         )
+
+
+class ResidencyLoop:
+    """The rules of a `Residency` helper, without I/O: one stream after
+    another until it is closed, and what each stream's end means.
+
+    The blocking helper (a thread) and the asyncio one (a task) both drive
+    it: they open a stream that starts with `hello`, call `opened` once the
+    broker has registered it, pass each command to `unload_request`, answer
+    a request with `unloaded_report` once `on_unload` returned and count it
+    with `answered`; then turn the stream's end into an error with
+    `stream_ended` (or `closed_error`), hand it to `attempt_ended`, and wait
+    `retry_delay` before the next stream. The blocking driver calls all but
+    `retry_delay` under its lock.
+    """
+
+    def __init__(self, consumer: str, target: str) -> None:
+        self.consumer = consumer
+        self.target = target
+        self.backoff = Backoff()
+        #: Whether a stream is open now.
+        self.connected = False
+        #: Set by `close()`; the loop stops at the next chance.
+        self.closing = False
+        #: Why the last stream failed or ended; ``None`` while one is open.
+        self.error: Optional[LeaseError] = None
+        #: The broker's refusal of the last stream, if that is why it ended.
+        self.rejected: Optional[LeaseRejected] = None
+        #: How many unload requests were answered ``unloaded``.
+        self.unloads = 0
+
+    @property
+    def doing(self) -> str:
+        return f"Residency of {self.consumer!r} at {self.target}"
+
+    def state(self) -> str:
+        """For `repr`."""
+        return "closed" if self.closing else "connected" if self.connected else "connecting"
+
+    def hello(self) -> lease_pb2.ResidencyReport:
+        """The first message of every stream."""
+        return residency_hello(self.consumer)
+
+    def opened(self) -> None:
+        """The broker answered `hello` with its headers: the stream is open."""
+        self.connected = True
+        self.error = self.rejected = None
+        logger.info("gpulease: residency of %r at %s is open", self.consumer, self.target)
+
+    def unload_request(
+        self, command: lease_pb2.ResidencyCommand
+    ) -> Optional[lease_pb2.UnloadRequested]:
+        """The unload request in `command` to hand to `on_unload`, if it is one."""
+        if command.WhichOneof("kind") != "unload_requested":
+            return None  # a command newer than these stubs
+        request = command.unload_requested
+        logger.info(
+            "gpulease: the broker asks %r to unload from GPU %d (%d MiB) for %r",
+            self.consumer,
+            request.gpu_index,
+            request.footprint_mib,
+            request.for_consumer,
+        )
+        return request
+
+    def answered(self) -> None:
+        """An unload request was answered ``unloaded`` (`unloaded_report`)."""
+        self.unloads += 1
+
+    def closed_error(self) -> LeaseError:
+        """Why a stream ended that `close()` ended."""
+        return LeaseError(f"{self.doing}: closed")
+
+    def stream_ended(self, code: Optional[grpc.StatusCode], details: Optional[str]) -> LeaseError:
+        """Why a stream ended with this status."""
+        if code == grpc.StatusCode.OK:
+            return LeaseError(f"{self.doing}: the broker ended the stream", code=code)
+        return call_error(code, details, doing=self.doing)
+
+    def attempt_ended(self, error: LeaseError) -> bool:
+        """Records the end of a stream; returns whether the loop stops
+        (`close()` was called)."""
+        self.connected = False
+        if self.closing:
+            return True
+        self.error = error
+        if isinstance(error, LeaseRejected):
+            self.rejected = error
+        return False
+
+    def retry_delay(self, was_open: bool, error: LeaseError) -> float:
+        """How long to wait before the next stream; logs why and how long."""
+        # A refusal will not go away by itself: never retry it quickly.
+        if was_open and not isinstance(error, LeaseRejected):
+            self.backoff.reset()
+        delay = self.backoff.next_delay()
+        report_residency_failure(error, self.consumer, delay, was_open)
+        return delay
+
+    def settled(self) -> bool:
+        """Whether `wait_connected` has its answer."""
+        return self.connected or self.rejected is not None or self.closing
+
+    def connected_or_raise(self) -> bool:
+        """`wait_connected`'s answer: whether the stream is open; raises the
+        broker's refusal if that is why it is not."""
+        if self.connected:
+            return True
+        if self.rejected is not None:
+            raise self.rejected
+        return False
 
 
 class Conversation:

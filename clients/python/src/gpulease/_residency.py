@@ -2,8 +2,9 @@
 the consumer's `Residency` stream open and frees its GPU memory when the
 broker asks (`unload = "stream"` in the broker's configuration).
 
-`gpulease.aio.residency` is the same on asyncio; both use the shared
-messages, backoff and error mapping of `_protocol`.
+`gpulease.aio.residency` is the same on asyncio; both are thin drivers of
+the shared `ResidencyLoop` (the reconnect loop's rules, backoff and error
+mapping, without I/O) in `_protocol`.
 """
 
 from __future__ import annotations
@@ -15,18 +16,14 @@ from typing import Any, Iterator, Optional, Tuple
 import grpc
 
 from ._protocol import (
-    Backoff,
     Connection,
     PathArg,
+    ResidencyLoop,
     UnloadCallback,
-    call_error,
-    logger,
     report_callback_error,
-    report_residency_failure,
-    residency_hello,
     unloaded_report,
 )
-from .errors import LeaseError, LeaseRejected
+from .errors import LeaseError
 from .v1 import lease_pb2
 from .v1.lease_pb2_grpc import LeaseBrokerStub
 
@@ -69,24 +66,18 @@ class Residency:
         self.target = connection.target
         self._connection = connection
         self._on_unload = on_unload
-        self._backoff = Backoff()
-        # Guards everything below; notified on every change of state.
+        # The loop's state; guarded by `_changed`, notified on every change.
+        self._loop = ResidencyLoop(consumer, connection.target)
         self._changed = threading.Condition()
-        self._connected = False
-        self._closing = False
-        self._error: Optional[LeaseError] = None
-        self._rejected: Optional[LeaseRejected] = None
         self._call: Optional[Any] = None
         self._feed: Optional[_ReportFeed] = None
-        self._unloads = 0
         self._thread = threading.Thread(
             target=self._run, name=f"gpulease-residency-{consumer}", daemon=True
         )
         self._thread.start()
 
     def __repr__(self) -> str:
-        state = "closed" if self._closing else "connected" if self._connected else "connecting"
-        return f"<gpulease.Residency {self.consumer!r} at {self.target} {state}>"
+        return f"<gpulease.Residency {self.consumer!r} at {self.target} {self._loop.state()}>"
 
     def __enter__(self) -> Residency:
         return self
@@ -98,17 +89,17 @@ class Residency:
     def connected(self) -> bool:
         """Whether the stream is open now: the broker can ask this consumer to
         unload."""
-        return self._connected
+        return self._loop.connected
 
     @property
     def unloads(self) -> int:
         """How many unload requests were answered ``unloaded``."""
-        return self._unloads
+        return self._loop.unloads
 
     @property
     def error(self) -> Optional[LeaseError]:
         """Why the last stream failed or ended; ``None`` while one is open."""
-        return self._error
+        return self._loop.error
 
     def wait_connected(self, timeout: Optional[float] = None) -> bool:
         """Waits until the stream is open; returns whether it is.
@@ -118,15 +109,8 @@ class Residency:
         at once instead of as a timeout.
         """
         with self._changed:
-            self._changed.wait_for(
-                lambda: self._connected or self._rejected is not None or self._closing,
-                timeout,
-            )
-            if self._connected:
-                return True
-            if self._rejected is not None:
-                raise self._rejected
-            return False
+            self._changed.wait_for(self._loop.settled, timeout)
+            return self._loop.connected_or_raise()
 
     def report_unloaded(self, gpu_index: Optional[int] = None) -> bool:
         """Sends an `unloaded` report (for `gpu_index`, or every GPU with
@@ -136,7 +120,7 @@ class Residency:
         consumer's `idle_ttl`. Returns whether it could be sent (the stream
         is open)."""
         with self._changed:
-            feed = self._feed if self._connected else None
+            feed = self._feed if self._loop.connected else None
         if feed is None:
             return False
         feed.send(unloaded_report(gpu_index))
@@ -146,7 +130,7 @@ class Residency:
         """Ends the stream and stops the thread; waits up to `timeout` seconds
         for an unload callback that is running. Idempotent."""
         with self._changed:
-            self._closing = True
+            self._loop.closing = True
             call, feed = self._call, self._feed
             self._changed.notify_all()
         if feed is not None:
@@ -158,52 +142,43 @@ class Residency:
 
     def _run(self) -> None:
         """The thread: one stream after another until `close()`."""
+        loop = self._loop
         while True:
             was_open, error = self._attempt()
             with self._changed:
-                self._connected = False
-                if self._closing:
-                    self._changed.notify_all()
-                    return
-                self._error = error
-                if isinstance(error, LeaseRejected):
-                    self._rejected = error
+                stop = loop.attempt_ended(error)
                 self._changed.notify_all()
-            # A refusal will not go away by itself: never retry it quickly.
-            if was_open and not isinstance(error, LeaseRejected):
-                self._backoff.reset()
-            delay = self._backoff.next_delay()
-            report_residency_failure(error, self.consumer, delay, was_open)
+            if stop:
+                return
+            delay = loop.retry_delay(was_open, error)
             with self._changed:
-                if self._changed.wait_for(lambda: self._closing, delay):
+                if self._changed.wait_for(lambda: loop.closing, delay):
                     return
 
     def _attempt(self) -> Tuple[bool, LeaseError]:
         """One stream, from `hello` to its end; returns whether it was open,
         and why it ended."""
-        doing = f"Residency of {self.consumer!r} at {self.target}"
+        loop = self._loop
         channel = self._connection.open_channel(grpc)
-        feed = _ReportFeed(residency_hello(self.consumer))
+        feed = _ReportFeed(loop.hello())
         was_open = False
         try:
             call = LeaseBrokerStub(channel).Residency(
                 iter(feed), metadata=self._connection.metadata
             )
             with self._changed:
-                if self._closing:
+                if loop.closing:
                     call.cancel()
-                    return False, LeaseError(f"{doing}: closed")
+                    return False, loop.closed_error()
                 self._call, self._feed = call, feed
             # The broker answers with its headers once it has read `hello`
             # and registered the stream; a refusal ends the call instead.
             call.initial_metadata()
             if not call.done():
                 with self._changed:
-                    self._connected = True
-                    self._error = self._rejected = None
+                    loop.opened()
                     self._changed.notify_all()
                 was_open = True
-                logger.info("gpulease: residency of %r at %s is open", self.consumer, self.target)
             for command in call:
                 self._handle(command, feed)
             code, details = call.code(), call.details()
@@ -212,24 +187,15 @@ class Residency:
         finally:
             feed.stop()
             with self._changed:
-                self._connected = False
+                loop.connected = False
                 self._call = self._feed = None
             channel.close()
-        if code == grpc.StatusCode.OK:
-            return was_open, LeaseError(f"{doing}: the broker ended the stream", code=code)
-        return was_open, call_error(code, details, doing=doing)
+        return was_open, loop.stream_ended(code, details)
 
     def _handle(self, command: lease_pb2.ResidencyCommand, feed: _ReportFeed) -> None:
-        if command.WhichOneof("kind") != "unload_requested":
-            return  # a command newer than these stubs
-        request = command.unload_requested
-        logger.info(
-            "gpulease: the broker asks %r to unload from GPU %d (%d MiB) for %r",
-            self.consumer,
-            request.gpu_index,
-            request.footprint_mib,
-            request.for_consumer,
-        )
+        request = self._loop.unload_request(command)
+        if request is None:
+            return
         try:
             self._on_unload(request)
         except Exception:
@@ -237,7 +203,7 @@ class Residency:
             return
         feed.send(unloaded_report(request.gpu_index))
         with self._changed:
-            self._unloads += 1
+            self._loop.answered()
 
 
 class _ReportFeed:

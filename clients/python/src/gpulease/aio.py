@@ -11,35 +11,30 @@ from __future__ import annotations
 import asyncio
 import functools
 import inspect
-from typing import Any, AsyncIterator, Callable, Mapping, Optional, Tuple, TypeVar, Union, cast
+from typing import Any, AsyncGenerator, Callable, Optional, Tuple, TypeVar, Union, cast
 
 import grpc
 import grpc.aio
 
+from ._compat import Unpack
 from ._protocol import (
     RELEASE_REQUEST,
     RELEASE_TIMEOUT_S,
-    Backoff,
     Connection,
     Conversation,
     GrantView,
+    LeaseKwargs,
     LeaseOptions,
-    LostCallback,
-    MaxWait,
     PathArg,
-    PreemptCallback,
-    QueuedCallback,
+    ResidencyLoop,
     UnloadCallback,
     call_error,
-    logger,
     report_callback_error,
-    report_residency_failure,
-    residency_hello,
     revoke_request,
     unloaded_report,
 )
 from ._residency import CLOSE_TIMEOUT_S
-from .errors import LeaseError, LeaseLost, LeaseRejected
+from .errors import LeaseError, LeaseLost
 from .v1 import lease_pb2
 from .v1.lease_pb2_grpc import LeaseBrokerStub
 
@@ -246,37 +241,22 @@ class Lease(GrantView):
 def lease(
     consumer: str,
     *,
-    vram_mib: int = 0,
-    max_wait: MaxWait = None,
     broker: Optional[str] = None,
-    labels: Optional[Mapping[str, str]] = None,
-    priority: Optional[int] = None,
-    on_queued: Optional[QueuedCallback] = None,
-    on_lost: Optional[LostCallback] = None,
-    on_preempt: Optional[PreemptCallback] = None,
     token: Optional[str] = None,
     token_file: Optional[PathArg] = None,
     ca: Optional[PathArg] = None,
     cert: Optional[PathArg] = None,
     key: Optional[PathArg] = None,
+    **options: Unpack[LeaseKwargs],
 ) -> Lease:
     """A lease of the GPU for `consumer`, to use with ``async with`` or to
     decorate a coroutine function. The arguments are those of
-    `gpulease.lease()`."""
-    options = LeaseOptions.build(
-        consumer,
-        vram_mib=vram_mib,
-        max_wait=max_wait,
-        labels=labels,
-        priority=priority,
-        on_queued=on_queued,
-        on_lost=on_lost,
-        on_preempt=on_preempt,
-    )
+    `gpulease.lease()`; the options are `LeaseKwargs`."""
+    lease_options = LeaseOptions.build(consumer, **options)
     connection = Connection.resolve(
         broker, token=token, token_file=token_file, ca=ca, cert=cert, key=key
     )
-    return Lease(options, connection)
+    return Lease(lease_options, connection)
 
 
 class Client:
@@ -338,7 +318,7 @@ class Client:
 
     async def watch(
         self, *, timeout: Optional[float] = None
-    ) -> AsyncIterator[lease_pb2.StatusResponse]:
+    ) -> AsyncGenerator[lease_pb2.StatusResponse, None]:
         """Snapshots as they change; see `gpulease.Client.watch`."""
         call = self._stub().WatchStatus(
             lease_pb2.StatusRequest(), timeout=timeout, metadata=self._metadata
@@ -378,30 +358,10 @@ class Client:
             ) from None
         return cast(lease_pb2.RevokeLeaseResponse, response)
 
-    def lease(
-        self,
-        consumer: str,
-        *,
-        vram_mib: int = 0,
-        max_wait: MaxWait = None,
-        labels: Optional[Mapping[str, str]] = None,
-        priority: Optional[int] = None,
-        on_queued: Optional[QueuedCallback] = None,
-        on_lost: Optional[LostCallback] = None,
-        on_preempt: Optional[PreemptCallback] = None,
-    ) -> Lease:
-        """Like `gpulease.aio.lease()`, over this client's connection."""
-        options = LeaseOptions.build(
-            consumer,
-            vram_mib=vram_mib,
-            max_wait=max_wait,
-            labels=labels,
-            priority=priority,
-            on_queued=on_queued,
-            on_lost=on_lost,
-            on_preempt=on_preempt,
-        )
-        return Lease(options, self._connection, self)
+    def lease(self, consumer: str, **options: Unpack[LeaseKwargs]) -> Lease:
+        """Like `gpulease.aio.lease()`, over this client's connection; the
+        options are `LeaseKwargs`."""
+        return Lease(LeaseOptions.build(consumer, **options), self._connection, self)
 
 
 class Residency:
@@ -419,28 +379,22 @@ class Residency:
             raise TypeError(f"consumer must be a str, not {type(consumer).__name__}")
         if not callable(on_unload):
             raise TypeError("on_unload must be callable")
-        loop = asyncio.get_running_loop()  # RuntimeError outside of one
+        running = asyncio.get_running_loop()  # RuntimeError outside of one
         self.consumer = consumer
         self.target = connection.target
         self._connection = connection
         self._on_unload = on_unload
-        self._backoff = Backoff()
+        self._loop = ResidencyLoop(consumer, connection.target)
         # Made here, in the running loop (Python 3.9 binds them to it).
         self._changed = asyncio.Condition()
         self._closed = asyncio.Event()
         self._write_lock = asyncio.Lock()
-        self._connected = False
-        self._closing = False
         self._in_callback = False
-        self._error: Optional[LeaseError] = None
-        self._rejected: Optional[LeaseRejected] = None
         self._call: Optional[Any] = None
-        self._unloads = 0
-        self._task = loop.create_task(self._run())
+        self._task = running.create_task(self._run())
 
     def __repr__(self) -> str:
-        state = "closed" if self._closing else "connected" if self._connected else "connecting"
-        return f"<gpulease.aio.Residency {self.consumer!r} at {self.target} {state}>"
+        return f"<gpulease.aio.Residency {self.consumer!r} at {self.target} {self._loop.state()}>"
 
     async def __aenter__(self) -> Residency:
         return self
@@ -451,40 +405,32 @@ class Residency:
     @property
     def connected(self) -> bool:
         """Whether the stream is open now."""
-        return self._connected
+        return self._loop.connected
 
     @property
     def unloads(self) -> int:
         """How many unload requests were answered ``unloaded``."""
-        return self._unloads
+        return self._loop.unloads
 
     @property
     def error(self) -> Optional[LeaseError]:
         """Why the last stream failed or ended; ``None`` while one is open."""
-        return self._error
+        return self._loop.error
 
     async def wait_connected(self, timeout: Optional[float] = None) -> bool:
         """Waits until the stream is open; returns whether it is. Raises the
         `LeaseRejected` error if the broker refused the stream."""
-
-        def settled() -> bool:
-            return self._connected or self._rejected is not None or self._closing
-
         try:
             async with self._changed:
-                await asyncio.wait_for(self._changed.wait_for(settled), timeout)
+                await asyncio.wait_for(self._changed.wait_for(self._loop.settled), timeout)
         except asyncio.TimeoutError:
             pass
-        if self._connected:
-            return True
-        if self._rejected is not None:
-            raise self._rejected
-        return False
+        return self._loop.connected_or_raise()
 
     async def report_unloaded(self, gpu_index: Optional[int] = None) -> bool:
         """Sends an `unloaded` report, believed only as the answer to an
         unload request; see `gpulease.Residency.report_unloaded`."""
-        call = self._call if self._connected else None
+        call = self._call if self._loop.connected else None
         if call is None:
             return False
         try:
@@ -497,7 +443,7 @@ class Residency:
     async def close(self, timeout: Optional[float] = CLOSE_TIMEOUT_S) -> None:
         """Ends the stream and the task; waits up to `timeout` seconds for an
         unload callback that is running. Idempotent."""
-        self._closing = True
+        self._loop.closing = True
         self._closed.set()
         await self._notify()
         task = self._task
@@ -515,20 +461,15 @@ class Residency:
             self._changed.notify_all()
 
     async def _run(self) -> None:
+        """The task: one stream after another until `close()`."""
+        loop = self._loop
         while True:
             was_open, error = await self._attempt()
-            self._connected = False
-            if self._closing:
-                await self._notify()
-                return
-            self._error = error
-            if isinstance(error, LeaseRejected):
-                self._rejected = error
+            stop = loop.attempt_ended(error)
             await self._notify()
-            if was_open and not isinstance(error, LeaseRejected):
-                self._backoff.reset()
-            delay = self._backoff.next_delay()
-            report_residency_failure(error, self.consumer, delay, was_open)
+            if stop:
+                return
+            delay = loop.retry_delay(was_open, error)
             try:
                 await asyncio.wait_for(self._closed.wait(), delay)
                 return
@@ -536,7 +477,9 @@ class Residency:
                 pass
 
     async def _attempt(self) -> Tuple[bool, LeaseError]:
-        doing = f"Residency of {self.consumer!r} at {self.target}"
+        """One stream, from `hello` to its end; returns whether it was open,
+        and why it ended."""
+        loop = self._loop
         channel = self._connection.open_channel(grpc.aio)
         was_open = False
         call = LeaseBrokerStub(channel).Residency(metadata=self._connection.metadata)
@@ -545,19 +488,15 @@ class Residency:
         details: Optional[str] = None
         try:
             try:
-                await call.write(residency_hello(self.consumer))
+                await call.write(loop.hello())
                 # The broker answers with its headers once it has registered
                 # the stream; a refusal ends the call instead.
                 await call.initial_metadata()
                 if not call.done():
-                    self._connected = True
-                    self._error = self._rejected = None
+                    loop.opened()
                     was_open = True
                     await self._notify()
-                    logger.info(
-                        "gpulease: residency of %r at %s is open", self.consumer, self.target
-                    )
-                while not self._closing:
+                while not loop.closing:
                     command = await call.read()
                     if command is grpc.aio.EOF:
                         break
@@ -566,30 +505,21 @@ class Residency:
                 code, details = error.code(), error.details()
             except asyncio.InvalidStateError:
                 pass  # Written to a call that had ended; its status says why.
-            if self._closing:
-                return was_open, LeaseError(f"{doing}: closed")
+            if loop.closing:
+                return was_open, loop.closed_error()
             if code is None:
                 code, details = await call.code(), await call.details()
         finally:
-            self._connected = False
+            loop.connected = False
             self._call = None
             call.cancel()
             await channel.close()
-        if code == grpc.StatusCode.OK:
-            return was_open, LeaseError(f"{doing}: the broker ended the stream", code=code)
-        return was_open, call_error(code, details, doing=doing)
+        return was_open, loop.stream_ended(code, details)
 
     async def _handle(self, command: lease_pb2.ResidencyCommand, call: Any) -> None:
-        if command.WhichOneof("kind") != "unload_requested":
-            return  # a command newer than these stubs
-        request = command.unload_requested
-        logger.info(
-            "gpulease: the broker asks %r to unload from GPU %d (%d MiB) for %r",
-            self.consumer,
-            request.gpu_index,
-            request.footprint_mib,
-            request.for_consumer,
-        )
+        request = self._loop.unload_request(command)
+        if request is None:
+            return
         self._in_callback = True
         try:
             result = self._on_unload(request)
@@ -602,7 +532,7 @@ class Residency:
             self._in_callback = False
         async with self._write_lock:
             await call.write(unloaded_report(request.gpu_index))
-        self._unloads += 1
+        self._loop.answered()
 
 
 def residency(
