@@ -392,6 +392,7 @@ fn gpu(view: &GpuView, epoch: u64, waiters: usize) -> pb::Gpu {
             })
             .collect(),
         waiters_omitted: count(view.waiters.len().saturating_sub(waiters)),
+        holders_omitted: count(view.holders.len().saturating_sub(STATUS_HOLDERS)),
         residents: view
             .residents
             .iter()

@@ -913,6 +913,8 @@ async fn queued_lists_a_few_holders_and_counts_the_rest() {
     assert_eq!((queued.holders.len(), queued.holders_omitted), (16, 4));
     let status = broker.status().await;
     assert_eq!((status.holders.len(), status.holders_omitted), (20, 0));
+    let gpu = &status.gpus[0];
+    assert_eq!((gpu.holders.len(), gpu.holders_omitted), (20, 0));
     drop(waiter);
     for holder in holders {
         holder.release().await;

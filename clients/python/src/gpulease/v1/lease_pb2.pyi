@@ -201,7 +201,7 @@ class StatusResponse(_message.Message):
     def __init__(self, capacity: _Optional[int] = ..., in_flight: _Optional[int] = ..., queue_depth: _Optional[int] = ..., total_grants: _Optional[int] = ..., last_wait_ms: _Optional[int] = ..., last_hold_ms: _Optional[int] = ..., oldest_queued_ms: _Optional[int] = ..., holders: _Optional[_Iterable[_Union[Holder, _Mapping]]] = ..., waiters: _Optional[_Iterable[_Union[Waiter, _Mapping]]] = ..., consumers: _Optional[_Iterable[_Union[Consumer, _Mapping]]] = ..., broker: _Optional[_Union[BrokerInfo, _Mapping]] = ..., ended: _Optional[_Union[LeaseEndCounts, _Mapping]] = ..., gpus: _Optional[_Iterable[_Union[Gpu, _Mapping]]] = ..., evictions: _Optional[_Union[Evictions, _Mapping]] = ..., inventory: _Optional[str] = ..., waiters_omitted: _Optional[int] = ..., holders_omitted: _Optional[int] = ..., consumers_omitted: _Optional[int] = ...) -> None: ...
 
 class Gpu(_message.Message):
-    __slots__ = ("index", "uuid", "name", "total_mib", "used_mib", "free_mib", "measured", "headroom_mib", "holders", "waiters", "residents", "blocked_by", "unleased", "reserved_for", "waiters_omitted")
+    __slots__ = ("index", "uuid", "name", "total_mib", "used_mib", "free_mib", "measured", "headroom_mib", "holders", "waiters", "residents", "blocked_by", "unleased", "reserved_for", "waiters_omitted", "holders_omitted")
     INDEX_FIELD_NUMBER: _ClassVar[int]
     UUID_FIELD_NUMBER: _ClassVar[int]
     NAME_FIELD_NUMBER: _ClassVar[int]
@@ -217,6 +217,7 @@ class Gpu(_message.Message):
     UNLEASED_FIELD_NUMBER: _ClassVar[int]
     RESERVED_FOR_FIELD_NUMBER: _ClassVar[int]
     WAITERS_OMITTED_FIELD_NUMBER: _ClassVar[int]
+    HOLDERS_OMITTED_FIELD_NUMBER: _ClassVar[int]
     index: int
     uuid: str
     name: str
@@ -232,7 +233,8 @@ class Gpu(_message.Message):
     unleased: _containers.RepeatedCompositeFieldContainer[GpuProcess]
     reserved_for: str
     waiters_omitted: int
-    def __init__(self, index: _Optional[int] = ..., uuid: _Optional[str] = ..., name: _Optional[str] = ..., total_mib: _Optional[int] = ..., used_mib: _Optional[int] = ..., free_mib: _Optional[int] = ..., measured: bool = ..., headroom_mib: _Optional[int] = ..., holders: _Optional[_Iterable[_Union[Holder, _Mapping]]] = ..., waiters: _Optional[_Iterable[_Union[Waiter, _Mapping]]] = ..., residents: _Optional[_Iterable[_Union[Resident, _Mapping]]] = ..., blocked_by: _Optional[str] = ..., unleased: _Optional[_Iterable[_Union[GpuProcess, _Mapping]]] = ..., reserved_for: _Optional[str] = ..., waiters_omitted: _Optional[int] = ...) -> None: ...
+    holders_omitted: int
+    def __init__(self, index: _Optional[int] = ..., uuid: _Optional[str] = ..., name: _Optional[str] = ..., total_mib: _Optional[int] = ..., used_mib: _Optional[int] = ..., free_mib: _Optional[int] = ..., measured: bool = ..., headroom_mib: _Optional[int] = ..., holders: _Optional[_Iterable[_Union[Holder, _Mapping]]] = ..., waiters: _Optional[_Iterable[_Union[Waiter, _Mapping]]] = ..., residents: _Optional[_Iterable[_Union[Resident, _Mapping]]] = ..., blocked_by: _Optional[str] = ..., unleased: _Optional[_Iterable[_Union[GpuProcess, _Mapping]]] = ..., reserved_for: _Optional[str] = ..., waiters_omitted: _Optional[int] = ..., holders_omitted: _Optional[int] = ...) -> None: ...
 
 class Resident(_message.Message):
     __slots__ = ("consumer", "footprint_mib", "idle_ms", "pid", "unload_requested", "unload_failed", "peak_mib")
