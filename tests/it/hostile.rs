@@ -194,7 +194,8 @@ async fn a_panic_ends_the_broker_at_once_and_a_restart_still_fences() {
         .await
         .expect("the broker did not end after a panic")
         .unwrap();
-    assert_eq!(exit.signal(), Some(libc_sigabrt()), "{exit:?}");
+    let abort = nix::sys::signal::Signal::SIGABRT as i32;
+    assert_eq!(exit.signal(), Some(abort), "{exit:?}");
     broker.log().wait_for(&["panic", "aborting"]).await;
 
     // Its supervisor restarts it on the same state directory: tokens go on
@@ -204,10 +205,6 @@ async fn a_panic_ends_the_broker_at_once_and_a_restart_still_fences() {
     let granted = call.granted().await;
     assert!(granted.fencing_token > 10_000, "{granted:?}");
     call.release().await;
-}
-
-fn libc_sigabrt() -> i32 {
-    nix::sys::signal::Signal::SIGABRT as i32
 }
 
 #[tokio::test]
@@ -760,20 +757,15 @@ async fn a_silent_or_trickling_connection_is_closed() {
             }
         }
     };
-    let (silent, trickled) = tokio::time::timeout(
-        PATIENCE,
-        futures_join(closed(silent, false), closed(trickling, true)),
-    )
+    let (silent, trickled) = tokio::time::timeout(PATIENCE, async {
+        tokio::join!(closed(silent, false), closed(trickling, true))
+    })
     .await
     .expect("the broker kept a connection without a preface open");
     assert_eq!(silent, 0);
     assert!(trickled < 33, "{trickled}");
     // A real client is served as ever.
     broker.status().await;
-}
-
-async fn futures_join<A: Future, B: Future>(a: A, b: B) -> (A::Output, B::Output) {
-    tokio::join!(a, b)
 }
 
 #[tokio::test]
