@@ -13,7 +13,7 @@
 //! | line | meaning |
 //! |---|---|
 //! | `acquire ID` | the job asks for the card (the broker's call is opened next) |
-//! | `granted ID` | the lease is granted (without a broker: the job's turn came) |
+//! | `granted ID TOKEN` | the lease is granted, with its fencing token (without a broker: the job's turn came; token 0) |
 //! | `load ID MIB` | allocate the model; `oom` fails the job |
 //! | `loaded ID` | the model is ready, after the load time |
 //! | `alloc ID MIB` | allocate the job's memory; `oom` fails the job |
@@ -202,7 +202,8 @@ impl Consumer {
             }
             _ => None,
         };
-        self.sim.tell(&format!("granted {id}")).await?;
+        let token = lease.as_ref().map_or(0, |lease| lease.token);
+        self.sim.tell(&format!("granted {id} {token}")).await?;
         self.state.lock().await.holding = true;
         let outcome = self.hold(id, work_ms, lease.as_mut()).await;
         // Told before the broker hears it: the next grant may follow the
@@ -363,6 +364,8 @@ async fn residency(
 struct Lease {
     requests: mpsc::Sender<pb::LeaseRequest>,
     events: Streaming<pb::LeaseEvent>,
+    /// Its fencing token, to find it in the broker's log.
+    token: u64,
 }
 
 impl Lease {
@@ -388,7 +391,13 @@ impl Lease {
                 .context("the AcquireLease stream failed")?
                 .context("the AcquireLease stream ended before a grant")?;
             match event.kind {
-                Some(EventKind::Granted(_)) => return Ok(Self { requests, events }),
+                Some(EventKind::Granted(granted)) => {
+                    return Ok(Self {
+                        requests,
+                        events,
+                        token: granted.fencing_token,
+                    });
+                }
                 Some(EventKind::Queued(_)) => {}
                 other => bail!("unexpected event before the grant: {other:?}"),
             }

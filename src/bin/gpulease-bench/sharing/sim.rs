@@ -183,7 +183,8 @@ impl Simulator {
             }
             "granted" => {
                 let id = id()?;
-                self.grant(at, service, id);
+                let token: u64 = args.get(1).and_then(|w| w.parse().ok()).unwrap_or(0);
+                self.grant(at, service, id, token);
             }
             "load" => {
                 let (id, mib) = (id()?, mib(1)?);
@@ -325,7 +326,7 @@ impl Simulator {
         true
     }
 
-    fn grant(&mut self, at: f64, service: usize, id: usize) {
+    fn grant(&mut self, at: f64, service: usize, id: usize, token: u64) {
         self.holding[service] = Some(id);
         self.counts.grants += 1;
         let job = &mut self.jobs[id];
@@ -349,7 +350,14 @@ impl Simulator {
         self.note(
             at,
             service,
-            &format!("#{id} granted: committed {committed} MiB of {CARD_MIB}, {state}{verdict}"),
+            &format!(
+                "#{id} granted{}: committed {committed} MiB of {CARD_MIB}, {state}{verdict}",
+                if token == 0 {
+                    String::new()
+                } else {
+                    format!(" (token {token})")
+                }
+            ),
         );
         // Judge the unloads this grant was the one for.
         let name = self.services[service].name.clone();
