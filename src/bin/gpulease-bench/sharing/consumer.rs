@@ -435,6 +435,6 @@ impl Lease {
 }
 
 /// Whether `event` asks the holder to give the card back.
-fn is_preempt_request(_event: &pb::LeaseEvent) -> bool {
-    false
+fn is_preempt_request(event: &pb::LeaseEvent) -> bool {
+    matches!(event.kind, Some(EventKind::PreemptRequested(_)))
 }
