@@ -40,6 +40,9 @@ pub struct UnixPeer {
     pub uid: u32,
     /// Its primary group id.
     pub gid: u32,
+    /// Its process id, in the broker's PID namespace; `None` when the
+    /// kernel could not say (a peer in a namespace the broker cannot see).
+    pub pid: Option<u32>,
 }
 
 /// The token of an `authorization` header value `Bearer TOKEN`. The scheme
@@ -57,6 +60,7 @@ fn bearer_token(value: &str) -> Option<&str> {
 pub struct Authority {
     rules: RwLock<Rules>,
     broker_uid: u32,
+    connections: crate::peer::Connections,
 }
 
 #[derive(Debug)]
@@ -91,6 +95,44 @@ impl Authority {
         Self {
             rules: RwLock::new(Rules::new(auth, consumers)),
             broker_uid: nix::unistd::geteuid().as_raw(),
+            connections: crate::peer::Connections::default(),
+        }
+    }
+
+    /// The open TCP connections and their clients' PIDs, for the listener
+    /// to register in and the handlers to look up.
+    pub fn connections(&self) -> &crate::peer::Connections {
+        &self.connections
+    }
+
+    /// What the broker sees of the caller of `request` for `consumer`,
+    /// claiming `claimed`: its own PID from the kernel (looked up once per
+    /// TCP connection), and whether its claim may be taken on trust.
+    pub async fn seen<T>(
+        &self,
+        request: &Request<T>,
+        caller: &Caller,
+        consumer: &str,
+        claimed: u32,
+    ) -> crate::peer::Seen {
+        use crate::core::Attribution;
+        let kernel = match (caller.unix, self.connections.peer_of(request)) {
+            (Some(unix), _) => unix.pid.map(|pid| (pid, Attribution::PeerCredentials)),
+            (None, Some(tcp)) => tcp
+                .pid(claimed)
+                .await
+                .map(|pid| (pid, Attribution::SocketLookup)),
+            (None, None) => None,
+        };
+        crate::peer::Seen {
+            kernel,
+            claimed,
+            admin: caller.token_of == Some(Identity::Admin),
+            trust_remote: self
+                .rules()
+                .consumers
+                .get(consumer)
+                .is_some_and(|rules| rules.trust_remote_pid),
         }
     }
 
@@ -125,6 +167,10 @@ impl Authority {
             .map(|cred| UnixPeer {
                 uid: cred.uid(),
                 gid: cred.gid(),
+                pid: cred
+                    .pid()
+                    .and_then(|pid| u32::try_from(pid).ok())
+                    .filter(|pid| *pid > 0),
             });
         let token_of = match request.metadata().get("authorization") {
             None => None,

@@ -13,6 +13,7 @@ use crate::core::{
     ConsumerKind, ConsumerProfile, DEFAULT_PREEMPT_GRACE, MAX_PRIORITY, MIN_PRIORITY,
     validate_consumer_name,
 };
+use crate::matcher::ProcessMatcher;
 
 /// The embedded defaults, as TOML; `gpulease serve --print-defaults` shows it.
 pub const DEFAULTS: &str = include_str!("defaults.toml");
@@ -58,6 +59,8 @@ pub struct Config {
     pub file: Option<PathBuf>,
     /// Bounds on what one client can make the broker hold or send.
     pub limits: Limits,
+    /// Each consumer's `match` rule, by name, for those that have one.
+    pub matchers: BTreeMap<String, ProcessMatcher>,
     /// How each GPU's queue is served.
     pub scheduling: SchedulingConfig,
 }
@@ -158,6 +161,9 @@ pub struct ConsumerAuth {
     pub unix_users: Vec<String>,
     /// Over the Unix socket, the groups (names or ids) that may act as it.
     pub unix_groups: Vec<String>,
+    /// Whether its `Acquire.client_pid` is believed when the broker cannot
+    /// see the caller's process (remote TCP). Default: false.
+    pub trust_remote_pid: bool,
 }
 
 /// Where the broker learns about GPUs.
@@ -418,6 +424,50 @@ struct RawConsumer {
     preemptible: bool,
     #[serde(default, with = "humantime_serde")]
     preempt_grace: Option<Duration>,
+    #[serde(default)]
+    trust_remote_pid: bool,
+    #[serde(default, rename = "match")]
+    matcher: Option<RawMatch>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawMatch {
+    #[serde(default)]
+    exe: Option<String>,
+    #[serde(default)]
+    unit: Option<String>,
+    #[serde(default)]
+    container: Option<String>,
+}
+
+impl RawMatch {
+    fn validate(self, key: &str) -> Result<ProcessMatcher, ConfigError> {
+        let non_empty = |name: &str, value: Option<String>| match value {
+            Some(v) if v.trim().is_empty() => Err(invalid(&format!("{key}.{name}"), "is empty")),
+            other => Ok(other.map(|v| v.trim().to_owned())),
+        };
+        let rule = ProcessMatcher {
+            exe: non_empty("exe", self.exe)?,
+            unit: non_empty("unit", self.unit)?,
+            container: non_empty("container", self.container)?.map(|c| c.to_ascii_lowercase()),
+        };
+        if rule.exe.is_none() && rule.unit.is_none() && rule.container.is_none() {
+            return Err(invalid(
+                key,
+                "needs at least one of `exe`, `unit` or `container`",
+            ));
+        }
+        if let Some(id) = &rule.container
+            && (id.len() > 64 || !id.bytes().all(|b| b.is_ascii_hexdigit()))
+        {
+            return Err(invalid(
+                &format!("{key}.container"),
+                format!("{id:?} is not a container id or a prefix of one (hex digits)"),
+            ));
+        }
+        Ok(rule)
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -611,9 +661,13 @@ impl RawConfig {
         let mut consumers = Vec::with_capacity(self.consumers.len());
         let mut unload = BTreeMap::new();
         let mut consumer_auth = BTreeMap::new();
+        let mut matchers = BTreeMap::new();
         for (name, consumer) in self.consumers {
             let key = format!("consumers.{name}");
             validate_consumer_name(&name).map_err(|e| invalid(&key, e.to_string()))?;
+            if let Some(rule) = consumer.matcher {
+                matchers.insert(name.clone(), rule.validate(&format!("{key}.match"))?);
+            }
             let token = secret(&format!("{key}.token"), consumer.token, consumer.token_file)?;
             consumer_auth.insert(
                 name.clone(),
@@ -621,6 +675,7 @@ impl RawConfig {
                     token,
                     unix_users: consumer.unix_users,
                     unix_groups: consumer.unix_groups,
+                    trust_remote_pid: consumer.trust_remote_pid,
                 },
             );
             let method = match consumer.unload {
@@ -754,6 +809,7 @@ impl RawConfig {
                 aging: self.scheduling.aging,
                 preempt_after: self.scheduling.preempt_after,
             },
+            matchers,
         })
     }
 }
@@ -947,6 +1003,11 @@ mod tests {
             !format!("{config:?}").contains("hunter2"),
             "a token was printed"
         );
+        assert!(error("[consumers.x]\nmatch = {}", &[]).contains("`consumers.x.match`"));
+        assert!(error("[consumers.x]\nmatch = { exe = \"\" }", &[]).contains("match.exe"));
+        let not_hex = "[consumers.x]\nmatch = { container = \"web\" }";
+        assert!(error(not_hex, &[]).contains("`consumers.x.match.container`"));
+        assert!(error("[consumers.x]\nmatch = { pid = 7 }", &[]).contains("pid"));
         let missing = "[consumers.x]\ntoken_file = \"/nonexistent/token\"";
         assert!(error(missing, &[]).contains("`consumers.x.token_file`"));
     }

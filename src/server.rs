@@ -224,7 +224,7 @@ pub async fn serve(
                 .with_reloader(Arc::clone(&reloader)),
         )
         .max_decoding_message_size(max_message),
-        AuthInterceptor::new(authority),
+        AuthInterceptor::new(Arc::clone(&authority)),
     );
 
     let router = || -> Result<_, ServeError> {
@@ -277,6 +277,9 @@ pub async fn serve(
                 servers.spawn(router()?.serve_with_incoming_shutdown(incoming, done));
             }
             None => {
+                // Registered, so that a call can find the process behind its
+                // connection (`peer`).
+                let listener = authority.connections().listener(listener);
                 let incoming =
                     crate::incoming::incoming(listener, Some(HANDSHAKE_TIMEOUT), accepting.clone());
                 servers.spawn(router()?.serve_with_incoming_shutdown(incoming, done));

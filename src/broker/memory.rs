@@ -267,15 +267,25 @@ impl Broker {
         loop {
             if measured {
                 let inventory = Arc::clone(&broker.inventory);
+                let matchers = Arc::clone(&broker.live().matchers);
                 let indices = gpus.clone();
                 // Stamp readings with when they were taken, not when they
                 // arrive: a reading from before a holder vanished must not
                 // count as proof that its processes left.
                 let taken = Instant::now().into_std();
                 let readings = tokio::task::spawn_blocking(move || {
+                    // The `match` rules read /proc: here, not under the lock.
                     indices
                         .into_iter()
-                        .map(|index| (index, inventory.read(index)))
+                        .map(|index| {
+                            let reading = inventory.read(index).map(|reading| {
+                                reading.map(|r| {
+                                    let matched = matchers.tag(&r);
+                                    (r, matched)
+                                })
+                            });
+                            (index, reading)
+                        })
                         .collect::<Vec<_>>()
                 })
                 .await
@@ -283,7 +293,9 @@ impl Broker {
                 broker.update(|sched, now| {
                     for (index, reading) in readings {
                         match reading {
-                            Ok(Some(reading)) => sched.observe(index, reading, taken),
+                            Ok(Some((reading, matched))) => {
+                                sched.observe_matched(index, reading, matched, taken);
+                            }
                             Ok(None) => {}
                             Err(e) => warn!(gpu = index, error = %e, "cannot read GPU memory"),
                         }

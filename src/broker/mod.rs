@@ -108,6 +108,8 @@ struct Live {
     /// servers keep the stream and message bounds they started with.
     limits: Limits,
     unload: std::collections::BTreeMap<String, UnloadMethod>,
+    /// The consumers' `match` rules, applied to every reading.
+    matchers: Arc<crate::matcher::Matchers>,
     unload_timeout: Duration,
     poll_interval: Duration,
 }
@@ -311,6 +313,8 @@ pub struct BrokerStatus {
     pub inventory: &'static str,
     /// How each consumer with an unload adapter is asked to unload.
     pub unload: std::collections::BTreeMap<String, &'static str>,
+    /// Each consumer's `match` rule, as Status shows it.
+    pub matchers: std::collections::BTreeMap<String, String>,
     /// How the reloads of the configuration went.
     pub reloads: Reloads,
     /// Log lines dropped because stderr was blocked or closed.
@@ -696,6 +700,12 @@ impl Broker {
                 .collect(),
             reloads: memory_lock(&self.reloads).clone(),
             log_lines_dropped: crate::logging::lines_dropped(),
+            matchers: self
+                .live()
+                .matchers
+                .iter()
+                .map(|(name, rule)| (name.clone(), rule.to_string()))
+                .collect(),
         }
     }
 
@@ -1397,6 +1407,7 @@ impl From<&Config> for Live {
         Self {
             limits: config.limits,
             unload: config.unload.clone(),
+            matchers: Arc::new(crate::matcher::Matchers::new(&config.matchers)),
             unload_timeout: config.gpu.unload_timeout,
             poll_interval: config.gpu.poll_interval,
         }

@@ -413,7 +413,9 @@ fn render_gpus(out: &mut String, s: &pb::StatusResponse) {
     }));
     section(out, &format!("gpus ({})", s.inventory), gpus);
 
-    let mut residents = vec![row(["RESIDENT", "GPU", "KEEPS", "PEAK", "IDLE", "UNLOAD"])];
+    let mut residents = vec![row([
+        "RESIDENT", "GPU", "KEEPS", "PEAK", "IDLE", "UNLOAD", "PID", "FOUND BY",
+    ])];
     for g in &s.gpus {
         residents.extend(g.residents.iter().map(|r| {
             let state = match (r.unload_requested, r.unload_failed) {
@@ -428,6 +430,12 @@ fn render_gpus(out: &mut String, s: &pb::StatusResponse) {
                 &mib(r.peak_mib),
                 &short(r.idle_ms),
                 state,
+                &pid(r.pid),
+                if r.attribution.is_empty() {
+                    "-"
+                } else {
+                    &r.attribution
+                },
             ])
         }));
     }

@@ -236,6 +236,15 @@ impl ConsumerBook {
             .is_some_and(|p| p.unloadable && !p.coexist)
     }
 
+    /// The memory `name` is configured to keep resident; 0 for one that
+    /// is not configured.
+    pub(super) fn footprint_mib(&self, name: &str) -> u64 {
+        self.records
+            .get(name)
+            .and_then(|r| r.profile.as_ref())
+            .map_or(0, |p| p.vram_mib)
+    }
+
     /// How long `name` stays resident when idle, at most.
     pub(super) fn idle_ttl(&self, name: &str) -> Option<Duration> {
         self.profile(name).and_then(|p| p.idle_ttl)

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use super::consumers::ConsumerBook;
 use super::queue::Queue;
-use super::{FencingToken, Request, WaiterId};
+use super::{AttributedProcess, Attribution, FencingToken, Request, WaiterId};
 
 /// A GPU, as the inventory describes it at start.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -67,8 +67,11 @@ pub struct Resident {
     pub footprint_mib: u64,
     /// When its last lease on this GPU ended.
     pub idle_since: Instant,
-    /// The process id of its last lease; 0 when unknown.
+    /// The process id of its last lease (or of a process its `match` rule
+    /// found); 0 when unknown.
     pub pid: u32,
+    /// How `pid` was found.
+    pub attribution: Option<Attribution>,
     /// Whether a reading ever showed its process on this GPU, so that its
     /// disappearance means it unloaded.
     pub seen: bool,
@@ -103,6 +106,9 @@ pub(super) struct GpuState<W> {
     pub(super) holding: BTreeMap<FencingToken, Holding>,
     /// Idle consumers keeping memory here, by name.
     pub(super) residents: BTreeMap<String, Resident>,
+    /// The processes of the latest reading that consumers' `match` rules
+    /// tie to them: pid → consumer.
+    pub(super) matched: BTreeMap<u32, String>,
     pub(super) reading: Option<MemoryReading>,
     /// When `reading` was taken.
     pub(super) reading_at: Option<Instant>,
@@ -238,6 +244,7 @@ impl<W> GpuState<W> {
             waiting: Queue::new(aging),
             holding: BTreeMap::new(),
             residents: BTreeMap::new(),
+            matched: BTreeMap::new(),
             reading: None,
             reading_at: None,
             fences: Vec::new(),
@@ -248,14 +255,16 @@ impl<W> GpuState<W> {
         }
     }
 
-    /// The memory the processes of `pid` (and their children) use now, by
-    /// the latest reading.
-    pub(super) fn observed_mib(&self, pid: u32) -> u64 {
+    /// The memory the processes of `pid` (and their children), and those
+    /// that `consumer`'s `match` rule found, use now, by the latest reading.
+    pub(super) fn observed_mib(&self, pid: u32, consumer: &str) -> u64 {
         self.reading.as_ref().map_or(0, |reading| {
             reading
                 .processes
                 .iter()
-                .filter(|p| p.belongs_to(pid))
+                .filter(|p| {
+                    p.belongs_to(pid) || self.matched.get(&p.pid).is_some_and(|c| c == consumer)
+                })
                 .map(|p| p.used_mib)
                 .sum()
         })
@@ -279,7 +288,7 @@ impl<W> GpuState<W> {
     /// peak: between jobs a process holds only its model.
     fn own_room(&self, resident: &Resident) -> u64 {
         if self.spec.measured {
-            self.observed_mib(resident.pid)
+            self.observed_mib(resident.pid, &resident.consumer)
         } else {
             resident.footprint_mib
         }
@@ -292,9 +301,90 @@ impl<W> GpuState<W> {
             holding
                 .request
                 .vram_mib
-                .max(self.observed_mib(holding.request.client_pid))
+                .max(self.observed_mib(holding.request.client_pid, &holding.request.consumer))
         } else {
             holding.request.vram_mib
+        }
+    }
+
+    /// Makes each consumer whose matched processes use this GPU while it
+    /// holds no lease here resident, with the memory they use (or, where
+    /// NVML does not say, `footprint(consumer)`).
+    pub(super) fn adopt_matched(
+        &mut self,
+        reading: &MemoryReading,
+        footprint: impl Fn(&str) -> u64,
+        now: Instant,
+    ) {
+        let mut found: BTreeMap<String, (u64, u32)> = BTreeMap::new();
+        for process in &reading.processes {
+            if let Some(consumer) = self.matched.get(&process.pid) {
+                let entry = found.entry(consumer.clone()).or_insert((0, process.pid));
+                entry.0 += process.used_mib;
+            }
+        }
+        for (consumer, (used_mib, pid)) in found {
+            if self
+                .holding
+                .values()
+                .any(|h| h.request.consumer == consumer)
+            {
+                continue;
+            }
+            let footprint_mib = if used_mib > 0 {
+                used_mib
+            } else {
+                footprint(&consumer)
+            };
+            let resident = self
+                .residents
+                .entry(consumer.clone())
+                .or_insert_with(|| Resident {
+                    consumer,
+                    footprint_mib,
+                    idle_since: now,
+                    pid,
+                    attribution: Some(Attribution::Matcher),
+                    seen: true,
+                    unload_requested: None,
+                    unload_failed: false,
+                });
+            resident.footprint_mib = footprint_mib;
+            resident.pid = pid;
+            resident.attribution = Some(Attribution::Matcher);
+            resident.seen = true;
+        }
+    }
+
+    /// Whom a process of the latest reading is attributed to, and how: a
+    /// holder's or resident's process (or descendant) as they were
+    /// identified, else a matched process as `Matcher`.
+    pub(super) fn attribute(&self, process: &ProcessUsage) -> AttributedProcess {
+        let matched = self.matched.get(&process.pid);
+        let by_pid = self
+            .holding
+            .values()
+            .map(|h| {
+                (
+                    &h.request.consumer,
+                    h.request.client_pid,
+                    h.request.attribution,
+                )
+            })
+            .chain(
+                self.residents
+                    .values()
+                    .map(|r| (&r.consumer, r.pid, r.attribution)),
+            )
+            .find(|(_, pid, _)| process.belongs_to(*pid))
+            .map(|(consumer, _, how)| (consumer.clone(), how));
+        let (consumer, attribution) = by_pid
+            .or_else(|| matched.map(|c| (c.clone(), Some(Attribution::Matcher))))
+            .unwrap_or_default();
+        AttributedProcess {
+            process: process.clone(),
+            consumer,
+            attribution,
         }
     }
 
@@ -312,9 +402,9 @@ impl<W> GpuState<W> {
                     .holding
                     .values()
                     .map(|h| {
-                        h.request
-                            .vram_mib
-                            .saturating_sub(self.observed_mib(h.request.client_pid))
+                        h.request.vram_mib.saturating_sub(
+                            self.observed_mib(h.request.client_pid, &h.request.consumer),
+                        )
                     })
                     .sum();
                 i128::from(reading.free_mib) - i128::from(promised) - margin + i128::from(own)
@@ -628,4 +718,14 @@ impl std::fmt::Display for Blocked {
             ),
         }
     }
+}
+
+/// Whether `process` is the work of `request`'s holder: its process or a
+/// descendant, or a process its consumer's `match` rule found.
+pub(super) fn owns(
+    matched: &BTreeMap<u32, String>,
+    process: &ProcessUsage,
+    request: &Request,
+) -> bool {
+    process.belongs_to(request.client_pid) || matched.get(&process.pid) == Some(&request.consumer)
 }

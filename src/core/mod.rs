@@ -17,6 +17,7 @@
 //! back when it grants or withdraws the waiter, so the caller never has to
 //! keep a second map in step with this one.
 
+mod attribution;
 mod consumers;
 mod gpu;
 #[cfg(test)]
@@ -31,6 +32,7 @@ mod tests;
 use std::collections::{BTreeMap, VecDeque};
 use std::time::{Duration, Instant};
 
+pub use attribution::Attribution;
 pub use consumers::{ConsumerKind, ConsumerProfile, ConsumerRecord, DEFAULT_PREEMPT_GRACE};
 pub use gpu::{Blocked, Fence, GpuSpec, MemoryReading, ProcessUsage, Resident, UnloadRequest};
 pub use name::{ConsumerNameError, validate_consumer_name};
@@ -63,6 +65,8 @@ pub struct Request {
     pub vram_mib: u64,
     /// The consumer's process id; 0 when unknown.
     pub client_pid: u32,
+    /// How `client_pid` was found; `None` when it is unknown.
+    pub attribution: Option<Attribution>,
     /// Free-form labels, shown in the snapshot.
     pub labels: BTreeMap<String, String>,
     /// Which GPU it wants.
@@ -347,6 +351,19 @@ pub struct GpuView {
     pub unleased: Vec<ProcessUsage>,
     /// The consumer of the waiter that holds the GPU's reservation.
     pub reserved_for: Option<String>,
+    /// Every process on it, with whom it is attributed to.
+    pub processes: Vec<AttributedProcess>,
+}
+
+/// A process on a GPU and the consumer it is attributed to.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AttributedProcess {
+    /// The process.
+    pub process: ProcessUsage,
+    /// The holder or resident it belongs to; empty when unleased.
+    pub consumer: String,
+    /// How it was tied to that consumer; `None` when unleased.
+    pub attribution: Option<Attribution>,
 }
 
 /// Everything the core knows, at one instant.
@@ -966,7 +983,7 @@ impl<W> Scheduler<W> {
         if how != LeaseEnd::Unclaimed {
             self.consumers.held_for(&consumer, held);
         }
-        let observed = gpu.observed_mib(pid);
+        let observed = gpu.observed_mib(pid, &consumer);
         if keeps_memory && !gpu.holding.values().any(|h| h.request.consumer == consumer) {
             let footprint_mib = if gpu.spec.measured && observed > 0 {
                 observed
@@ -980,6 +997,7 @@ impl<W> Scheduler<W> {
                     footprint_mib,
                     idle_since: now,
                     pid,
+                    attribution: holding.request.attribution,
                     seen: holding.peak_mib > 0,
                     unload_requested: None,
                     unload_failed: false,
@@ -1031,18 +1049,38 @@ impl<W> Scheduler<W> {
     /// quarantines it: nothing is granted there until they leave, or for
     /// `lock_delay` at most.
     pub fn observe(&mut self, gpu_index: u32, reading: MemoryReading, now: Instant) {
+        self.observe_matched(gpu_index, reading, BTreeMap::new(), now);
+    }
+
+    /// [`Scheduler::observe`], with the processes of the reading that the
+    /// consumers' `match` rules tie to them (`matched`: pid → consumer). A
+    /// matched process is its consumer's: a holder's while the consumer
+    /// holds a lease on this GPU, otherwise it makes the consumer resident
+    /// with the memory its matched processes use, evictable like any other
+    /// resident, until they leave the GPU.
+    pub fn observe_matched(
+        &mut self,
+        gpu_index: u32,
+        reading: MemoryReading,
+        matched: BTreeMap<u32, String>,
+        now: Instant,
+    ) {
         let lock_delay = self.settings.lock_delay;
+        let consumers = &self.consumers;
         let Some(gpu) = self.gpus.iter_mut().find(|g| g.spec.index == gpu_index) else {
             return;
         };
+        gpu.matched = matched;
         if gpu.reading_at.is_none() && !lock_delay.is_zero() {
             let strangers: Vec<u32> = reading
                 .processes
                 .iter()
                 .filter(|p| {
-                    !gpu.holding
-                        .values()
-                        .any(|h| p.belongs_to(h.request.client_pid))
+                    !gpu.matched.contains_key(&p.pid)
+                        && !gpu
+                            .holding
+                            .values()
+                            .any(|h| p.belongs_to(h.request.client_pid))
                 })
                 .map(|p| p.pid)
                 .collect();
@@ -1064,19 +1102,24 @@ impl<W> Scheduler<W> {
             let used: u64 = reading
                 .processes
                 .iter()
-                .filter(|p| p.belongs_to(holding.request.client_pid))
+                .filter(|p| gpu::owns(&gpu.matched, p, &holding.request))
                 .map(|p| p.used_mib)
                 .sum();
             holding.peak_mib = holding.peak_mib.max(used);
         }
+        gpu.adopt_matched(&reading, |name| consumers.footprint_mib(name), now);
+        let matched = &gpu.matched;
         gpu.residents.retain(|_, resident| {
+            let mine = |p: &&ProcessUsage| {
+                p.belongs_to(resident.pid) || matched.get(&p.pid) == Some(&resident.consumer)
+            };
             let used: u64 = reading
                 .processes
                 .iter()
-                .filter(|p| p.belongs_to(resident.pid))
+                .filter(mine)
                 .map(|p| p.used_mib)
                 .sum();
-            let present = used > 0 || reading.processes.iter().any(|p| p.belongs_to(resident.pid));
+            let present = used > 0 || reading.processes.iter().any(|p| mine(&p));
             if present {
                 resident.footprint_mib = used;
             }
@@ -1322,10 +1365,18 @@ impl<W> Scheduler<W> {
                     })
                     .collect();
                 let head = waiters.first().map_or("", |w| w.request.consumer.as_str());
+                let processes: Vec<AttributedProcess> = gpu
+                    .reading
+                    .iter()
+                    .flat_map(|r| r.processes.iter())
+                    .map(|p| gpu.attribute(p))
+                    .collect();
                 let known = |p: &ProcessUsage| {
-                    gpu.holding
-                        .values()
-                        .any(|h| p.belongs_to(h.request.client_pid))
+                    gpu.matched.contains_key(&p.pid)
+                        || gpu
+                            .holding
+                            .values()
+                            .any(|h| p.belongs_to(h.request.client_pid))
                         || gpu.residents.values().any(|r| p.belongs_to(r.pid))
                 };
                 GpuView {
@@ -1355,6 +1406,7 @@ impl<W> Scheduler<W> {
                         .reserved
                         .and_then(|id| gpu.waiting.get(id))
                         .map(|w| w.request.consumer.clone()),
+                    processes,
                 }
             })
             .collect();

@@ -8,8 +8,8 @@ use crate::broker::{
 };
 use crate::config::Limits;
 use crate::core::{
-    ConsumerKind, ConsumerRecord, EndCounts, EvictionStats, GpuChoice, GpuView, HolderView,
-    Rejection, Request, RevokeReason, UnloadRequest, WaiterView,
+    Attribution, ConsumerKind, ConsumerRecord, EndCounts, EvictionStats, GpuChoice, GpuView,
+    HolderView, Rejection, Request, RevokeReason, UnloadRequest, WaiterView,
 };
 use crate::pb::v1 as pb;
 
@@ -27,6 +27,8 @@ pub(crate) fn request(acquire: pb::Acquire) -> Request {
         consumer: acquire.consumer,
         vram_mib: acquire.vram_mib,
         client_pid: acquire.client_pid,
+        // The gRPC layer replaces both once it has checked the claim.
+        attribution: None,
         labels: acquire.labels.into_iter().collect(),
         gpu,
         priority: acquire.priority,
@@ -305,7 +307,12 @@ fn holder(view: &HolderView, epoch: u64) -> pb::Holder {
         peak_mib: view.peak_mib,
         priority: view.priority,
         preempt_requested: view.preempt_requested,
+        attribution: attribution(view.request.attribution),
     }
+}
+
+fn attribution(how: Option<Attribution>) -> String {
+    how.map(Attribution::as_str).unwrap_or_default().to_owned()
 }
 
 fn waiter(view: &WaiterView) -> pb::Waiter {
@@ -319,10 +326,16 @@ fn waiter(view: &WaiterView) -> pb::Waiter {
         gpu_index: view.gpu_index,
         priority: view.priority,
         estimated_wait_ms: estimate_ms(view.estimated_wait),
+        attribution: attribution(view.request.attribution),
     }
 }
 
-fn consumer(record: &ConsumerRecord, unload: &str, now: std::time::Instant) -> pb::Consumer {
+fn consumer(
+    record: &ConsumerRecord,
+    unload: &str,
+    matcher: &str,
+    now: std::time::Instant,
+) -> pb::Consumer {
     let profile = record.profile.as_ref();
     let kind = match profile.map(|p| p.kind) {
         None => pb::ConsumerKind::Unspecified,
@@ -345,6 +358,7 @@ fn consumer(record: &ConsumerRecord, unload: &str, now: std::time::Instant) -> p
         unload: unload.to_owned(),
         priority: profile.map_or(0, |p| p.priority),
         preemptible: profile.is_some_and(|p| p.preemptible),
+        matcher: matcher.to_owned(),
     }
 }
 
@@ -405,6 +419,7 @@ fn gpu(view: &GpuView, epoch: u64, waiters: usize) -> pb::Gpu {
                     && !r.resident.unload_failed,
                 unload_failed: r.resident.unload_failed,
                 peak_mib: r.peak_mib,
+                attribution: attribution(r.resident.attribution),
             })
             .collect(),
         blocked_by: view
@@ -418,6 +433,18 @@ fn gpu(view: &GpuView, epoch: u64, waiters: usize) -> pb::Gpu {
             .map(|p| pb::GpuProcess {
                 pid: p.pid,
                 used_mib: p.used_mib,
+                consumer: String::new(),
+                attribution: String::new(),
+            })
+            .collect(),
+        processes: view
+            .processes
+            .iter()
+            .map(|p| pb::GpuProcess {
+                pid: p.process.pid,
+                used_mib: p.process.used_mib,
+                consumer: p.consumer.clone(),
+                attribution: attribution(p.attribution),
             })
             .collect(),
         reserved_for: view.reserved_for.clone().unwrap_or_default(),
@@ -492,7 +519,11 @@ pub(crate) fn status(
             .consumers
             .iter()
             .take(STATUS_CONSUMERS)
-            .map(|c| consumer(c, status.unload.get(&c.name).copied().unwrap_or(""), now))
+            .map(|c| {
+                let unload = status.unload.get(&c.name).copied().unwrap_or("");
+                let matcher = status.matchers.get(&c.name).map_or("", String::as_str);
+                consumer(c, unload, matcher, now)
+            })
             .collect(),
         consumers_omitted: count(core.consumers.len().saturating_sub(STATUS_CONSUMERS)),
         broker: Some(pb::BrokerInfo {

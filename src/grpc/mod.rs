@@ -323,7 +323,9 @@ impl LeaseService {
     ) -> Result<Response<LeaseEventStream>, Status> {
         let peer = request.remote_addr();
         let caller = Authority::caller(&request);
-        let mut inbound = request.into_inner();
+        // The request's extensions say which connection it came on.
+        let (_, extensions, mut inbound) = request.into_parts();
+        let connection = Request::from_parts(Default::default(), extensions, ());
         let first = tokio::time::timeout(FIRST_MESSAGE_TIMEOUT, inbound.message())
             .await
             .map_err(|_| {
@@ -353,7 +355,14 @@ impl LeaseService {
         convert::check_labels(&acquire.labels, &limits)?;
         let max_wait = (acquire.max_wait_ms > 0)
             .then(|| Duration::from_millis(u64::from(acquire.max_wait_ms)));
-        let request = convert::request(acquire);
+        let seen = self
+            .authority
+            .seen(&connection, &caller, &acquire.consumer, acquire.client_pid)
+            .await;
+        let decision = crate::peer::attribute(seen, &acquire.consumer).await;
+        let mut request = convert::request(acquire);
+        request.client_pid = decision.pid;
+        request.attribution = decision.attribution;
         let span = info_span!("lease", consumer = %request.consumer, peer = ?peer);
         let ticket = self
             .broker

@@ -13,7 +13,7 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::Code;
 
-use crate::support::{BIN, Broker, Call, Options, acquire};
+use crate::support::{BIN, Broker, Call, Options, Worker, acquire};
 
 pub(crate) const GIB: u64 = 1024;
 
@@ -340,10 +340,11 @@ async fn a_process_without_a_lease_is_flagged() {
     let card = [("GPU-fake-0", 16 * GIB)];
     let (broker, fake) = broker_with(&card).await;
     let mut request = acquire("llm");
-    request.client_pid = 1002;
+    let worker = Worker::start();
+    request.client_pid = worker.pid();
     let mut holder = Call::open(&broker, request).await.unwrap();
     holder.granted().await;
-    fake.set(&card, &[(0, 1002, 9 * GIB), (0, 4321, 2 * GIB)]);
+    fake.set(&card, &[(0, worker.pid(), 9 * GIB), (0, 4321, 2 * GIB)]);
     let status = broker
         .wait_for("the stranger flagged", |s| !s.gpus[0].unleased.is_empty())
         .await;
@@ -406,10 +407,11 @@ async fn after_a_holder_vanishes_the_next_grant_waits_for_its_processes() {
     let card = [("GPU-fake-0", 16 * GIB)];
     let (broker, fake) = broker_with_state(&card, &[], &[("GPULEASE__LOCK_DELAY", "30s")]).await;
     let mut request = acquire("crasher");
-    request.client_pid = 4001;
+    let worker = Worker::start();
+    request.client_pid = worker.pid();
     let mut crasher = Call::open(&broker, request).await.unwrap();
     crasher.granted().await;
-    fake.set(&card, &[(0, 4001, 8 * GIB)]);
+    fake.set(&card, &[(0, worker.pid(), 8 * GIB)]);
     broker
         .wait_for("the holder's process seen", |s| {
             s.gpus[0].free_mib == 8 * GIB
@@ -429,7 +431,8 @@ async fn after_a_holder_vanishes_the_next_grant_waits_for_its_processes() {
         .await;
     assert_eq!((fenced.in_flight, fenced.queue_depth), (0, 1));
     let update = next.queued().await;
-    assert!(update.blocked_by.contains("(4001)"), "{update:?}");
+    let pids = format!("({})", worker.pid());
+    assert!(update.blocked_by.contains(&pids), "{update:?}");
 
     fake.set(&card, &[]);
     next.granted().await;

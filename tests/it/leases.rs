@@ -177,14 +177,16 @@ async fn labels_and_pids_show_in_status() {
     let broker = Broker::start().await;
     let mut request = acquire("comfyui");
     request.vram_mib = 12_000;
-    request.client_pid = 4242;
+    let worker = crate::support::Worker::start();
+    request.client_pid = worker.pid();
     request.labels.insert("job".into(), "render-7".into());
     let mut call = Call::open(&broker, request).await.unwrap();
     let granted = call.granted().await;
     let status = broker.status().await;
     let holder = &status.holders[0];
     assert_eq!(holder.lease_id, granted.lease_id);
-    assert_eq!((holder.vram_mib, holder.client_pid), (12_000, 4242));
+    assert_eq!((holder.vram_mib, holder.client_pid), (12_000, worker.pid()));
+    assert_eq!(holder.attribution, "checked_hint");
     assert_eq!(holder.labels["job"], "render-7");
     call.release().await;
 }

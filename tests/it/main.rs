@@ -6,6 +6,7 @@
 // `support` is shared by the modules of this one crate only.
 #![allow(unreachable_pub)]
 
+mod attribution;
 mod auth;
 mod cli;
 mod deploy;
@@ -15,6 +16,7 @@ mod hostile;
 mod leases;
 mod lifecycle;
 mod liveness;
+mod matchers;
 mod metrics;
 mod reload;
 mod service;

@@ -10,7 +10,7 @@ use tokio::io::AsyncWriteExt;
 use tokio::process::Command;
 
 use crate::gpu::{FakeGpus, GIB, broker_with_state, use_once};
-use crate::support::{Broker, Call, Options, PATIENCE, acquire, http_get};
+use crate::support::{Broker, Call, Options, PATIENCE, Worker, acquire, http_get};
 
 /// A tool that the README's test command installs (Debian's `prometheus`
 /// package); its absence is a failure that says how to get it, never a skip.
@@ -64,8 +64,9 @@ const TWO_GPUS: [(&str, u64); 2] = [("GPU-fake-0", 24 * GIB), ("GPU-fake-1", 16 
 
 /// A broker on two fake GPUs with a resident (`tts` on GPU 0), holders
 /// (`llm` on GPU 0, a stranger on GPU 1), a waiter (`image` on GPU 0) and an
-/// unleased process on GPU 1. Returns the calls to keep open.
-async fn busy_broker() -> (Broker, FakeGpus, Vec<Call>) {
+/// unleased process on GPU 1. Returns the calls and the resident's process
+/// to keep.
+async fn busy_broker() -> (Broker, FakeGpus, Vec<Call>, [Worker; 2]) {
     let (broker, fake) = broker_with_state(
         &TWO_GPUS,
         &[],
@@ -75,11 +76,16 @@ async fn busy_broker() -> (Broker, FakeGpus, Vec<Call>) {
         ],
     )
     .await;
-    fake.set(&TWO_GPUS, &[(0, 4001, 3 * GIB)]);
-    use_once(&broker, "tts", 4001).await;
+    // The resident's process: the test's child, so that its lease may
+    // claim it.
+    let tts = Worker::start();
+    fake.set(&TWO_GPUS, &[(0, tts.pid(), 3 * GIB)]);
+    use_once(&broker, "tts", tts.pid()).await;
     let mut llm = acquire("llm");
     llm.gpu = "0".into();
-    llm.client_pid = 4002;
+    // Its own process, or the test's children (tts's) would count as its.
+    let llm_process = Worker::start();
+    llm.client_pid = llm_process.pid();
     llm.vram_mib = 8 * GIB;
     let mut llm = Call::open(&broker, llm).await.unwrap();
     llm.granted().await;
@@ -91,13 +97,13 @@ async fn busy_broker() -> (Broker, FakeGpus, Vec<Call>) {
     stranger.gpu = "1".into();
     let mut stranger = Call::open(&broker, stranger).await.unwrap();
     stranger.granted().await;
-    fake.set(&TWO_GPUS, &[(0, 4001, 3 * GIB), (1, 4999, GIB)]);
+    fake.set(&TWO_GPUS, &[(0, tts.pid(), 3 * GIB), (1, 4999, GIB)]);
     broker
         .wait_for("the unleased process on GPU 1", |s| {
             s.gpus.len() == 2 && s.gpus[1].unleased.len() == 1 && s.gpus[0].residents.len() == 1
         })
         .await;
-    (broker, fake, vec![llm, image, stranger])
+    (broker, fake, vec![llm, image, stranger], [tts, llm_process])
 }
 
 /// Scrapes until `ready` holds. Counters are updated just after the
@@ -120,7 +126,7 @@ async fn scrape_until(broker: &Broker, what: &str, ready: impl Fn(&str) -> bool)
 
 #[tokio::test]
 async fn promtool_accepts_a_scrape_of_a_busy_broker_on_two_gpus() {
-    let (broker, _fake, _calls) = busy_broker().await;
+    let (broker, _fake, _calls, _tts) = busy_broker().await;
     let exposition = scrape_until(&broker, "the stranger's grant", |e| {
         sample(
             e,

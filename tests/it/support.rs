@@ -498,3 +498,30 @@ fn dechunk(mut body: &str) -> String {
     }
     out
 }
+
+/// A `sleep` child of the test: a process the test's own leases may claim
+/// as theirs (`Acquire.client_pid` is believed for the caller's
+/// descendants only). Killed when dropped.
+pub struct Worker(std::process::Child);
+
+impl Worker {
+    pub fn start() -> Self {
+        Self(
+            std::process::Command::new("sleep")
+                .arg("600")
+                .spawn()
+                .expect("start sleep"),
+        )
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.0.id()
+    }
+}
+
+impl Drop for Worker {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}

@@ -201,7 +201,7 @@ class StatusResponse(_message.Message):
     def __init__(self, capacity: _Optional[int] = ..., in_flight: _Optional[int] = ..., queue_depth: _Optional[int] = ..., total_grants: _Optional[int] = ..., last_wait_ms: _Optional[int] = ..., last_hold_ms: _Optional[int] = ..., oldest_queued_ms: _Optional[int] = ..., holders: _Optional[_Iterable[_Union[Holder, _Mapping]]] = ..., waiters: _Optional[_Iterable[_Union[Waiter, _Mapping]]] = ..., consumers: _Optional[_Iterable[_Union[Consumer, _Mapping]]] = ..., broker: _Optional[_Union[BrokerInfo, _Mapping]] = ..., ended: _Optional[_Union[LeaseEndCounts, _Mapping]] = ..., gpus: _Optional[_Iterable[_Union[Gpu, _Mapping]]] = ..., evictions: _Optional[_Union[Evictions, _Mapping]] = ..., inventory: _Optional[str] = ..., waiters_omitted: _Optional[int] = ..., holders_omitted: _Optional[int] = ..., consumers_omitted: _Optional[int] = ...) -> None: ...
 
 class Gpu(_message.Message):
-    __slots__ = ("index", "uuid", "name", "total_mib", "used_mib", "free_mib", "measured", "headroom_mib", "holders", "waiters", "residents", "blocked_by", "unleased", "reserved_for", "waiters_omitted", "holders_omitted")
+    __slots__ = ("index", "uuid", "name", "total_mib", "used_mib", "free_mib", "measured", "headroom_mib", "holders", "waiters", "residents", "blocked_by", "unleased", "reserved_for", "waiters_omitted", "holders_omitted", "processes")
     INDEX_FIELD_NUMBER: _ClassVar[int]
     UUID_FIELD_NUMBER: _ClassVar[int]
     NAME_FIELD_NUMBER: _ClassVar[int]
@@ -218,6 +218,7 @@ class Gpu(_message.Message):
     RESERVED_FOR_FIELD_NUMBER: _ClassVar[int]
     WAITERS_OMITTED_FIELD_NUMBER: _ClassVar[int]
     HOLDERS_OMITTED_FIELD_NUMBER: _ClassVar[int]
+    PROCESSES_FIELD_NUMBER: _ClassVar[int]
     index: int
     uuid: str
     name: str
@@ -234,10 +235,11 @@ class Gpu(_message.Message):
     reserved_for: str
     waiters_omitted: int
     holders_omitted: int
-    def __init__(self, index: _Optional[int] = ..., uuid: _Optional[str] = ..., name: _Optional[str] = ..., total_mib: _Optional[int] = ..., used_mib: _Optional[int] = ..., free_mib: _Optional[int] = ..., measured: bool = ..., headroom_mib: _Optional[int] = ..., holders: _Optional[_Iterable[_Union[Holder, _Mapping]]] = ..., waiters: _Optional[_Iterable[_Union[Waiter, _Mapping]]] = ..., residents: _Optional[_Iterable[_Union[Resident, _Mapping]]] = ..., blocked_by: _Optional[str] = ..., unleased: _Optional[_Iterable[_Union[GpuProcess, _Mapping]]] = ..., reserved_for: _Optional[str] = ..., waiters_omitted: _Optional[int] = ..., holders_omitted: _Optional[int] = ...) -> None: ...
+    processes: _containers.RepeatedCompositeFieldContainer[GpuProcess]
+    def __init__(self, index: _Optional[int] = ..., uuid: _Optional[str] = ..., name: _Optional[str] = ..., total_mib: _Optional[int] = ..., used_mib: _Optional[int] = ..., free_mib: _Optional[int] = ..., measured: bool = ..., headroom_mib: _Optional[int] = ..., holders: _Optional[_Iterable[_Union[Holder, _Mapping]]] = ..., waiters: _Optional[_Iterable[_Union[Waiter, _Mapping]]] = ..., residents: _Optional[_Iterable[_Union[Resident, _Mapping]]] = ..., blocked_by: _Optional[str] = ..., unleased: _Optional[_Iterable[_Union[GpuProcess, _Mapping]]] = ..., reserved_for: _Optional[str] = ..., waiters_omitted: _Optional[int] = ..., holders_omitted: _Optional[int] = ..., processes: _Optional[_Iterable[_Union[GpuProcess, _Mapping]]] = ...) -> None: ...
 
 class Resident(_message.Message):
-    __slots__ = ("consumer", "footprint_mib", "idle_ms", "pid", "unload_requested", "unload_failed", "peak_mib")
+    __slots__ = ("consumer", "footprint_mib", "idle_ms", "pid", "unload_requested", "unload_failed", "peak_mib", "attribution")
     CONSUMER_FIELD_NUMBER: _ClassVar[int]
     FOOTPRINT_MIB_FIELD_NUMBER: _ClassVar[int]
     IDLE_MS_FIELD_NUMBER: _ClassVar[int]
@@ -245,6 +247,7 @@ class Resident(_message.Message):
     UNLOAD_REQUESTED_FIELD_NUMBER: _ClassVar[int]
     UNLOAD_FAILED_FIELD_NUMBER: _ClassVar[int]
     PEAK_MIB_FIELD_NUMBER: _ClassVar[int]
+    ATTRIBUTION_FIELD_NUMBER: _ClassVar[int]
     consumer: str
     footprint_mib: int
     idle_ms: int
@@ -252,15 +255,20 @@ class Resident(_message.Message):
     unload_requested: bool
     unload_failed: bool
     peak_mib: int
-    def __init__(self, consumer: _Optional[str] = ..., footprint_mib: _Optional[int] = ..., idle_ms: _Optional[int] = ..., pid: _Optional[int] = ..., unload_requested: bool = ..., unload_failed: bool = ..., peak_mib: _Optional[int] = ...) -> None: ...
+    attribution: str
+    def __init__(self, consumer: _Optional[str] = ..., footprint_mib: _Optional[int] = ..., idle_ms: _Optional[int] = ..., pid: _Optional[int] = ..., unload_requested: bool = ..., unload_failed: bool = ..., peak_mib: _Optional[int] = ..., attribution: _Optional[str] = ...) -> None: ...
 
 class GpuProcess(_message.Message):
-    __slots__ = ("pid", "used_mib")
+    __slots__ = ("pid", "used_mib", "consumer", "attribution")
     PID_FIELD_NUMBER: _ClassVar[int]
     USED_MIB_FIELD_NUMBER: _ClassVar[int]
+    CONSUMER_FIELD_NUMBER: _ClassVar[int]
+    ATTRIBUTION_FIELD_NUMBER: _ClassVar[int]
     pid: int
     used_mib: int
-    def __init__(self, pid: _Optional[int] = ..., used_mib: _Optional[int] = ...) -> None: ...
+    consumer: str
+    attribution: str
+    def __init__(self, pid: _Optional[int] = ..., used_mib: _Optional[int] = ..., consumer: _Optional[str] = ..., attribution: _Optional[str] = ...) -> None: ...
 
 class Evictions(_message.Message):
     __slots__ = ("requested", "completed", "failed", "last_victim", "last_unload_ms")
@@ -319,7 +327,7 @@ class UnloadRequested(_message.Message):
     def __init__(self, gpu_index: _Optional[int] = ..., footprint_mib: _Optional[int] = ..., for_consumer: _Optional[str] = ..., deadline_ms: _Optional[int] = ..., peak_mib: _Optional[int] = ...) -> None: ...
 
 class Holder(_message.Message):
-    __slots__ = ("lease_id", "consumer", "fencing_token", "held_ms", "gpu_index", "vram_mib", "client_pid", "labels", "peak_mib", "priority", "preempt_requested")
+    __slots__ = ("lease_id", "consumer", "fencing_token", "held_ms", "gpu_index", "vram_mib", "client_pid", "labels", "peak_mib", "priority", "preempt_requested", "attribution")
     class LabelsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -338,6 +346,7 @@ class Holder(_message.Message):
     PEAK_MIB_FIELD_NUMBER: _ClassVar[int]
     PRIORITY_FIELD_NUMBER: _ClassVar[int]
     PREEMPT_REQUESTED_FIELD_NUMBER: _ClassVar[int]
+    ATTRIBUTION_FIELD_NUMBER: _ClassVar[int]
     lease_id: str
     consumer: str
     fencing_token: int
@@ -349,10 +358,11 @@ class Holder(_message.Message):
     peak_mib: int
     priority: int
     preempt_requested: bool
-    def __init__(self, lease_id: _Optional[str] = ..., consumer: _Optional[str] = ..., fencing_token: _Optional[int] = ..., held_ms: _Optional[int] = ..., gpu_index: _Optional[int] = ..., vram_mib: _Optional[int] = ..., client_pid: _Optional[int] = ..., labels: _Optional[_Mapping[str, str]] = ..., peak_mib: _Optional[int] = ..., priority: _Optional[int] = ..., preempt_requested: bool = ...) -> None: ...
+    attribution: str
+    def __init__(self, lease_id: _Optional[str] = ..., consumer: _Optional[str] = ..., fencing_token: _Optional[int] = ..., held_ms: _Optional[int] = ..., gpu_index: _Optional[int] = ..., vram_mib: _Optional[int] = ..., client_pid: _Optional[int] = ..., labels: _Optional[_Mapping[str, str]] = ..., peak_mib: _Optional[int] = ..., priority: _Optional[int] = ..., preempt_requested: bool = ..., attribution: _Optional[str] = ...) -> None: ...
 
 class Waiter(_message.Message):
-    __slots__ = ("consumer", "position", "waiting_ms", "vram_mib", "client_pid", "labels", "gpu_index", "priority", "estimated_wait_ms")
+    __slots__ = ("consumer", "position", "waiting_ms", "vram_mib", "client_pid", "labels", "gpu_index", "priority", "estimated_wait_ms", "attribution")
     class LabelsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -369,6 +379,7 @@ class Waiter(_message.Message):
     GPU_INDEX_FIELD_NUMBER: _ClassVar[int]
     PRIORITY_FIELD_NUMBER: _ClassVar[int]
     ESTIMATED_WAIT_MS_FIELD_NUMBER: _ClassVar[int]
+    ATTRIBUTION_FIELD_NUMBER: _ClassVar[int]
     consumer: str
     position: int
     waiting_ms: int
@@ -378,10 +389,11 @@ class Waiter(_message.Message):
     gpu_index: int
     priority: int
     estimated_wait_ms: int
-    def __init__(self, consumer: _Optional[str] = ..., position: _Optional[int] = ..., waiting_ms: _Optional[int] = ..., vram_mib: _Optional[int] = ..., client_pid: _Optional[int] = ..., labels: _Optional[_Mapping[str, str]] = ..., gpu_index: _Optional[int] = ..., priority: _Optional[int] = ..., estimated_wait_ms: _Optional[int] = ...) -> None: ...
+    attribution: str
+    def __init__(self, consumer: _Optional[str] = ..., position: _Optional[int] = ..., waiting_ms: _Optional[int] = ..., vram_mib: _Optional[int] = ..., client_pid: _Optional[int] = ..., labels: _Optional[_Mapping[str, str]] = ..., gpu_index: _Optional[int] = ..., priority: _Optional[int] = ..., estimated_wait_ms: _Optional[int] = ..., attribution: _Optional[str] = ...) -> None: ...
 
 class Consumer(_message.Message):
-    __slots__ = ("name", "kind", "configured", "vram_mib", "coexist", "grants", "last_active_ms_ago", "holding", "waiting", "peak_mib", "unload", "priority", "preemptible")
+    __slots__ = ("name", "kind", "configured", "vram_mib", "coexist", "grants", "last_active_ms_ago", "holding", "waiting", "peak_mib", "unload", "priority", "preemptible", "matcher")
     NAME_FIELD_NUMBER: _ClassVar[int]
     KIND_FIELD_NUMBER: _ClassVar[int]
     CONFIGURED_FIELD_NUMBER: _ClassVar[int]
@@ -395,6 +407,7 @@ class Consumer(_message.Message):
     UNLOAD_FIELD_NUMBER: _ClassVar[int]
     PRIORITY_FIELD_NUMBER: _ClassVar[int]
     PREEMPTIBLE_FIELD_NUMBER: _ClassVar[int]
+    MATCHER_FIELD_NUMBER: _ClassVar[int]
     name: str
     kind: ConsumerKind
     configured: bool
@@ -408,7 +421,8 @@ class Consumer(_message.Message):
     unload: str
     priority: int
     preemptible: bool
-    def __init__(self, name: _Optional[str] = ..., kind: _Optional[_Union[ConsumerKind, str]] = ..., configured: bool = ..., vram_mib: _Optional[int] = ..., coexist: bool = ..., grants: _Optional[int] = ..., last_active_ms_ago: _Optional[int] = ..., holding: bool = ..., waiting: _Optional[int] = ..., peak_mib: _Optional[int] = ..., unload: _Optional[str] = ..., priority: _Optional[int] = ..., preemptible: bool = ...) -> None: ...
+    matcher: str
+    def __init__(self, name: _Optional[str] = ..., kind: _Optional[_Union[ConsumerKind, str]] = ..., configured: bool = ..., vram_mib: _Optional[int] = ..., coexist: bool = ..., grants: _Optional[int] = ..., last_active_ms_ago: _Optional[int] = ..., holding: bool = ..., waiting: _Optional[int] = ..., peak_mib: _Optional[int] = ..., unload: _Optional[str] = ..., priority: _Optional[int] = ..., preemptible: bool = ..., matcher: _Optional[str] = ...) -> None: ...
 
 class BrokerInfo(_message.Message):
     __slots__ = ("version", "epoch", "uptime_ms", "shutting_down", "reloads", "last_reload_error", "log_lines_dropped")
