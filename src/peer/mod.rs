@@ -18,17 +18,17 @@
 
 mod proc;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
 use std::task::{Context, Poll};
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::OnceCell;
+use tokio::sync::{OnceCell, oneshot};
 use tonic::transport::server::{Connected, TcpConnectInfo};
 use tracing::warn;
 
@@ -44,7 +44,7 @@ type Key = (SocketAddr, SocketAddr);
 pub struct Connections {
     open: Arc<Mutex<HashMap<Key, (u64, TcpPeer)>>>,
     next_id: Arc<AtomicU64>,
-    recent: Arc<Mutex<std::collections::VecDeque<u32>>>,
+    lookups: Arc<Lookups>,
 }
 
 /// The client of one TCP connection.
@@ -53,8 +53,7 @@ pub struct TcpPeer {
     local: SocketAddr,
     remote: SocketAddr,
     pid: Arc<OnceCell<Option<u32>>>,
-    /// The owners of recent connections, newest first (shared).
-    recent: Arc<Mutex<std::collections::VecDeque<u32>>>,
+    lookups: Arc<Lookups>,
 }
 
 impl TcpPeer {
@@ -74,28 +73,11 @@ impl TcpPeer {
         if !self.is_local() {
             return None;
         }
-        let (local, remote) = (self.local, self.remote);
-        let recent = Arc::clone(&self.recent);
         *self
             .pid
-            .get_or_init(|| async move {
-                tokio::task::spawn_blocking(move || {
-                    let mut candidates = if claimed == 0 {
-                        Vec::new()
-                    } else {
-                        proc::lineage(claimed, 4)
-                    };
-                    candidates.extend(lock(&recent).iter().copied());
-                    let owner = proc::connection_owner(local, remote, &candidates)?;
-                    let mut recent = lock(&recent);
-                    recent.retain(|pid| *pid != owner);
-                    recent.push_front(owner);
-                    recent.truncate(RECENT_OWNERS);
-                    Some(owner)
-                })
-                .await
-                .ok()
-                .flatten()
+            .get_or_init(|| async {
+                let answer = self.lookups.ask(self.local, self.remote, claimed);
+                answer.await.ok().flatten()
             })
             .await
     }
@@ -104,6 +86,129 @@ impl TcpPeer {
 /// How many owners of recent connections are looked at before searching
 /// every process: clients tend to open several connections.
 const RECENT_OWNERS: usize = 16;
+
+/// Lookups of connections' owners waiting to be done. One thread serves
+/// them in batches: one read of `/proc/net/tcp{,6}` and at most one walk of
+/// `/proc` per batch, however many connections arrived at once, so that a
+/// burst of new connections costs one core at most, and usually far less.
+#[derive(Debug, Default)]
+struct Lookups {
+    pending: Mutex<Vec<Lookup>>,
+    wake: Condvar,
+    /// The owners of recent connections, newest first.
+    recent: Mutex<VecDeque<u32>>,
+    started: std::sync::OnceLock<()>,
+}
+
+#[derive(Debug)]
+struct Lookup {
+    local: SocketAddr,
+    remote: SocketAddr,
+    claimed: u32,
+    reply: oneshot::Sender<Option<u32>>,
+}
+
+impl Lookups {
+    /// Asks for the owner of the connection from `remote` to `local`.
+    fn ask(
+        self: &Arc<Self>,
+        local: SocketAddr,
+        remote: SocketAddr,
+        claimed: u32,
+    ) -> oneshot::Receiver<Option<u32>> {
+        self.started.get_or_init(|| {
+            let this = Arc::clone(self);
+            let spawned = std::thread::Builder::new()
+                .name("gpulease-peers".into())
+                .spawn(move || this.serve());
+            if let Err(e) = spawned {
+                warn!(error = %e, "cannot start the thread that finds TCP peers' processes");
+            }
+        });
+        let (reply, answer) = oneshot::channel();
+        lock(&self.pending).push(Lookup {
+            local,
+            remote,
+            claimed,
+            reply,
+        });
+        self.wake.notify_one();
+        answer
+    }
+
+    fn serve(&self) {
+        loop {
+            let batch = {
+                let mut pending = lock(&self.pending);
+                while pending.is_empty() {
+                    pending = self
+                        .wake
+                        .wait(pending)
+                        .unwrap_or_else(|poisoned| poisoned.into_inner());
+                }
+                std::mem::take(&mut *pending)
+            };
+            self.resolve(batch);
+        }
+    }
+
+    /// The PID the caller claims, its ancestors and the owners of recent
+    /// connections are looked at first, which costs a few directory reads;
+    /// the sockets none of them holds are searched for among all their
+    /// owners' processes, in one walk.
+    fn resolve(&self, batch: Vec<Lookup>) {
+        let wanted: Vec<(SocketAddr, SocketAddr)> =
+            batch.iter().map(|l| (l.remote, l.local)).collect();
+        let sockets = proc::client_sockets(&wanted);
+        let recent: Vec<u32> = lock(&self.recent).iter().copied().collect();
+        let mut owners: HashMap<String, u32> = HashMap::new();
+        let mut missing = HashSet::new();
+        let mut uids = HashSet::new();
+        for lookup in &batch {
+            let Some((socket, uid)) = sockets.get(&(lookup.remote, lookup.local)) else {
+                continue;
+            };
+            if owners.contains_key(socket) {
+                continue;
+            }
+            let claimed = if lookup.claimed == 0 {
+                Vec::new()
+            } else {
+                proc::lineage(lookup.claimed, 4)
+            };
+            let owners_so_far: Vec<u32> = owners.values().copied().collect();
+            let quick = claimed
+                .into_iter()
+                .chain(owners_so_far)
+                .chain(recent.iter().copied())
+                .find(|pid| proc::holds(*pid, socket));
+            match quick {
+                Some(pid) => {
+                    owners.insert(socket.clone(), pid);
+                }
+                None => {
+                    missing.insert(socket.clone());
+                    uids.insert(*uid);
+                }
+            }
+        }
+        if !missing.is_empty() {
+            owners.extend(proc::socket_owners(&missing, &uids));
+        }
+        let mut recent = lock(&self.recent);
+        for lookup in batch {
+            let owner = sockets
+                .get(&(lookup.remote, lookup.local))
+                .and_then(|(socket, _)| owners.get(socket).copied());
+            if let Some(pid) = owner {
+                recent.retain(|p| *p != pid);
+                recent.push_front(pid);
+                recent.truncate(RECENT_OWNERS);
+            }
+            let _ = lookup.reply.send(owner);
+        }
+    }
+}
 
 impl Connections {
     /// A listener whose accepted connections are registered while they are
@@ -122,7 +227,7 @@ impl Connections {
             local,
             remote,
             pid: Arc::new(OnceCell::new()),
-            recent: Arc::clone(&self.recent),
+            lookups: Arc::clone(&self.lookups),
         };
         lock(&self.open).insert((local, remote), (id, peer));
         Ok(TrackedStream {

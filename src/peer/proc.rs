@@ -2,6 +2,7 @@
 //! (as `ss -p` finds it), the PIDs of a process in its nested PID
 //! namespaces (`NSpid:`), and its ancestors. All blocking.
 
+use std::collections::{HashMap, HashSet};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
 /// How far up the process tree to look.
@@ -56,43 +57,33 @@ fn hex_addr(text: &str) -> Option<SocketAddr> {
     Some(SocketAddr::new(ip.to_canonical(), port))
 }
 
-/// The process that owns the client end of the loopback connection from
-/// `client` to the broker's `server` address, if `/proc` shows it.
-///
-/// The `candidates` (the PID the caller claims and its ancestors, the
-/// owners of recent connections) are looked at first, which costs a few
-/// directory reads; only when none of them holds the socket are all the
-/// owner's processes searched, one such search at a time, so that a burst
-/// of new connections cannot keep every core busy reading `/proc`.
-pub(super) fn connection_owner(
-    server: SocketAddr,
-    client: SocketAddr,
-    candidates: &[u32],
-) -> Option<u32> {
-    static FULL_SEARCH: std::sync::Mutex<()> = std::sync::Mutex::new(());
+/// The client sockets of the loopback connections in `wanted` (client
+/// address, broker address), as `/proc/net/tcp{,6}` shows them: for each,
+/// the socket's name as a descriptor's link reads (`socket:[INODE]`) and its
+/// owner's uid. One read of each file, however many are wanted.
+pub(super) fn client_sockets(
+    wanted: &[(SocketAddr, SocketAddr)],
+) -> HashMap<(SocketAddr, SocketAddr), (String, u32)> {
     let canonical = |a: SocketAddr| SocketAddr::new(a.ip().to_canonical(), a.port());
-    let (server, client) = (canonical(server), canonical(client));
-    let find_row = || {
-        ["/proc/net/tcp", "/proc/net/tcp6"]
-            .into_iter()
-            .filter_map(|path| std::fs::read_to_string(path).ok())
-            .flat_map(|text| socket_rows(&text))
-            // The client's own socket: its local end is the client's address.
-            .find(|row| row.local == client && row.remote == server && row.inode != 0)
-    };
-    let row = find_row()?;
-    let wanted = format!("socket:[{}]", row.inode);
-    if let Some(pid) = candidates.iter().copied().find(|pid| holds(*pid, &wanted)) {
-        return Some(pid);
-    }
-    let _one_at_a_time = FULL_SEARCH
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner());
-    socket_owner(&wanted, row.uid)
+    let wanted: HashMap<(SocketAddr, SocketAddr), (SocketAddr, SocketAddr)> = wanted
+        .iter()
+        .map(|&(client, server)| ((canonical(client), canonical(server)), (client, server)))
+        .collect();
+    ["/proc/net/tcp", "/proc/net/tcp6"]
+        .into_iter()
+        .filter_map(|path| std::fs::read_to_string(path).ok())
+        .flat_map(|text| socket_rows(&text))
+        // The client's own socket: its local end is the client's address.
+        .filter(|row| row.inode != 0)
+        .filter_map(|row| {
+            let key = wanted.get(&(row.local, row.remote))?;
+            Some((*key, (format!("socket:[{}]", row.inode), row.uid)))
+        })
+        .collect()
 }
 
 /// Whether process `pid` has a descriptor open on `socket` (`socket:[N]`).
-fn holds(pid: u32, socket: &str) -> bool {
+pub(super) fn holds(pid: u32, socket: &str) -> bool {
     std::fs::read_dir(format!("/proc/{pid}/fd")).is_ok_and(|fds| {
         fds.filter_map(Result::ok).any(|fd| {
             std::fs::read_link(fd.path()).is_ok_and(|target| target.as_os_str() == socket)
@@ -100,22 +91,45 @@ fn holds(pid: u32, socket: &str) -> bool {
     })
 }
 
-/// The process with an open descriptor on `socket`, among those of user
-/// `uid` (the socket's owner): the lowest such PID, since a forked child
-/// shares its parent's descriptors.
-fn socket_owner(socket: &str, uid: u32) -> Option<u32> {
+/// The processes with an open descriptor on each of `sockets`, among those
+/// of the sockets' owners (`uids`): for each socket, the lowest such PID,
+/// since a forked child shares its parent's descriptors. One walk of
+/// `/proc`, however many sockets are wanted.
+pub(super) fn socket_owners(
+    sockets: &HashSet<String>,
+    uids: &HashSet<u32>,
+) -> HashMap<String, u32> {
     use std::os::unix::fs::MetadataExt;
-    let mut pids: Vec<u32> = std::fs::read_dir("/proc")
-        .ok()?
+    let mut found = HashMap::new();
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return found;
+    };
+    let mut pids: Vec<u32> = entries
         .filter_map(|entry| {
             let entry = entry.ok()?;
             let pid: u32 = entry.file_name().to_str()?.parse().ok()?;
-            // The owner's processes only: far fewer descriptors to read.
-            (entry.metadata().ok()?.uid() == uid).then_some(pid)
+            // The owners' processes only: far fewer descriptors to read.
+            uids.contains(&entry.metadata().ok()?.uid()).then_some(pid)
         })
         .collect();
     pids.sort_unstable();
-    pids.into_iter().find(|pid| holds(*pid, socket))
+    for pid in pids {
+        let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
+            continue;
+        };
+        for fd in fds.filter_map(Result::ok) {
+            if let Ok(target) = std::fs::read_link(fd.path())
+                && let Some(target) = target.to_str()
+                && sockets.contains(target)
+            {
+                found.entry(target.to_owned()).or_insert(pid);
+            }
+        }
+        if found.len() == sockets.len() {
+            break;
+        }
+    }
+    found
 }
 
 /// `pid` and its parent, grandparent, … (`depth` of them at most).
@@ -227,9 +241,11 @@ mod tests {
         let (_accepted, _) = listener.accept().unwrap();
         let (server, client) = (listener.local_addr().unwrap(), client.local_addr().unwrap());
         let me = std::process::id();
-        // Found by the full search, or among the candidates.
-        assert_eq!(connection_owner(server, client, &[]), Some(me));
-        assert_eq!(connection_owner(server, client, &[1, me]), Some(me));
+        let sockets = client_sockets(&[(client, server)]);
+        let (socket, uid) = sockets[&(client, server)].clone();
+        let owners = socket_owners(&HashSet::from([socket.clone()]), &HashSet::from([uid]));
+        assert_eq!(owners.get(&socket), Some(&me));
+        assert!(holds(me, &socket) && !holds(1, &socket));
         assert_eq!(lineage(me, 1), [me, std::os::unix::process::parent_id()]);
     }
 
