@@ -199,11 +199,14 @@ async fn the_llm_is_asked_to_unload_for_the_image_and_the_tts_stays() {
         (16 * GIB, 16 * GIB)
     );
 
-    // TTS and the LLM work, then stay loaded while idle.
-    fake.set(&card, &[(0, 1001, 3 * GIB)]);
-    use_once(&broker, "tts", 1001).await;
-    fake.set(&card, &[(0, 1001, 3 * GIB), (0, 1002, 10 * GIB)]);
-    use_once(&broker, "llm", 1002).await;
+    // TTS and the LLM work, then stay loaded while idle. Their processes
+    // are the test's children, so that their leases may claim them.
+    let (tts, llm) = (Worker::start(), Worker::start());
+    let (tts, llm) = (tts.pid(), llm.pid());
+    fake.set(&card, &[(0, tts, 3 * GIB)]);
+    use_once(&broker, "tts", tts).await;
+    fake.set(&card, &[(0, tts, 3 * GIB), (0, llm, 10 * GIB)]);
+    use_once(&broker, "llm", llm).await;
     let status = broker
         .wait_for("both resident, memory read", |s| {
             s.gpus[0].residents.len() == 2 && s.gpus[0].free_mib == 3 * GIB
@@ -226,7 +229,7 @@ async fn the_llm_is_asked_to_unload_for_the_image_and_the_tts_stays() {
         })
         .await;
     // The LLM frees its memory; the grant follows the next reading.
-    fake.set(&card, &[(0, 1001, 3 * GIB)]);
+    fake.set(&card, &[(0, tts, 3 * GIB)]);
     let granted = image.granted().await;
     assert_eq!(
         (granted.gpu_index, granted.gpu_uuid.as_str()),

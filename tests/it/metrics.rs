@@ -249,8 +249,9 @@ async fn refusals_evictions_and_other_paths() {
     // llm stays resident with 10 GiB, then image needs 12 GiB: llm is asked
     // to unload (its command succeeds) and its process leaves the GPU.
     let card = [("GPU-fake-0", 16 * GIB)];
-    fake.set(&card, &[(0, 4100, 10 * GIB)]);
-    use_once(&broker, "llm", 4100).await;
+    let llm = Worker::start();
+    fake.set(&card, &[(0, llm.pid(), 10 * GIB)]);
+    use_once(&broker, "llm", llm.pid()).await;
     broker
         .wait_for("llm resident", |s| s.gpus[0].free_mib == 6 * GIB)
         .await;
