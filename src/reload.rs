@@ -145,6 +145,7 @@ fn merge(running: &Config, mut new: Config) -> (Config, ReloadReport) {
         file: _,
         limits: _,
         scheduling: _,
+        matchers: _,
     } = running;
     let mut report = ReloadReport::default();
     macro_rules! live {
@@ -165,6 +166,7 @@ fn merge(running: &Config, mut new: Config) -> (Config, ReloadReport) {
     if running.consumers != new.consumers
         || running.unload != new.unload
         || running.consumer_auth != new.consumer_auth
+        || running.matchers != new.matchers
     {
         report.applied.push("consumers".to_owned());
     }
