@@ -459,17 +459,16 @@ impl Metrics {
             let label = [index.as_str()];
             g.queue_depth
                 .with_label_values(&label)
-                .set(i64::try_from(gpu.waiters.len()).unwrap_or(i64::MAX));
+                .set(i64::try_from(gpu.queue_depth).unwrap_or(i64::MAX));
             g.leases_held
                 .with_label_values(&label)
                 .set(i64::try_from(gpu.holders.len()).unwrap_or(i64::MAX));
             g.capacity
                 .with_label_values(&label)
                 .set(i64::from(capacity_per_gpu));
-            let oldest = gpu.waiters.iter().map(|w| w.waiting).max();
             g.oldest_waiter_age
                 .with_label_values(&label)
-                .set(oldest.unwrap_or_default().as_secs_f64());
+                .set(gpu.oldest_waiting.as_secs_f64());
             let total = gpu
                 .reading
                 .as_ref()

@@ -490,7 +490,8 @@ impl Broker {
     /// The metrics in Prometheus's text format, with the gauges read from a
     /// snapshot taken now (the same one `Status` takes).
     pub fn exposition(&self) -> String {
-        let status = self.status();
+        // The gauges need the counts, not the waiters.
+        let status = self.status_listing(0);
         let gpus = u32::try_from(status.core.gpus.len().max(1)).unwrap_or(1);
         self.metrics.render(&status, status.core.capacity / gpus)
     }
@@ -685,9 +686,17 @@ impl Broker {
 
     /// A snapshot of everything.
     pub fn status(&self) -> BrokerStatus {
+        self.status_listing(usize::MAX)
+    }
+
+    /// A snapshot that lists at most `waiters` of each GPU's waiters, so
+    /// that its cost under the lock follows what is shown, not the queue.
+    pub fn status_listing(&self, waiters: usize) -> BrokerStatus {
         let state = self.lock();
         BrokerStatus {
-            core: state.sched.snapshot(Instant::now().into_std()),
+            core: state
+                .sched
+                .snapshot_listing(Instant::now().into_std(), waiters),
             epoch: self.epoch,
             uptime: self.started.elapsed(),
             shutting_down: state.shutting_down,

@@ -353,6 +353,10 @@ pub struct GpuView {
     pub reserved_for: Option<String>,
     /// Every process on it, with whom it is attributed to.
     pub processes: Vec<AttributedProcess>,
+    /// How many requests wait for it; `waiters` may list fewer.
+    pub queue_depth: usize,
+    /// How long its oldest waiter has waited; zero when nobody waits.
+    pub oldest_waiting: Duration,
 }
 
 /// A process on a GPU and the consumer it is attributed to.
@@ -381,8 +385,12 @@ pub struct Snapshot {
     pub oldest_queued: Duration,
     /// Held leases, oldest grant first.
     pub holders: Vec<HolderView>,
-    /// Waiting requests, in queue order.
+    /// Waiting requests, in queue order (each GPU's first, then each
+    /// GPU's second, …); perhaps not all of them, see
+    /// [`Scheduler::snapshot_listing`].
     pub waiters: Vec<WaiterView>,
+    /// How many requests wait, over all GPUs.
+    pub queue_depth: usize,
     /// Configured consumers and those seen since the start, by name.
     pub consumers: Vec<ConsumerRecord>,
     /// How leases and requests ended.
@@ -523,7 +531,7 @@ impl<W> Scheduler<W> {
 
     /// How many tokens may still be handed out before the ceiling.
     pub fn tokens_left(&self) -> u64 {
-        self.token_ceiling - self.last_token
+        self.token_ceiling.saturating_sub(self.last_token)
     }
 
     /// The GPUs.
@@ -763,7 +771,9 @@ impl<W> Scheduler<W> {
         }
         // It uses its resident memory again.
         gpu.residents.remove(&waiting.request.consumer);
-        self.last_token += 1;
+        // Below the ceiling (checked before every grant), so this cannot
+        // overflow; saturating all the same, as every token sum is checked.
+        self.last_token = self.last_token.saturating_add(1);
         let token = FencingToken(self.last_token);
         let waited = now.saturating_duration_since(waiting.since);
         let record = self.consumers.touch(&waiting.request.consumer, now);
@@ -1343,16 +1353,26 @@ impl<W> Scheduler<W> {
 
     /// Everything the core knows, at `now`.
     pub fn snapshot(&self, now: Instant) -> Snapshot {
+        self.snapshot_listing(now, usize::MAX)
+    }
+
+    /// Everything the core knows, at `now`, listing at most `waiters` of
+    /// each GPU's waiters (the first in queue order), so that a snapshot of
+    /// a long queue costs in proportion to what is shown. The counts and
+    /// the oldest wait still cover everyone.
+    pub fn snapshot_listing(&self, now: Instant, waiters: usize) -> Snapshot {
+        let listed = waiters;
         let margin = self.settings.safety_margin_mib;
         let capacity = self.settings.capacity;
         let gpus: Vec<GpuView> = self
             .gpus
             .iter()
             .map(|gpu| {
-                let estimates = gpu.estimate_waits(&self.consumers, capacity, now, usize::MAX);
+                let estimates = gpu.estimate_waits(&self.consumers, capacity, now, listed);
                 let waiters: Vec<WaiterView> = gpu
                     .waiting
                     .in_order(now)
+                    .take(listed)
                     .zip(estimates)
                     .enumerate()
                     .map(|(index, ((_, priority, waiting), estimate))| WaiterView {
@@ -1407,6 +1427,11 @@ impl<W> Scheduler<W> {
                         .and_then(|id| gpu.waiting.get(id))
                         .map(|w| w.request.consumer.clone()),
                     processes,
+                    queue_depth: gpu.waiting.len(),
+                    oldest_waiting: gpu
+                        .waiting
+                        .oldest_since()
+                        .map_or(Duration::ZERO, |since| now.saturating_duration_since(since)),
                 }
             })
             .collect();
@@ -1419,11 +1444,12 @@ impl<W> Scheduler<W> {
             total_grants: self.stats.total_grants,
             last_wait: self.stats.last_wait,
             last_hold: self.stats.last_hold,
-            oldest_queued: waiters
+            oldest_queued: gpus
                 .iter()
-                .map(|w| w.waiting)
+                .map(|g| g.oldest_waiting)
                 .max()
                 .unwrap_or(Duration::ZERO),
+            queue_depth: gpus.iter().map(|g| g.queue_depth).sum(),
             holders: self.holders(None, now),
             waiters,
             consumers: self.consumers.records(),

@@ -405,7 +405,10 @@ fn gpu(view: &GpuView, epoch: u64, waiters: usize) -> pb::Gpu {
                 ..waiter(w)
             })
             .collect(),
-        waiters_omitted: count(view.waiters.len().saturating_sub(waiters)),
+        waiters_omitted: count(
+            view.queue_depth
+                .saturating_sub(waiters.min(view.waiters.len())),
+        ),
         holders_omitted: count(view.holders.len().saturating_sub(STATUS_HOLDERS)),
         residents: view
             .residents
@@ -501,7 +504,7 @@ pub(crate) fn status(
     pb::StatusResponse {
         capacity: core.capacity,
         in_flight: u32::try_from(core.holders.len()).unwrap_or(u32::MAX),
-        queue_depth: u32::try_from(core.waiters.len()).unwrap_or(u32::MAX),
+        queue_depth: count(core.queue_depth),
         total_grants: core.total_grants,
         last_wait_ms: millis(core.last_wait),
         last_hold_ms: millis(core.last_hold),
@@ -514,7 +517,10 @@ pub(crate) fn status(
             .collect(),
         holders_omitted: count(core.holders.len().saturating_sub(STATUS_HOLDERS)),
         waiters: core.waiters.iter().take(waiters).map(waiter).collect(),
-        waiters_omitted: count(core.waiters.len().saturating_sub(waiters)),
+        waiters_omitted: count(
+            core.queue_depth
+                .saturating_sub(waiters.min(core.waiters.len())),
+        ),
         consumers: core
             .consumers
             .iter()

@@ -387,7 +387,7 @@ impl LeaseService {
 
     fn snapshot(&self, waiters: usize) -> pb::StatusResponse {
         let now = std::time::Instant::now();
-        convert::status(&self.broker.status(), now, waiters)
+        convert::status(&self.broker.status_listing(waiters), now, waiters)
     }
 }
 
