@@ -61,8 +61,34 @@ pub struct Config {
     pub limits: Limits,
     /// Each consumer's `match` rule, by name, for those that have one.
     pub matchers: BTreeMap<String, ProcessMatcher>,
+    /// A `gpulease gate` to run from this file (`[gate]`); the broker
+    /// itself ignores it.
+    pub gate: GateConfig,
     /// How each GPU's queue is served.
     pub scheduling: SchedulingConfig,
+}
+
+/// The `[gate]` section: what `gpulease gate --config FILE` runs, each key
+/// the default of the flag of the same name.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct GateConfig {
+    /// `--consumer`.
+    pub consumer: Option<String>,
+    /// `--listen`.
+    pub listen: Option<SocketAddr>,
+    /// `--upstream`, an `http://HOST:PORT` URL.
+    pub upstream: Option<String>,
+    /// `--vram-mib`.
+    pub vram_mib: Option<u64>,
+    /// `--max-wait`.
+    pub max_wait: Option<Duration>,
+    /// `--linger`.
+    pub linger: Option<Duration>,
+    /// `--broker`; without it, the broker of this same file (its `socket`,
+    /// else its `listen`).
+    pub broker: Option<String>,
+    /// `--token-file`.
+    pub token_file: Option<PathBuf>,
 }
 
 /// The `[scheduling]` section.
@@ -294,6 +320,79 @@ struct RawConfig {
     #[serde(default)]
     consumers: BTreeMap<String, RawConsumer>,
     metrics: RawMetrics,
+    #[serde(default)]
+    gate: RawGate,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawGate {
+    #[serde(default)]
+    consumer: Option<String>,
+    #[serde(default)]
+    listen: Option<String>,
+    #[serde(default)]
+    upstream: Option<String>,
+    #[serde(default)]
+    vram_mib: Option<u64>,
+    #[serde(default, with = "humantime_serde")]
+    max_wait: Option<Duration>,
+    #[serde(default, with = "humantime_serde")]
+    linger: Option<Duration>,
+    #[serde(default)]
+    broker: Option<String>,
+    #[serde(default)]
+    token_file: Option<String>,
+}
+
+impl RawGate {
+    fn validate(self) -> Result<GateConfig, ConfigError> {
+        if let Some(consumer) = &self.consumer {
+            validate_consumer_name(consumer)
+                .map_err(|e| invalid("gate.consumer", e.to_string()))?;
+        }
+        let listen = match &self.listen {
+            None => None,
+            Some(addr) => Some(addr.trim().parse::<SocketAddr>().map_err(|e| {
+                invalid(
+                    "gate.listen",
+                    format!("{addr:?} is not an IP address and port ({e})"),
+                )
+            })?),
+        };
+        if let Some(upstream) = &self.upstream {
+            check_upstream(upstream).map_err(|problem| invalid("gate.upstream", problem))?;
+        }
+        Ok(GateConfig {
+            consumer: self.consumer,
+            listen,
+            upstream: self.upstream,
+            vram_mib: self.vram_mib,
+            max_wait: self.max_wait.filter(|d| !d.is_zero()),
+            linger: self.linger,
+            broker: self.broker.filter(|b| !b.is_empty()),
+            token_file: self.token_file.filter(|f| !f.is_empty()).map(PathBuf::from),
+        })
+    }
+}
+
+/// Whether `upstream` is a URL the gate can forward to: `http://HOST:PORT`
+/// (a path is not allowed: requests keep their own).
+pub fn check_upstream(upstream: &str) -> Result<(), String> {
+    let uri: hyper::Uri = upstream
+        .parse()
+        .map_err(|e| format!("{upstream:?} is not a URL ({e})"))?;
+    if uri.scheme_str() != Some("http") || uri.authority().is_none() {
+        return Err(format!(
+            "{upstream:?} is not an http://HOST:PORT URL (the gate speaks plain HTTP/1.1)"
+        ));
+    }
+    if uri.path() != "/" && !uri.path().is_empty() {
+        return Err(format!(
+            "{upstream:?} has a path; give only http://HOST:PORT"
+        ));
+    }
+    Ok(())
 }
 
 #[derive(Debug, Deserialize)]
@@ -810,6 +909,7 @@ impl RawConfig {
                 preempt_after: self.scheduling.preempt_after,
             },
             matchers,
+            gate: self.gate.validate()?,
         })
     }
 }
@@ -1004,6 +1104,10 @@ mod tests {
             "a token was printed"
         );
         assert!(error("[consumers.x]\nmatch = {}", &[]).contains("`consumers.x.match`"));
+        assert!(error("[gate]\nupstream = \"ftp://x\"", &[]).contains("`gate.upstream`"));
+        assert!(error("[gate]\nupstream = \"http://h:1/api\"", &[]).contains("has a path"));
+        assert!(error("[gate]\nlisten = \"here\"", &[]).contains("`gate.listen`"));
+        assert!(error("[gate]\nport = 1", &[]).contains("port"));
         assert!(error("[consumers.x]\nmatch = { exe = \"\" }", &[]).contains("match.exe"));
         let not_hex = "[consumers.x]\nmatch = { container = \"web\" }";
         assert!(error(not_hex, &[]).contains("`consumers.x.match.container`"));

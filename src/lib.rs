@@ -8,6 +8,7 @@ pub mod cli;
 pub mod client;
 pub mod config;
 pub mod core;
+pub mod gate;
 pub mod grpc;
 pub mod incoming;
 pub mod inventory;

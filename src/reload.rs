@@ -146,6 +146,8 @@ fn merge(running: &Config, mut new: Config) -> (Config, ReloadReport) {
         limits: _,
         scheduling: _,
         matchers: _,
+        // For `gpulease gate`, not the broker.
+        gate: _,
     } = running;
     let mut report = ReloadReport::default();
     macro_rules! live {

@@ -21,6 +21,7 @@ macro_rules! out {
 pub(crate) use out;
 
 mod exit;
+mod gate;
 mod reload;
 mod revoke;
 mod run;
@@ -60,6 +61,8 @@ pub enum Command {
     Revoke(revoke::RevokeArgs),
     /// Make the broker re-read its configuration file (as SIGHUP does); exit 78 if it is invalid.
     Reload(BrokerArg),
+    /// An HTTP/1.1 gate: hold one lease around the requests to a server that cannot take one.
+    Gate(gate::GateArgs),
 }
 
 /// Options of `gpulease serve`.
@@ -142,6 +145,14 @@ impl BrokerArg {
     pub(crate) async fn connect(&self) -> Result<crate::client::Client, exit::Failure> {
         self.credentials.connect(&self.broker).await
     }
+
+    /// Reads the token from `file`, unless a token or a token file was
+    /// given already.
+    pub(crate) fn set_token_file(&mut self, file: PathBuf) {
+        if self.credentials.token.is_none() && self.credentials.token_file.is_none() {
+            self.credentials.token_file = Some(file);
+        }
+    }
 }
 
 impl Credentials {
@@ -187,6 +198,7 @@ pub async fn run_client(command: Command) -> ExitCode {
         Command::Run(args) => run::run(args).await,
         Command::Revoke(args) => revoke::revoke(args).await,
         Command::Reload(args) => reload::reload(&args).await,
+        Command::Gate(args) => gate::gate(args).await,
         Command::Serve(_) => unreachable!("serve is not a client command"),
     };
     match result {

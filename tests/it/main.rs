@@ -11,6 +11,7 @@ mod auth;
 mod cli;
 mod deploy;
 mod errors;
+mod gate;
 mod gpu;
 mod hostile;
 mod leases;
