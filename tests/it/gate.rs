@@ -1,5 +1,6 @@
 //! `gpulease gate` in front of a fake ollama-like server that streams NDJSON
-//! slowly: curl through the gate, one lease shared by concurrent requests,
+//! slowly: curl through the gate (NDJSON, server-sent events, a binary body
+//! both ways), one lease shared by concurrent requests,
 //! the linger, a client that leaves mid-stream, and `--max-wait`.
 
 use std::process::Stdio;
@@ -22,6 +23,13 @@ fn ndjson_lines() -> Vec<String> {
                 i == 4
             )
         })
+        .collect()
+}
+
+/// The server-sent events the fake server streams for `/events`.
+fn sse_events() -> Vec<String> {
+    (0..4)
+        .map(|i| format!("event: token\ndata: {{\"i\": {i}}}\n\n"))
         .collect()
 }
 
@@ -76,6 +84,27 @@ async fn serve_one(stream: TcpStream, release: Arc<Notify>, cut_off: Arc<Notify>
     let mut body = vec![0; length];
     reader.read_exact(&mut body).await.unwrap();
     let mut stream = reader.into_inner();
+    if request_line.contains("/echo") {
+        // The request body back, every byte, with its length.
+        let head = format!(
+            "HTTP/1.1 200 OK\r\nContent-Type: application/octet-stream\r\nContent-Length: {}\r\n\r\n",
+            body.len()
+        );
+        stream.write_all(head.as_bytes()).await.unwrap();
+        stream.write_all(&body).await.unwrap();
+        return;
+    }
+    if request_line.contains("/events") {
+        let head = "HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n";
+        stream.write_all(head.as_bytes()).await.unwrap();
+        for event in sse_events() {
+            let chunk = format!("{:x}\r\n{event}\r\n", event.len());
+            stream.write_all(chunk.as_bytes()).await.unwrap();
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let _ = stream.write_all(b"0\r\n\r\n").await;
+        return;
+    }
     let head = "HTTP/1.1 200 OK\r\nContent-Type: application/x-ndjson\r\nTransfer-Encoding: chunked\r\n\r\n";
     stream.write_all(head.as_bytes()).await.unwrap();
     let hold = request_line.contains("/hold");
@@ -304,4 +333,34 @@ async fn past_max_wait_the_gate_answers_503_with_retry_after() {
     // The gate's request left the queue.
     broker.wait_for("no waiter", |s| s.queue_depth == 0).await;
     holder.release().await;
+}
+
+#[tokio::test]
+async fn server_sent_events_and_binary_bodies_pass_through_unchanged() {
+    let broker = Broker::start().await;
+    let upstream = Upstream::start().await;
+    let gate = Gate::start(&broker, &upstream, &["--linger", "0s"]).await;
+    let (head, body) = curl(&gate.addr, "/events").await;
+    assert_eq!(body, sse_events().concat().into_bytes());
+    assert_eq!(header(&head, "content-type"), Some("text/event-stream"));
+
+    // 256 KiB of every byte value, up to the server and back.
+    let dir = tempfile::tempdir().unwrap();
+    let sent: Vec<u8> = (0..256 * 1024).map(|i: u32| (i * 7 % 251) as u8).collect();
+    let file = dir.path().join("blob");
+    std::fs::write(&file, &sent).unwrap();
+    let headers = dir.path().join("headers");
+    let output = Command::new("curl")
+        .args(["-sS", "-D"])
+        .arg(&headers)
+        .arg(format!("http://{}/echo", gate.addr))
+        .arg("--data-binary")
+        .arg(format!("@{}", file.display()))
+        .output()
+        .await
+        .unwrap();
+    assert!(output.status.success(), "{output:?}");
+    assert!(output.stdout == sent, "the body came back changed");
+    let head = std::fs::read_to_string(headers).unwrap();
+    assert_eq!(header(&head, "content-length"), Some("262144"), "{head}");
 }
