@@ -969,3 +969,169 @@ mod with_a_model {
         }
     }
 }
+
+mod measured {
+    //! Random interleavings on a measured card: consumers load models,
+    //! allocate, free, unload and make way on their own schedule, and the
+    //! core sees only readings taken from that truth now and then. At every
+    //! grant, the truth — what each holder was promised or uses, whichever
+    //! is more, plus what everyone else keeps — must fit the card less the
+    //! margin.
+
+    use proptest::prelude::*;
+
+    use super::*;
+
+    /// (name, model GiB, job GiB, priority, coexist, preemptible)
+    const CONSUMERS: [(&str, u64, u64, i32, bool, bool); 4] = [
+        ("tts", 3, 1, 2, true, false),
+        ("llm", 10, 2, 1, false, false),
+        ("image", 8, 6, 1, false, false),
+        ("train", 0, 16, 0, false, true),
+    ];
+    const TOTAL: u64 = 24 * GIB;
+    const MARGIN: u64 = GIB / 2;
+
+    #[derive(Clone, Debug)]
+    enum Op {
+        Enqueue(usize),
+        /// The holder of consumer c allocates what it asked for.
+        Allocate(usize),
+        /// The holder of consumer c frees its job's memory and releases.
+        Release(usize),
+        /// Consumer c, idle, frees its model.
+        Unload(usize),
+        Read,
+        Wait(u16),
+    }
+
+    fn op() -> impl Strategy<Value = Op> {
+        prop_oneof![
+            3 => (0usize..4).prop_map(Op::Enqueue),
+            3 => (0usize..4).prop_map(Op::Allocate),
+            3 => (0usize..4).prop_map(Op::Release),
+            1 => (0usize..4).prop_map(Op::Unload),
+            4 => Just(Op::Read),
+            1 => (0u16..40_000).prop_map(Op::Wait),
+        ]
+    }
+
+    fn pid(c: usize) -> u32 {
+        100 + c as u32
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(512))]
+
+        #[test]
+        fn no_grant_over_commits_the_card_in_truth(
+            capacity in 1usize..4,
+            ops in proptest::collection::vec(op(), 1..200),
+        ) {
+            let settings = Settings {
+                capacity,
+                safety_margin_mib: MARGIN,
+                backfill: true,
+                aging: Duration::from_secs(120),
+                preempt_after: Duration::from_secs(60),
+                ..Settings::default()
+            };
+            let spec = GpuSpec {
+                index: 0,
+                uuid: String::new(),
+                name: String::new(),
+                total_mib: TOTAL,
+                measured: true,
+            };
+            let profiles = CONSUMERS.iter().map(|&(name, model, _, priority, coexist, preemptible)| {
+                ConsumerProfile {
+                    vram_mib: model * GIB,
+                    priority,
+                    coexist,
+                    preemptible,
+                    unloadable: !coexist,
+                    ..ConsumerProfile::new(name, ConsumerKind::Other)
+                }
+            });
+            let mut sched: Scheduler<usize> = Scheduler::new(settings, vec![spec], profiles);
+            let mut now = Instant::now();
+            // The truth: what each consumer's process holds.
+            let mut memory = [0u64; 4];
+            let mut waiting = [false; 4];
+            let mut holding: [Option<(FencingToken, u64)>; 4] = [None; 4];
+            let read = |memory: &[u64; 4]| MemoryReading {
+                total_mib: TOTAL,
+                used_mib: memory.iter().sum(),
+                free_mib: TOTAL - memory.iter().sum::<u64>(),
+                processes: (0..4)
+                    .filter(|c| memory[*c] > 0)
+                    .map(|c| ProcessUsage { pid: pid(c), used_mib: memory[c], ancestors: Vec::new() })
+                    .collect(),
+            };
+            sched.observe(0, read(&memory), now);
+            for op in ops {
+                now += Duration::from_millis(1);
+                match op {
+                    Op::Enqueue(c) if !waiting[c] && holding[c].is_none() => {
+                        let (name, model, job, ..) = CONSUMERS[c];
+                        let request = Request {
+                            consumer: name.into(),
+                            vram_mib: (model + job) * GIB,
+                            client_pid: pid(c),
+                            ..Request::default()
+                        };
+                        sched.enqueue(request, c, now).unwrap();
+                        waiting[c] = true;
+                    }
+                    Op::Allocate(c) => {
+                        if let Some((_, vram)) = holding[c] {
+                            memory[c] = memory[c].max(vram);
+                        }
+                    }
+                    Op::Release(c) => {
+                        if let Some((token, _)) = holding[c].take() {
+                            // The job's memory goes; the model stays, if any
+                            // was loaded.
+                            let model = CONSUMERS[c].1 * GIB;
+                            memory[c] = if memory[c] >= model { model } else { 0 };
+                            sched.end(token, LeaseEnd::Released, now).unwrap();
+                        }
+                    }
+                    Op::Unload(c) => {
+                        if holding[c].is_none() {
+                            memory[c] = 0;
+                        }
+                    }
+                    Op::Read => sched.observe(0, read(&memory), now),
+                    Op::Wait(ms) => now += Duration::from_millis(u64::from(ms)),
+                    Op::Enqueue(_) => {}
+                }
+                let decisions = sched.grant_ready(now);
+                for grant in decisions.grants {
+                    let c = grant.payload;
+                    prop_assert!(waiting[c]);
+                    waiting[c] = false;
+                    let (_, model, job, ..) = CONSUMERS[c];
+                    holding[c] = Some((grant.token, (model + job) * GIB));
+                    let committed: u64 = (0..4)
+                        .map(|d| holding[d].map_or(memory[d], |(_, vram)| vram.max(memory[d])))
+                        .sum();
+                    prop_assert!(
+                        committed + MARGIN <= TOTAL,
+                        "granted {} ({:?}): committed {} MiB, memory {:?}, holding {:?}",
+                        CONSUMERS[c].0, grant.token, committed, memory, holding
+                    );
+                }
+                for token in decisions.revocations {
+                    // A holder that did not make way: its lease ends; its
+                    // process frees everything.
+                    if let Some(c) = (0..4).find(|c| holding[*c].is_some_and(|(t, _)| t == token)) {
+                        holding[c] = None;
+                        memory[c] = 0;
+                        sched.end(token, LeaseEnd::Revoked(RevokeReason::Preempted), now).unwrap();
+                    }
+                }
+            }
+        }
+    }
+}
