@@ -19,6 +19,17 @@ fn gib(text: &str) -> u64 {
     (gib * GIB as f64).round() as u64
 }
 
+/// GPU 0, of `total_mib`, with or without readings.
+fn card(total_mib: u64, measured: bool) -> GpuSpec {
+    GpuSpec {
+        index: 0,
+        uuid: "GPU-0".into(),
+        name: "Fake".into(),
+        total_mib,
+        measured,
+    }
+}
+
 fn duration(text: &str) -> Duration {
     humantime::parse_duration(text).unwrap_or_else(|_| panic!("{text:?} is not a duration"))
 }
@@ -91,13 +102,7 @@ fn check(script: &str, expected: &str) {
         }
         lines.next();
     }
-    let spec = GpuSpec {
-        index: 0,
-        uuid: "GPU-0".into(),
-        name: "Fake".into(),
-        total_mib,
-        measured,
-    };
+    let spec = card(total_mib, measured);
     let mut sched: Scheduler<String> = Scheduler::new(settings, vec![spec], profiles);
     let start = Instant::now();
     let mut now = start;
@@ -718,13 +723,7 @@ fn wait_estimates_come_from_learned_hold_times() {
 #[test]
 fn a_waiter_blocked_on_memory_waits_for_a_holder_not_for_a_free_permit() {
     let t0 = Instant::now();
-    let spec = GpuSpec {
-        index: 0,
-        uuid: String::new(),
-        name: String::new(),
-        total_mib: 24 * GIB,
-        measured: false,
-    };
+    let spec = card(24 * GIB, false);
     let settings = Settings {
         capacity: 4,
         ..Settings::default()
@@ -856,13 +855,7 @@ mod with_a_model {
                 backfill: true,
                 ..Settings::default()
             };
-            let spec = GpuSpec {
-                index: 0,
-                uuid: String::new(),
-                name: String::new(),
-                total_mib: TOTAL,
-                measured: false,
-            };
+            let spec = card(TOTAL, false);
             let profiles = CONSUMERS.iter().map(|&(name, model, priority, coexist)| ConsumerProfile {
                 vram_mib: model * GIB,
                 priority,
@@ -1036,13 +1029,7 @@ mod measured {
                 preempt_after: Duration::from_secs(60),
                 ..Settings::default()
             };
-            let spec = GpuSpec {
-                index: 0,
-                uuid: String::new(),
-                name: String::new(),
-                total_mib: TOTAL,
-                measured: true,
-            };
+            let spec = card(TOTAL, true);
             let profiles = CONSUMERS.iter().map(|&(name, model, _, priority, coexist, preemptible)| {
                 ConsumerProfile {
                     vram_mib: model * GIB,
