@@ -4,7 +4,8 @@
 //! The interceptor only establishes *who* the caller is (a presented token
 //! that matches nothing is refused there with UNAUTHENTICATED); each handler
 //! then asks [`Authority`] whether that caller may do what it asks, since
-//! only the handler knows the consumer named in the request.
+//! only the handler knows the consumer named in the request. Refusals are
+//! [`AuthError`]s; the gRPC layer's error table turns them into statuses.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, RwLock};
@@ -43,6 +44,59 @@ pub struct UnixPeer {
     /// Its process id, in the broker's PID namespace; `None` when the
     /// kernel could not say (a peer in a namespace the broker cannot see).
     pub pid: Option<u32>,
+}
+
+/// Why a caller may not do what it asks. Only UNAUTHENTICATED (who it is
+/// is unknown) or PERMISSION_DENIED (it is known, and may not); the error
+/// table (`grpc::status`) says which.
+#[derive(Debug, thiserror::Error)]
+pub enum AuthError {
+    /// The `authorization` header is not `Bearer TOKEN`.
+    #[error("the authorization header is not `Bearer TOKEN`")]
+    MalformedHeader,
+    /// The token matches no identity.
+    #[error("unknown token")]
+    UnknownToken,
+    /// A consumer's token, used for another consumer.
+    #[error("the token belongs to consumer {owner:?}, not {consumer:?}")]
+    TokenOfAnother {
+        /// Whose token it is.
+        owner: String,
+        /// The consumer asked for.
+        consumer: String,
+    },
+    /// A Unix peer outside the consumer's `unix_users`/`unix_groups`.
+    #[error("uid {uid} may not act as consumer {consumer:?} (unix_users/unix_groups)")]
+    UnixUserRefused {
+        /// The peer's user id.
+        uid: u32,
+        /// The consumer asked for.
+        consumer: String,
+    },
+    /// Over the socket, a consumer with a token of its own needs it.
+    #[error("consumer {consumer:?} needs its token")]
+    NeedsOwnToken {
+        /// The consumer asked for.
+        consumer: String,
+    },
+    /// Over TCP, with tokens configured, a call without one.
+    #[error("this broker requires `authorization: Bearer TOKEN`")]
+    TokenRequired,
+    /// A consumer restricted to Unix users, asked for over TCP.
+    #[error("consumer {consumer:?} may only be used over the Unix socket")]
+    UnixSocketOnly {
+        /// The consumer asked for.
+        consumer: String,
+    },
+    /// Status without a token where `auth.status_requires_token` is set.
+    #[error("Status needs a token on this broker (auth.status_requires_token)")]
+    StatusNeedsToken,
+    /// An operator call from a caller with no identity at all.
+    #[error("operator calls need the admin token, or the Unix socket as the broker's user")]
+    OperatorUnidentified,
+    /// An operator call from a known caller that is not the operator.
+    #[error("operator calls need the admin token, or the Unix socket as the broker's user")]
+    NotOperator,
 }
 
 /// The token of an `authorization` header value `Bearer TOKEN`. The scheme
@@ -159,7 +213,7 @@ impl Authority {
 
     /// Who made `request`: its token and its Unix credentials. A token that
     /// matches nothing is UNAUTHENTICATED.
-    pub fn identify<T>(&self, request: &Request<T>) -> Result<Caller, Status> {
+    pub fn identify<T>(&self, request: &Request<T>) -> Result<Caller, AuthError> {
         let unix = request
             .extensions()
             .get::<UdsConnectInfo>()
@@ -175,15 +229,17 @@ impl Authority {
         let token_of = match request.metadata().get("authorization") {
             None => None,
             Some(value) => {
-                let token = value.to_str().ok().and_then(bearer_token).ok_or_else(|| {
-                    Status::unauthenticated("the authorization header is not `Bearer TOKEN`")
-                })?;
+                let token = value
+                    .to_str()
+                    .ok()
+                    .and_then(bearer_token)
+                    .ok_or(AuthError::MalformedHeader)?;
                 Some(
                     self.rules()
                         .tokens
                         .get(token)
                         .cloned()
-                        .ok_or_else(|| Status::unauthenticated("unknown token"))?,
+                        .ok_or(AuthError::UnknownToken)?,
                 )
             }
         };
@@ -200,14 +256,15 @@ impl Authority {
     }
 
     /// Whether `caller` may lease (or listen for unloads) as `consumer`.
-    pub fn may_act_as(&self, caller: &Caller, consumer: &str) -> Result<(), Status> {
+    pub fn may_act_as(&self, caller: &Caller, consumer: &str) -> Result<(), AuthError> {
         match &caller.token_of {
             Some(Identity::Admin) => return Ok(()),
             Some(Identity::Consumer(owner)) if owner == consumer => return Ok(()),
             Some(Identity::Consumer(owner)) => {
-                return Err(Status::permission_denied(format!(
-                    "the token belongs to consumer {owner:?}, not {consumer:?}"
-                )));
+                return Err(AuthError::TokenOfAnother {
+                    owner: owner.clone(),
+                    consumer: consumer.to_owned(),
+                });
             }
             None => {}
         }
@@ -223,54 +280,46 @@ impl Authority {
                 if unix_peer_matches(peer, &rules.unix_users, &rules.unix_groups) {
                     Ok(())
                 } else {
-                    Err(Status::permission_denied(format!(
-                        "uid {} may not act as consumer {consumer:?} (unix_users/unix_groups)",
-                        peer.uid
-                    )))
+                    Err(AuthError::UnixUserRefused {
+                        uid: peer.uid,
+                        consumer: consumer.to_owned(),
+                    })
                 }
             }
             // Over the socket, a consumer without Unix rules is open unless
             // it has a token of its own.
-            Some(_) if rules.is_some_and(|r| r.token.is_some()) => Err(Status::unauthenticated(
-                format!("consumer {consumer:?} needs its token"),
-            )),
+            Some(_) if rules.is_some_and(|r| r.token.is_some()) => Err(AuthError::NeedsOwnToken {
+                consumer: consumer.to_owned(),
+            }),
             Some(_) => Ok(()),
-            None if tokens_required => Err(Status::unauthenticated(
-                "this broker requires `authorization: Bearer TOKEN`",
-            )),
-            None if restricted => Err(Status::permission_denied(format!(
-                "consumer {consumer:?} may only be used over the Unix socket"
-            ))),
+            None if tokens_required => Err(AuthError::TokenRequired),
+            None if restricted => Err(AuthError::UnixSocketOnly {
+                consumer: consumer.to_owned(),
+            }),
             None => Ok(()),
         }
     }
 
     /// Whether `caller` may read the status.
-    pub fn may_read_status(&self, caller: &Caller) -> Result<(), Status> {
+    pub fn may_read_status(&self, caller: &Caller) -> Result<(), AuthError> {
         if !self.rules().status_requires_token || caller.token_of.is_some() || caller.unix.is_some()
         {
             return Ok(());
         }
-        Err(Status::unauthenticated(
-            "Status needs a token on this broker (auth.status_requires_token)",
-        ))
+        Err(AuthError::StatusNeedsToken)
     }
 
     /// Whether `caller` may act as the operator: the admin token, or the
     /// Unix socket's owner (the broker's user, or root).
-    pub fn may_administer(&self, caller: &Caller) -> Result<(), Status> {
+    pub fn may_administer(&self, caller: &Caller) -> Result<(), AuthError> {
         if caller.token_of == Some(Identity::Admin) || caller.unix.is_some_and(|p| self.is_owner(p))
         {
             return Ok(());
         }
         if caller.token_of.is_none() && caller.unix.is_none() {
-            return Err(Status::unauthenticated(
-                "operator calls need the admin token, or the Unix socket as the broker's user",
-            ));
+            return Err(AuthError::OperatorUnidentified);
         }
-        Err(Status::permission_denied(
-            "operator calls need the admin token, or the Unix socket as the broker's user",
-        ))
+        Err(AuthError::NotOperator)
     }
 
     fn is_owner(&self, peer: UnixPeer) -> bool {

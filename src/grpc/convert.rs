@@ -1,15 +1,12 @@
-//! Conversions between the core's types and protobuf, and the one table that
-//! maps the broker's errors to gRPC status codes.
+//! Conversions between the core's types and protobuf. No statuses: errors
+//! go through the error table (`status.rs`).
 
-use tonic::{Code, Status};
-
-use crate::broker::{
-    BrokerStatus, EnqueueError, Grant, PreemptNotice, QueuePosition, lease_id, millis,
-};
+use super::status::LimitError;
+use crate::broker::{BrokerStatus, Grant, PreemptNotice, QueuePosition, lease_id, millis};
 use crate::config::Limits;
 use crate::core::{
     Attribution, ConsumerKind, ConsumerRecord, EndCounts, EvictionStats, GpuChoice, GpuView,
-    HolderView, Rejection, Request, RevokeReason, UnloadRequest, WaiterView,
+    HolderView, Request, RevokeReason, UnloadRequest, WaiterView,
 };
 use crate::pb::v1 as pb;
 
@@ -42,74 +39,37 @@ pub(crate) fn parse_lease_id(lease_id: &str) -> Option<(Option<u64>, u64)> {
     Some((Some(epoch), token.parse().ok()?))
 }
 
-/// The gRPC status for a request that cannot join the queue.
-pub(crate) fn enqueue_error(error: &EnqueueError) -> Status {
-    match error {
-        EnqueueError::Rejected(Rejection::BadName(_)) => {
-            Status::invalid_argument(error.to_string())
-        }
-        EnqueueError::Rejected(Rejection::UnknownConsumer(_)) => {
-            Status::permission_denied(error.to_string())
-        }
-        EnqueueError::Rejected(Rejection::UnknownGpu(..)) => {
-            Status::invalid_argument(error.to_string())
-        }
-        EnqueueError::Rejected(Rejection::TooLarge { .. }) => {
-            Status::resource_exhausted(error.to_string())
-        }
-        EnqueueError::ShuttingDown => Status::unavailable(error.to_string()),
-        EnqueueError::QueueFull { .. } => Status::resource_exhausted(error.to_string()),
-    }
-}
-
-/// What a reload did, or the status of one that changed nothing.
-pub(crate) fn reloaded(
-    outcome: Result<crate::reload::ReloadReport, crate::reload::ReloadError>,
-) -> Result<pb::ReloadResponse, Status> {
-    match outcome {
-        Ok(report) => Ok(pb::ReloadResponse {
-            message: report.message(),
-            applied: report.applied,
-            needs_restart: report.needs_restart,
-        }),
-        // The file must change before a reload can succeed.
-        Err(error) => Err(Status::failed_precondition(error.to_string())),
-    }
-}
-
 /// Refuses labels beyond `[limits]`: too many, an empty key, or a key or
 /// value too long. Labels are copied into Status and `Queued`, so their size
 /// is bounded before anything keeps them.
 pub(crate) fn check_labels(
     labels: &std::collections::HashMap<String, String>,
     limits: &Limits,
-) -> Result<(), Status> {
+) -> Result<(), LimitError> {
     let count = labels.len();
     if count > limits.max_labels as usize {
-        return Err(Status::invalid_argument(format!(
-            "{count} labels, more than `limits.max_labels` ({}) allows",
-            limits.max_labels
-        )));
+        return Err(LimitError::TooManyLabels {
+            count,
+            max: limits.max_labels,
+        });
     }
     for (key, value) in labels {
         if key.is_empty() {
-            return Err(Status::invalid_argument("a label key is empty"));
+            return Err(LimitError::EmptyLabelKey);
         }
         if key.len() > limits.max_label_key_bytes as usize {
-            return Err(Status::invalid_argument(format!(
-                "the label key {:?}… is {} bytes, more than `limits.max_label_key_bytes` ({}) allows",
-                prefix(key),
-                key.len(),
-                limits.max_label_key_bytes
-            )));
+            return Err(LimitError::LabelKeyTooLong {
+                prefix: prefix(key).to_owned(),
+                bytes: key.len(),
+                max: limits.max_label_key_bytes,
+            });
         }
         if value.len() > limits.max_label_value_bytes as usize {
-            return Err(Status::invalid_argument(format!(
-                "the value of label {:?} is {} bytes, more than `limits.max_label_value_bytes` ({}) allows",
-                prefix(key),
-                value.len(),
-                limits.max_label_value_bytes
-            )));
+            return Err(LimitError::LabelValueTooLong {
+                prefix: prefix(key).to_owned(),
+                bytes: value.len(),
+                max: limits.max_label_value_bytes,
+            });
         }
     }
     Ok(())
@@ -125,92 +85,16 @@ fn prefix(text: &str) -> &str {
     &text[..end]
 }
 
-/// tonic's status for a message over the decoding limit: OUT_OF_RANGE, with
-/// this message. The broker answers RESOURCE_EXHAUSTED, the code for a
-/// quota, naming the limit.
-const TOO_LARGE: &str = "decoded message length too large";
-
-/// The status for a failure to read a client's message: a message over
-/// `limits.max_message_bytes` becomes RESOURCE_EXHAUSTED; anything else is
-/// passed on.
-pub(crate) fn inbound_error(status: Status, limits: &Limits) -> Status {
-    if status.code() == Code::OutOfRange && status.message().contains(TOO_LARGE) {
-        too_large(limits.max_message_bytes)
-    } else {
-        status
+/// What a reload did.
+pub(crate) fn reloaded(report: crate::reload::ReloadReport) -> pb::ReloadResponse {
+    pb::ReloadResponse {
+        message: report.message(),
+        applied: report.applied,
+        needs_restart: report.needs_restart,
     }
 }
 
-fn too_large(limit: u32) -> Status {
-    Status::resource_exhausted(format!(
-        "message too large: more than `limits.max_message_bytes` ({limit} bytes) allows"
-    ))
-}
-
-/// Rewrites a trailers-only response that tonic produced for a unary
-/// request over the decoding limit (it decodes before any handler runs), so
-/// that it too says RESOURCE_EXHAUSTED and names the limit.
-pub(crate) fn rewrite_too_large<B>(
-    mut response: tonic::codegen::http::Response<B>,
-    limit: u32,
-) -> tonic::codegen::http::Response<B> {
-    let headers = response.headers_mut();
-    let out_of_range = headers
-        .get("grpc-status")
-        .is_some_and(|code| code.as_bytes() == b"11");
-    let too_large_message = headers
-        .get("grpc-message")
-        .is_some_and(|message| percent_decoded(message.as_bytes()).contains(TOO_LARGE));
-    // Printable ASCII without `%`: a valid `grpc-message` as it is.
-    let message = too_large(limit).message().to_owned();
-    if out_of_range
-        && too_large_message
-        && let Ok(message) = tonic::codegen::http::HeaderValue::from_str(&message)
-    {
-        let code = tonic::codegen::http::HeaderValue::from(Code::ResourceExhausted as i32);
-        headers.insert("grpc-status", code);
-        headers.insert("grpc-message", message);
-    }
-    response
-}
-
-fn percent_decoded(bytes: &[u8]) -> String {
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        let hex = |b: u8| (b as char).to_digit(16);
-        if bytes[i] == b'%'
-            && let (Some(Some(high)), Some(Some(low))) = (
-                bytes.get(i + 1).map(|b| hex(*b)),
-                bytes.get(i + 2).map(|b| hex(*b)),
-            )
-        {
-            out.push(u8::try_from(high * 16 + low).unwrap_or(b'?'));
-            i += 3;
-        } else {
-            out.push(bytes[i]);
-            i += 1;
-        }
-    }
-    String::from_utf8_lossy(&out).into_owned()
-}
-
-/// The status that ends a stream after `Revoked`.
-pub(crate) fn revoked_status(reason: RevokeReason) -> Status {
-    match reason {
-        RevokeReason::Shutdown => Status::unavailable("lease revoked: the broker is shutting down"),
-        RevokeReason::MaxHoldExceeded => Status::new(
-            Code::Aborted,
-            "lease revoked: held longer than the broker's max_hold",
-        ),
-        RevokeReason::Admin => Status::new(Code::Aborted, "lease revoked by an operator"),
-        RevokeReason::Preempted => Status::new(
-            Code::Aborted,
-            "lease revoked: preempted for a waiter of higher priority",
-        ),
-    }
-}
-
+/// The `Revoked` event, with the message the client reads.
 pub(crate) fn revoked(reason: RevokeReason, message: &str) -> pb::LeaseEvent {
     let reason = match reason {
         RevokeReason::Shutdown => pb::RevokeReason::Shutdown,

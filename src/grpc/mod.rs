@@ -8,8 +8,10 @@
 //! guards it holds give back the place or the permit when they drop.
 
 mod convert;
+mod status;
 
-pub(crate) use convert::rewrite_too_large;
+pub(crate) use status::rewrite_too_large;
+use status::{ReloadCallError, RequestError, SessionError};
 
 use std::pin::Pin;
 use std::sync::Arc;
@@ -152,17 +154,11 @@ impl LeaseBroker for LeaseService {
         let (epoch, token) = if request.lease_id.is_empty() {
             (None, request.fencing_token)
         } else {
-            convert::parse_lease_id(&request.lease_id).ok_or_else(|| {
-                Status::invalid_argument(format!(
-                    "{:?} is not a lease id (EPOCH-TOKEN, as in Granted.lease_id)",
-                    request.lease_id
-                ))
-            })?
+            convert::parse_lease_id(&request.lease_id)
+                .ok_or_else(|| RequestError::NotALeaseId(request.lease_id.clone()))?
         };
         if token == 0 {
-            return Err(Status::invalid_argument(
-                "name the lease by lease_id or fencing_token",
-            ));
+            return Err(RequestError::NoLeaseNamed.into());
         }
         let message = if request.message.is_empty() {
             "revoked by an operator".to_owned()
@@ -194,16 +190,14 @@ impl LeaseBroker for LeaseService {
     ) -> Result<Response<pb::ReloadResponse>, Status> {
         self.authority
             .may_administer(&Authority::caller(&request))?;
-        let reloader = self
-            .reloader
-            .clone()
-            .ok_or_else(|| Status::unimplemented("this broker cannot reload"))?;
+        let reloader = self.reloader.clone().ok_or(ReloadCallError::Unsupported)?;
         tracing::info!("reload asked for over the API");
         // It reads files: off the async threads.
-        let outcome = tokio::task::spawn_blocking(move || reloader.reload())
+        let report = tokio::task::spawn_blocking(move || reloader.reload())
             .await
-            .map_err(|e| Status::internal(format!("the reload failed: {e}")))?;
-        convert::reloaded(outcome).map(Response::new)
+            .map_err(|e| ReloadCallError::Failed(e.to_string()))?
+            .map_err(ReloadCallError::Refused)?;
+        Ok(Response::new(convert::reloaded(report)))
     }
 
     type ResidencyStream = ResidencyStream;
@@ -218,19 +212,14 @@ impl LeaseBroker for LeaseService {
         let hello = inbound
             .message()
             .await
-            .map_err(|status| convert::inbound_error(status, &limits))?;
+            .map_err(|status| status::inbound_error(status, &limits))?;
         let consumer = match hello {
             Some(pb::ResidencyReport {
                 kind: Some(pb::residency_report::Kind::Hello(hello)),
             }) => hello.consumer,
-            _ => {
-                return Err(Status::invalid_argument(
-                    "the first message of Residency must be `hello`",
-                ));
-            }
+            _ => return Err(RequestError::FirstNotHello.into()),
         };
-        crate::core::validate_consumer_name(&consumer)
-            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        crate::core::validate_consumer_name(&consumer).map_err(RequestError::BadName)?;
         self.authority.may_act_as(&caller, &consumer)?;
         let mut listener = self.broker.listen_for_unloads(consumer.clone());
         let deadline = self.broker.unload_timeout();
@@ -257,17 +246,14 @@ impl LeaseBroker for LeaseService {
                                 let _ = listener.unloaded((!unloaded.all_gpus).then_some(unloaded.gpu_index));
                             }
                             Ok(Some(_)) => {
-                                let status = Status::invalid_argument(
-                                    "only `unloaded` may follow `hello` on a Residency stream",
-                                );
-                                let _ = tx.send(Err(status)).await;
+                                let _ = tx.send(Err(RequestError::NotUnloaded.into())).await;
                                 return;
                             }
                             Ok(None) | Err(_) => return,
                         },
                         () = tx.closed() => return,
                         () = shutdown.cancelled() => {
-                            let _ = tx.send(Err(Status::unavailable("the broker is shutting down"))).await;
+                            let _ = tx.send(Err(SessionError::ShuttingDown.into())).await;
                             return;
                         }
                     }
@@ -328,28 +314,15 @@ impl LeaseService {
         let connection = Request::from_parts(Default::default(), extensions, ());
         let first = tokio::time::timeout(FIRST_MESSAGE_TIMEOUT, inbound.message())
             .await
-            .map_err(|_| {
-                Status::invalid_argument(format!(
-                    "no `acquire` within {} s of opening AcquireLease",
-                    FIRST_MESSAGE_TIMEOUT.as_secs()
-                ))
-            })?;
+            .map_err(|_| RequestError::NoAcquireInTime(FIRST_MESSAGE_TIMEOUT))?;
         let limits = self.broker.limits();
-        let first = first.map_err(|status| convert::inbound_error(status, &limits))?;
+        let first = first.map_err(|status| status::inbound_error(status, &limits))?;
         let acquire = match first {
             Some(pb::LeaseRequest {
                 kind: Some(RequestKind::Acquire(acquire)),
             }) => acquire,
-            Some(_) => {
-                return Err(Status::invalid_argument(
-                    "the first message of AcquireLease must be `acquire`",
-                ));
-            }
-            None => {
-                return Err(Status::invalid_argument(
-                    "AcquireLease ended before its `acquire` message",
-                ));
-            }
+            Some(_) => return Err(RequestError::FirstNotAcquire.into()),
+            None => return Err(RequestError::EndedBeforeAcquire.into()),
         };
         self.authority.may_act_as(&caller, &acquire.consumer)?;
         convert::check_labels(&acquire.labels, &limits)?;
@@ -364,10 +337,7 @@ impl LeaseService {
         request.client_pid = decision.pid;
         request.attribution = decision.attribution;
         let span = info_span!("lease", consumer = %request.consumer, peer = ?peer);
-        let ticket = self
-            .broker
-            .enqueue(request)
-            .map_err(|e| convert::enqueue_error(&e))?;
+        let ticket = self.broker.enqueue(request)?;
         let (events, rx) = mpsc::channel(EVENT_BUFFER);
         let session = Session {
             broker: Arc::clone(&self.broker),
@@ -439,14 +409,15 @@ impl Session {
         };
         let (how, status) = self.hold(&lease).await;
         if let LeaseEnd::Revoked(reason) = how {
-            let mut message = convert::revoked_status(reason).message().to_owned();
+            let mut message = SessionError::Revoked(reason).to_string();
             let (_, said) = lease.revocation().reason();
             if matches!(reason, RevokeReason::Admin | RevokeReason::Preempted) && !said.is_empty() {
                 message = format!("{message}: {said}");
             }
             self.farewell(Ok(convert::revoked(reason, &message))).await;
             lease.end(how);
-            self.farewell(Err(convert::revoked_status(reason))).await;
+            self.farewell(Err(SessionError::Revoked(reason).into()))
+                .await;
         } else {
             lease.end(how);
             if let Some(status) = status {
@@ -485,9 +456,7 @@ impl Session {
                 lease = ticket.granted() => {
                     return match lease {
                         Some(lease) => self.granted(lease).await,
-                        None => Waited::Over(Some(Status::unavailable(
-                            "the broker is shutting down",
-                        ))),
+                        None => Waited::Over(Some(SessionError::ShuttingDown.into())),
                     };
                 }
                 message = self.inbound.message() => {
@@ -497,9 +466,7 @@ impl Session {
                             return self.stop_waiting(ticket, Withdrawal::Withdrawn, None).await;
                         }
                         Ok(Some(_)) => {
-                            let status = Status::invalid_argument(
-                                "only `release` may follow `acquire` on an AcquireLease stream",
-                            );
+                            let status = RequestError::NotReleaseWhileWaiting.into();
                             return self.stop_waiting(ticket, Withdrawal::Withdrawn, Some(status)).await;
                         }
                         Ok(None) | Err(_) => {
@@ -513,10 +480,7 @@ impl Session {
                     return self.stop_waiting(ticket, Withdrawal::Withdrawn, None).await;
                 }
                 () = sleep_until(deadline) => {
-                    let status = Status::deadline_exceeded(format!(
-                        "not granted within max_wait_ms ({} ms)",
-                        max_wait.map_or(0, |w| w.as_millis())
-                    ));
+                    let status = SessionError::NotGrantedInTime(max_wait.unwrap_or_default()).into();
                     return self.stop_waiting(ticket, Withdrawal::Expired, Some(status)).await;
                 }
                 position = positions.improved() => {
@@ -621,9 +585,7 @@ impl Session {
                 }
                 Ok(Some(_)) => (
                     LeaseEnd::Disconnected,
-                    Some(Status::invalid_argument(
-                        "only `release` may follow `acquire` on an AcquireLease stream; the lease has ended",
-                    )),
+                    Some(RequestError::NotReleaseWhileHolding.into()),
                 ),
                 Ok(None) => (self.half_closed_or_gone().await, None),
                 Err(_) => (LeaseEnd::Disconnected, None),
