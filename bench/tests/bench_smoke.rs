@@ -1,7 +1,8 @@
 //! Runs `gpulease-bench` once in its tiny configuration against the
-//! `gpulease` binary of this build, and its sharing benchmark in its quick
-//! mode, so that neither can rot. They check only that the runs succeed
-//! and write their results: no test asserts a timing.
+//! `gpulease` binary of this build (built first by `cargo build --workspace
+//! --bins`), and its sharing benchmark in its quick mode, so that neither
+//! can rot. They check only that the runs succeed and write their results:
+//! no test asserts a timing.
 
 use std::path::Path;
 use std::process::Command;
@@ -18,7 +19,7 @@ fn run_bench(args: &[&str], out: &Path) -> String {
     let mut child = Command::new(env!("CARGO_BIN_EXE_gpulease-bench"))
         .args(args)
         .arg("--broker-bin")
-        .arg(env!("CARGO_BIN_EXE_gpulease"))
+        .arg(gpulease_testkit::cargo_bin("gpulease"))
         .arg("--out")
         .arg(out)
         // A file, not a pipe: nobody reads a pipe while the run goes on.

@@ -36,7 +36,7 @@ use trace::{Arrival, CARD_MIB, MODEL_LOAD_S, SAFETY_MARGIN_MIB, Service};
 const READY_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// The fake NVML library's source, compiled with gcc at the start of a run.
-const FAKE_NVML_SOURCE: &str = include_str!("../../../../tests/fake_nvml/fake_nvml.c");
+const FAKE_NVML_SOURCE: &str = include_str!("../../../tests/fake_nvml/fake_nvml.c");
 
 /// The broker's NVML poll interval, in wall time (the broker reads every
 /// 100 ms at most while a request waits for memory; this is faster).
@@ -171,7 +171,7 @@ pub(crate) async fn main(args: &SharingArgs, exe: PathBuf) -> Result<()> {
     };
     if policies.iter().any(|&p| p != Policy::NoBroker) && !broker_bin.is_file() {
         bail!(
-            "no broker binary at {}: build both with `cargo build --release --bins`, or pass --broker-bin",
+            "no broker binary at {}: build both with `cargo build --release --workspace --bins`, or pass --broker-bin",
             broker_bin.display()
         );
     }

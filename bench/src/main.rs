@@ -54,7 +54,7 @@ struct Cli {
     #[arg(long)]
     quick: bool,
     /// The `gpulease` binary to measure. Default: the one next to this
-    /// binary (build both with `cargo build --release --bins`).
+    /// binary (build both with `cargo build --release --workspace --bins`).
     #[arg(long, value_name = "PATH")]
     broker_bin: Option<PathBuf>,
     /// The `etcd` binary for the etcd baseline. Default: `etcd` on the PATH.
@@ -161,14 +161,14 @@ async fn bench(cli: &Cli) -> Result<()> {
     };
     if !broker_bin.is_file() {
         bail!(
-            "no broker binary at {}: build both with `cargo build --release --bins`, or pass --broker-bin",
+            "no broker binary at {}: build both with `cargo build --release --workspace --bins`, or pass --broker-bin",
             broker_bin.display()
         );
     }
     if cli.broker_bin.is_none() && older(&broker_bin, &exe) {
         eprintln!(
             "gpulease-bench: note: {} is older than this binary; if src/ changed since, \
-             rebuild both with `cargo build --release --bins`",
+             rebuild both with `cargo build --release --workspace --bins`",
             broker_bin.display()
         );
     }

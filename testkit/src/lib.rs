@@ -1,0 +1,33 @@
+//! What gpulease's tests and benchmarks share: finding the binaries of this
+//! build, starting the real `gpulease serve` and reading the addresses it
+//! prints, and the one clock that every process on the host reads alike.
+
+use std::path::PathBuf;
+
+/// The binary `name` of this build (`target/<profile>/NAME`), found from the
+/// running test or benchmark, which lives in that directory or in its
+/// `deps/`. Cargo hands a test the path of its own package's binaries only
+/// (`CARGO_BIN_EXE_<name>`); this finds another package's, which must have
+/// been built first (`cargo build --workspace --bins`, as `scripts/test`
+/// does).
+///
+/// # Panics
+/// When the binary is not there, saying how to build it.
+pub fn cargo_bin(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("the running executable has a path");
+    let mut dir = exe
+        .parent()
+        .expect("an executable is in a directory")
+        .to_owned();
+    if dir.ends_with("deps") {
+        dir.pop();
+    }
+    let bin = dir.join(name);
+    assert!(
+        bin.is_file(),
+        "no {} next to {}: build it first with `cargo build --workspace --bins`",
+        bin.display(),
+        exe.display()
+    );
+    bin
+}
