@@ -57,6 +57,23 @@ pub struct MemoryReading {
     pub processes: Vec<ProcessUsage>,
 }
 
+impl MemoryReading {
+    /// The free memory that admission may count on, in MiB: `free_mib`, but
+    /// never more than what `processes` leave of `total_mib`.
+    ///
+    /// A reading is not one snapshot: NVML answers the free memory and the
+    /// processes in separate calls, and a process may allocate between
+    /// them. Its new memory then shows both as free and as the process's
+    /// own, so a holder that just loaded its model would seem to have kept
+    /// its promise while that memory still counted as free: the sharing
+    /// benchmark's over-commits. Counted once, as used, it cannot be
+    /// granted twice.
+    pub fn trusted_free_mib(&self) -> u64 {
+        let listed: u64 = self.processes.iter().map(|p| p.used_mib).sum();
+        self.free_mib.min(self.total_mib.saturating_sub(listed))
+    }
+}
+
 /// A consumer that keeps memory on a GPU while it holds no lease.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Resident {
@@ -407,7 +424,8 @@ impl<W> GpuState<W> {
                         )
                     })
                     .sum();
-                i128::from(reading.free_mib) - i128::from(promised) - margin + i128::from(own)
+                i128::from(reading.trusted_free_mib()) - i128::from(promised) - margin
+                    + i128::from(own)
             }
             // A GPU of unknown size and no readings: no memory accounting.
             _ if self.spec.total_mib == 0 => i128::from(u64::MAX),

@@ -578,6 +578,40 @@ fn no_unload_is_asked_on_a_reading_from_before_a_lease_ended() {
     );
 }
 
+/// The benchmark's over-commit (seed 3 and the heavier day). A reading is
+/// two NVML calls: the free memory, then the processes. Between them the
+/// LLM, just granted, loaded its 10 GiB model: the reading's free memory
+/// still counts those 10 GiB as free, and its processes show them as the
+/// LLM's, so its promise looked kept. Free memory is never more than what
+/// the processes in the same reading leave.
+#[test]
+fn a_torn_reading_never_counts_a_holders_memory_as_free_too() {
+    check(
+        "
+        card 24 measured
+        cap 4
+        margin 512
+        consumer tts vram=3 coexist
+        consumer llm vram=10 unload
+        consumer train
+        read free=21 tts=3
+        +llm 12
+        read free=21 tts=3 llm=10
+        +train 16
+        show
+        read free=11 tts=3 llm=10
+        show
+        ",
+        "
+        queued llm at 1
+        granted llm
+        queued train at 1
+        queue: train(0) | needs 16384 MiB, 8704 MiB free; waiting for the holders
+        queue: train(0) | needs 16384 MiB, 8704 MiB free; waiting for the holders
+        ",
+    );
+}
+
 #[test]
 fn preemption_asks_then_revokes_after_the_grace() {
     check(
@@ -966,10 +1000,11 @@ mod with_a_model {
 mod measured {
     //! Random interleavings on a measured card: consumers load models,
     //! allocate, free, unload and make way on their own schedule, and the
-    //! core sees only readings taken from that truth now and then. At every
-    //! grant, the truth — what each holder was promised or uses, whichever
-    //! is more, plus what everyone else keeps — must fit the card less the
-    //! margin.
+    //! core sees only readings taken from that truth now and then. A reading
+    //! may be torn, as NVML's is: its free memory and its processes are two
+    //! calls, and other steps may happen between them. At every grant, the
+    //! truth — what each holder was promised or uses, whichever is more,
+    //! plus what everyone else keeps — must fit the card less the margin.
 
     use proptest::prelude::*;
 
@@ -995,6 +1030,10 @@ mod measured {
         /// Consumer c, idle, frees its model.
         Unload(usize),
         Read,
+        /// A reading starts: one half of it (the free memory, or the
+        /// processes when `true`) is read now, the other half at the next
+        /// `Read`, after whatever steps come between.
+        StartRead(bool),
         Wait(u16),
     }
 
@@ -1005,6 +1044,7 @@ mod measured {
             3 => (0usize..4).prop_map(Op::Release),
             1 => (0usize..4).prop_map(Op::Unload),
             4 => Just(Op::Read),
+            2 => any::<bool>().prop_map(Op::StartRead),
             1 => (0u16..40_000).prop_map(Op::Wait),
         ]
     }
@@ -1046,16 +1086,22 @@ mod measured {
             let mut memory = [0u64; 4];
             let mut waiting = [false; 4];
             let mut holding: [Option<(FencingToken, u64)>; 4] = [None; 4];
-            let read = |memory: &[u64; 4]| MemoryReading {
+            // A reading whose free memory is `free`'s truth and whose
+            // processes are `processes`'.
+            let read = |free: &[u64; 4], processes: &[u64; 4]| MemoryReading {
                 total_mib: TOTAL,
-                used_mib: memory.iter().sum(),
-                free_mib: TOTAL - memory.iter().sum::<u64>(),
+                used_mib: free.iter().sum(),
+                free_mib: TOTAL - free.iter().sum::<u64>(),
                 processes: (0..4)
-                    .filter(|c| memory[*c] > 0)
-                    .map(|c| ProcessUsage { pid: pid(c), used_mib: memory[c], ancestors: Vec::new() })
+                    .filter(|c| processes[*c] > 0)
+                    .map(|c| ProcessUsage { pid: pid(c), used_mib: processes[c], ancestors: Vec::new() })
                     .collect(),
             };
-            sched.observe(0, read(&memory), now);
+            sched.observe(0, read(&memory, &memory), now);
+            // A reading under way: which half was read first, what it saw,
+            // and when it started (the reading's time, as the broker stamps
+            // it).
+            let mut started: Option<(bool, [u64; 4], Instant)> = None;
             for op in ops {
                 now += Duration::from_millis(1);
                 match op {
@@ -1089,7 +1135,14 @@ mod measured {
                             memory[c] = 0;
                         }
                     }
-                    Op::Read => sched.observe(0, read(&memory), now),
+                    Op::Read => match started.take() {
+                        Some((false, free, at)) => sched.observe(0, read(&free, &memory), at),
+                        Some((true, processes, at)) => sched.observe(0, read(&memory, &processes), at),
+                        None => sched.observe(0, read(&memory, &memory), now),
+                    },
+                    Op::StartRead(processes_first) => {
+                        started.get_or_insert((processes_first, memory, now));
+                    }
                     Op::Wait(ms) => now += Duration::from_millis(u64::from(ms)),
                     Op::Enqueue(_) => {}
                 }

@@ -60,7 +60,13 @@ impl Inventory for NvmlInventory {
 
     fn read(&self, index: u32) -> Result<Option<MemoryReading>, InventoryError> {
         let device = self.nvml.device_by_index(index)?;
-        let memory = device.memory_info()?;
+        // The memory and the processes are separate calls, and processes
+        // allocate and free between them: memory allocated after the first
+        // call would show both as free and as a process's own. Reading the
+        // memory on both sides of the process list and keeping the smaller
+        // free memory counts it as used; the core, in turn, never counts as
+        // free what the list shows held (`MemoryReading::trusted_free_mib`).
+        let before = device.memory_info()?;
         let processes = device
             .running_compute_processes()?
             .into_iter()
@@ -73,10 +79,11 @@ impl Inventory for NvmlInventory {
                 ancestors: procfs::ancestors(process.pid),
             })
             .collect();
+        let after = device.memory_info()?;
         Ok(Some(MemoryReading {
-            total_mib: memory.total / MIB,
-            used_mib: memory.used / MIB,
-            free_mib: memory.free / MIB,
+            total_mib: before.total / MIB,
+            used_mib: before.used.max(after.used) / MIB,
+            free_mib: before.free.min(after.free) / MIB,
             processes,
         }))
     }
