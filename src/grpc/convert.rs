@@ -1,9 +1,7 @@
 //! Conversions between the core's types and protobuf. No statuses: errors
 //! go through the error table (`status.rs`).
 
-use super::status::LimitError;
 use crate::broker::{BrokerStatus, Grant, PreemptNotice, QueuePosition, lease_id, millis};
-use crate::config::Limits;
 use crate::core::{
     Attribution, ConsumerKind, ConsumerRecord, EndCounts, EvictionStats, GpuChoice, GpuView,
     HolderView, Request, RevokeReason, UnloadRequest, WaiterView,
@@ -37,52 +35,6 @@ pub(crate) fn parse_lease_id(lease_id: &str) -> Option<(Option<u64>, u64)> {
     let (epoch, token) = lease_id.trim().split_once('-')?;
     let epoch = u64::from_str_radix(epoch, 16).ok()?;
     Some((Some(epoch), token.parse().ok()?))
-}
-
-/// Refuses labels beyond `[limits]`: too many, an empty key, or a key or
-/// value too long. Labels are copied into Status and `Queued`, so their size
-/// is bounded before anything keeps them.
-pub(crate) fn check_labels(
-    labels: &std::collections::HashMap<String, String>,
-    limits: &Limits,
-) -> Result<(), LimitError> {
-    let count = labels.len();
-    if count > limits.max_labels as usize {
-        return Err(LimitError::TooManyLabels {
-            count,
-            max: limits.max_labels,
-        });
-    }
-    for (key, value) in labels {
-        if key.is_empty() {
-            return Err(LimitError::EmptyLabelKey);
-        }
-        if key.len() > limits.max_label_key_bytes as usize {
-            return Err(LimitError::LabelKeyTooLong {
-                prefix: prefix(key).to_owned(),
-                bytes: key.len(),
-                max: limits.max_label_key_bytes,
-            });
-        }
-        if value.len() > limits.max_label_value_bytes as usize {
-            return Err(LimitError::LabelValueTooLong {
-                prefix: prefix(key).to_owned(),
-                bytes: value.len(),
-                max: limits.max_label_value_bytes,
-            });
-        }
-    }
-    Ok(())
-}
-
-/// The first few characters of `text`, to name it in a message without
-/// echoing all of it.
-fn prefix(text: &str) -> &str {
-    let end = text
-        .char_indices()
-        .nth(32)
-        .map_or(text.len(), |(index, _)| index);
-    &text[..end]
 }
 
 /// What a reload did.
