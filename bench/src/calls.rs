@@ -11,7 +11,7 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::Streaming;
 
-use crate::clock::now_ns;
+use gpulease_testkit::clock::now_ns;
 
 /// A client on one connection (an HTTP/2 channel); clones share it.
 pub(crate) type Client = gpulease::client::Client;

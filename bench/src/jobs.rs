@@ -23,8 +23,8 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use crate::calls::{Answer, Call, Client, connect};
-use crate::clock::now_ns;
 use crate::{echo, locks};
+use gpulease_testkit::clock::now_ns;
 
 /// How long opening a batch of queue slots may take, at most.
 const ENQUEUE_TIMEOUT: Duration = Duration::from_secs(120);

@@ -15,8 +15,8 @@ use anyhow::{Context, Result, bail};
 use nix::fcntl::{Flock, FlockArg};
 use serde_json::{Value, json};
 
-use crate::clock::now_ns;
 use crate::jobs::{Latencies, LockEvent, LockEvents};
+use gpulease_testkit::clock::now_ns;
 
 /// How long one etcd call may block, a lock included.
 const ETCD_CALL_TIMEOUT: Duration = Duration::from_secs(30);

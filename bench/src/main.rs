@@ -20,7 +20,6 @@
 //! `servers.log` (the servers' standard error).
 
 mod calls;
-mod clock;
 mod echo;
 mod jobs;
 mod locks;

@@ -2,14 +2,12 @@
 //! and workers. Every child is killed when its handle drops, so an error
 //! anywhere leaves nothing running.
 
-use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
-use nix::sys::signal::{Signal, kill};
-use nix::unistd::Pid;
+use gpulease_testkit::{Serve, Stderr};
 use serde::de::DeserializeOwned;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader, Lines};
 use tokio::process::{Child, ChildStdin, ChildStdout, Command};
@@ -45,14 +43,7 @@ impl Transport {
 
 /// A gRPC server in a child process, listening on TCP and a Unix socket.
 #[derive(Debug)]
-pub(crate) struct Server {
-    child: Child,
-    tcp: String,
-    uds: String,
-    /// Kept open: the server may print more, and a closed pipe would fail
-    /// its write.
-    _stdout: Lines<BufReader<ChildStdout>>,
-}
+pub(crate) struct Server(gpulease_testkit::Server);
 
 impl Server {
     /// Starts `gpulease serve` from `bin` with `capacity`, on `127.0.0.1:0`
@@ -67,23 +58,15 @@ impl Server {
         state_dir: &Path,
         log: &Path,
     ) -> Result<Self> {
-        let mut command = wrapped(wrapper, bin);
-        command.arg("serve");
-        // Only the settings below count, whatever this shell has set.
-        for (name, _) in std::env::vars_os() {
-            if name.to_string_lossy().starts_with("GPULEASE") {
-                command.env_remove(name);
-            }
-        }
-        command
-            .env("GPULEASE__LISTEN", "127.0.0.1:0")
-            .env("GPULEASE__SOCKET", socket)
+        let serve = Serve::gpulease(bin)
+            .wrapper(wrapper)
+            .socket(socket)
             .env("GPULEASE__CAPACITY", capacity.to_string())
             // Its own state (the fencing-token file), not the user's.
-            .env("GPULEASE__STATE_DIR", state_dir)
+            .state_dir(state_dir)
             // The default, info, writes a line per grant.
             .env("RUST_LOG", "warn");
-        Self::start(command, log).await
+        Self::start(serve, log).await
     }
 
     /// Starts `gpulease serve` from `bin` with the configuration file
@@ -98,20 +81,12 @@ impl Server {
         state_dir: &Path,
         log: &Path,
     ) -> Result<Self> {
-        let mut command = Command::new(bin);
-        command.arg("serve").arg("--config").arg(config);
-        for (name, _) in std::env::vars_os() {
-            if name.to_string_lossy().starts_with("GPULEASE") {
-                command.env_remove(name);
-            }
-        }
-        command
-            .env("GPULEASE__LISTEN", "127.0.0.1:0")
-            .env("GPULEASE__SOCKET", socket)
-            .env("GPULEASE__STATE_DIR", state_dir)
-            .env("RUST_LOG", "info")
+        let serve = Serve::gpulease(bin)
+            .config(config)
+            .socket(socket)
+            .state_dir(state_dir)
             .envs(env.iter().copied());
-        Self::start(command, log).await
+        Self::start(serve, log).await
     }
 
     /// Starts a baseline server: this binary in its worker mode, under
@@ -123,64 +98,40 @@ impl Server {
         socket: &Path,
         log: &Path,
     ) -> Result<Self> {
-        let mut command = wrapped(wrapper, exe);
-        command.arg("worker").arg(serde_json::to_string(&Job::Echo {
-            mode,
-            socket: socket.to_owned(),
-        })?);
-        Self::start(command, log).await
+        let serve = Serve::command(exe)
+            .wrapper(wrapper)
+            .arg("worker")
+            .arg(serde_json::to_string(&Job::Echo {
+                mode,
+                socket: socket.to_owned(),
+            })?)
+            .expect_unix(true);
+        Self::start(serve, log).await
     }
 
-    async fn start(mut command: Command, log: &Path) -> Result<Self> {
-        let log = File::options().create(true).append(true).open(log)?;
-        let mut child = command
+    /// Starts `serve` with its stderr appended to `log`, and a stdin that
+    /// stays open until it is asked to stop.
+    async fn start(serve: Serve, log: &Path) -> Result<Self> {
+        let server = serve
             .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(log)
-            .kill_on_drop(true)
-            .spawn()
-            .with_context(|| format!("cannot start {:?}", command.as_std().get_program()))?;
-        let stdout = child.stdout.take().context("no stdout")?;
-        let mut lines = BufReader::new(stdout).lines();
-        let (mut tcp, mut uds) = (None, None);
-        // The readiness lines: the server accepts calls once it printed them.
-        let read = async {
-            while tcp.is_none() || uds.is_none() {
-                let Some(line) = lines.next_line().await? else {
-                    bail!("the server exited before it listened (see its log)");
-                };
-                if let Some(address) = line.strip_prefix("listening on ") {
-                    if address.starts_with("unix:") {
-                        uds = Some(address.to_owned());
-                    } else {
-                        tcp = Some(address.to_owned());
-                    }
-                }
-            }
-            Ok(())
-        };
-        tokio::time::timeout(START_TIMEOUT, read)
-            .await
-            .context("the server did not listen in time")??;
-        Ok(Self {
-            child,
-            tcp: tcp.unwrap_or_default(),
-            uds: uds.unwrap_or_default(),
-            _stdout: lines,
-        })
+            .stderr(Stderr::File(log.to_owned()))
+            .timeout(START_TIMEOUT)
+            .start()
+            .await?;
+        Ok(Self(server))
     }
 
     /// The address to reach it over `transport`, as a client spells it.
     pub(crate) fn address(&self, transport: Transport) -> &str {
         match transport {
-            Transport::Tcp => &self.tcp,
-            Transport::Uds => &self.uds,
+            Transport::Tcp => &self.0.addr,
+            Transport::Uds => self.0.unix.as_deref().unwrap_or_default(),
         }
     }
 
     /// Its resident set size, from `/proc/PID/status`.
     pub(crate) fn rss_bytes(&self) -> Result<u64> {
-        let pid = self.child.id().context("the server has exited")?;
+        let pid = self.0.child.id().context("the server has exited")?;
         let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
         let kib: u64 = status
             .lines()
@@ -194,7 +145,7 @@ impl Server {
     /// `/proc/PID/task/*/schedstat` (threads that already exited are not
     /// counted; the servers keep theirs).
     pub(crate) fn cpu_ns(&self) -> Result<u64> {
-        let pid = self.child.id().context("the server has exited")?;
+        let pid = self.0.child.id().context("the server has exited")?;
         let mut total = 0;
         for task in std::fs::read_dir(format!("/proc/{pid}/task"))? {
             let schedstat =
@@ -211,34 +162,13 @@ impl Server {
     /// Asks it to stop (SIGTERM, then stdin closes) and waits; kills it if
     /// it takes too long.
     pub(crate) async fn stop(mut self) -> Result<()> {
-        terminate(&mut self.child).await
-    }
-}
-
-/// `program`, or `wrapper` (a profiler and its arguments) running it.
-fn wrapped(wrapper: &[String], program: &Path) -> Command {
-    match wrapper.split_first() {
-        Some((profiler, args)) => {
-            let mut command = Command::new(profiler);
-            command.args(args).arg(program);
-            command
-        }
-        None => Command::new(program),
+        terminate(&mut self.0.child).await
     }
 }
 
 /// SIGTERM, wait, then SIGKILL.
 pub(crate) async fn terminate(child: &mut Child) -> Result<()> {
-    if let Some(pid) = child.id().and_then(|pid| i32::try_from(pid).ok()) {
-        let _ = kill(Pid::from_raw(pid), Signal::SIGTERM);
-    }
-    drop(child.stdin.take());
-    if tokio::time::timeout(STOP_TIMEOUT, child.wait())
-        .await
-        .is_err()
-    {
-        child.kill().await?;
-    }
+    gpulease_testkit::terminate(child, STOP_TIMEOUT).await?;
     Ok(())
 }
 

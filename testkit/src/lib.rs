@@ -1,8 +1,26 @@
 //! What gpulease's tests and benchmarks share: finding the binaries of this
-//! build, starting the real `gpulease serve` and reading the addresses it
-//! prints, and the one clock that every process on the host reads alike.
+//! build, starting the real `gpulease serve` (or a server that prints the
+//! same lines) and reading the addresses it prints, and the one clock that
+//! every process on the host reads alike.
+//!
+//! ```no_run
+//! # async fn example() -> Result<(), gpulease_testkit::StartError> {
+//! use gpulease_testkit::{Serve, cargo_bin};
+//! let broker = Serve::gpulease(cargo_bin("gpulease"))
+//!     .env("GPULEASE__CAPACITY", "2")
+//!     .start()
+//!     .await?;
+//! println!("the broker listens on {}", broker.addr);
+//! # Ok(())
+//! # }
+//! ```
+
+pub mod clock;
+mod server;
 
 use std::path::PathBuf;
+
+pub use server::{PATIENCE, Serve, Server, StartError, Stderr, signal, terminate};
 
 /// The binary `name` of this build (`target/<profile>/NAME`), found from the
 /// running test or benchmark, which lives in that directory or in its

@@ -4,24 +4,19 @@
 
 use std::path::PathBuf;
 use std::process::{ExitStatus, Stdio};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use gpulease::pb::v1 as pb;
 use gpulease::pb::v1::lease_broker_client::LeaseBrokerClient;
+use gpulease_testkit::PATIENCE;
+use gpulease_testkit::clock::now_ns;
+use gpulease_testkit::{Serve, Server, Stderr};
 use nix::sys::signal::Signal;
-use tokio::io::{AsyncBufReadExt, BufReader};
-use tokio::process::{Child, Command};
-use tokio::task::JoinHandle;
 use tonic::transport::{Channel, Endpoint};
-
-use crate::clock::now;
 
 /// The `gpulease` binary under test.
 pub(crate) const BIN: &str = env!("CARGO_BIN_EXE_gpulease");
-
-/// The longest a single step may take before it counts as hung.
-pub(crate) const PATIENCE: Duration = Duration::from_secs(20);
 
 /// One line of a broker's stderr.
 #[derive(Clone, Debug)]
@@ -70,7 +65,7 @@ pub(crate) struct Settings {
 /// A running `gpulease serve`, killed when dropped.
 #[derive(Debug)]
 pub(crate) struct BrokerProcess {
-    child: Child,
+    server: Server,
     /// `127.0.0.1:PORT`.
     pub(crate) addr: String,
     /// Which start this is (1, 2, ...).
@@ -79,114 +74,65 @@ pub(crate) struct BrokerProcess {
     pub(crate) pid: i32,
     /// When the test killed it with SIGKILL.
     pub(crate) killed_at: Option<u64>,
-    reader: Option<JoinHandle<()>>,
 }
 
 impl BrokerProcess {
     /// Starts start number `instance` and returns once it prints its
-    /// `listening on` line.
+    /// `listening on` line; every line of its stderr goes to `log`, stamped
+    /// with the time it was read.
     pub(crate) async fn start(
         settings: &Settings,
         instance: u32,
         log: &BrokerLog,
     ) -> Result<Self, String> {
-        let mut command = Command::new(BIN);
-        command
-            .arg("serve")
-            .current_dir(&settings.dir)
-            .env_remove("GPULEASE_CONFIG")
-            .env("GPULEASE__LISTEN", "127.0.0.1:0")
-            .env("GPULEASE__GPU__SOURCE", "static")
-            .env("RUST_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .kill_on_drop(true);
-        if supports("state_dir") {
-            command.env("GPULEASE__STATE_DIR", &settings.state_dir);
-        }
-        if supports("lock_delay") {
-            // Without NVML it changes nothing; say so explicitly.
-            command.env("GPULEASE__LOCK_DELAY", "0s");
-        }
-        for (key, value) in &settings.env {
-            command.env(key, value);
-        }
-        let mut child = command
-            .spawn()
-            .map_err(|e| format!("cannot start {BIN}: {e}"))?;
-        let pid = child.id().map_or(0, |id| id as i32);
-        let stderr = child.stderr.take().expect("stderr is piped");
         let sink = Arc::clone(&log.0);
-        let reader = tokio::spawn(async move {
-            let mut lines = BufReader::new(stderr).lines();
-            while let Ok(Some(text)) = lines.next_line().await {
-                let t = now();
+        let server = Serve::gpulease(BIN)
+            .current_dir(&settings.dir)
+            .state_dir(&settings.state_dir)
+            .env("GPULEASE__GPU__SOURCE", "static")
+            // Without NVML it changes nothing; say so explicitly.
+            .env("GPULEASE__LOCK_DELAY", "0s")
+            .envs(settings.env.iter().map(|(k, v)| (k, v)))
+            .stdin(Stdio::null())
+            .stderr(Stderr::lines(move |text| {
+                let t = now_ns();
                 sink.lock().unwrap().push(LogLine { instance, t, text });
-            }
-        });
-        let mut lines = BufReader::new(child.stdout.take().expect("stdout is piped")).lines();
-        let addr = loop {
-            let line = tokio::time::timeout(PATIENCE, lines.next_line())
-                .await
-                .map_err(|_| "the broker did not print its address in time".to_owned())?
-                .map_err(|e| e.to_string())?;
-            let Some(line) = line else {
-                let _ = tokio::time::timeout(PATIENCE, reader).await;
-                let said: Vec<String> = log
-                    .lines()
-                    .into_iter()
-                    .filter(|l| l.instance == instance)
-                    .map(|l| l.text)
-                    .collect();
-                return Err(format!(
-                    "the broker exited before listening: {}",
-                    said.join("\n")
-                ));
-            };
-            if let Some(addr) = line.strip_prefix("listening on ")
-                && !addr.starts_with("unix:")
-            {
-                break addr.to_owned();
-            }
-        };
-        // Keep reading, so that the broker never writes into a closed pipe.
-        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+            }))
+            .timeout(PATIENCE)
+            .start()
+            .await
+            .map_err(|e| e.to_string())?;
         Ok(Self {
-            child,
-            addr,
+            addr: server.addr.clone(),
+            pid: server.pid(),
+            server,
             instance,
-            pid,
             killed_at: None,
-            reader: Some(reader),
         })
     }
 
     /// `kill -9`; returns when the process is gone and its last log line
     /// read. Returns the time the signal was sent.
     pub(crate) async fn kill9(&mut self) -> u64 {
-        let t = now();
-        signal(self.pid, Signal::SIGKILL);
-        let _ = self.child.wait().await;
+        let t = now_ns();
+        self.server.kill9().await;
         self.killed_at = Some(t);
-        self.drain().await;
         t
     }
 
-    /// SIGTERM, and the exit status once it is gone.
+    /// SIGTERM, and the exit status once it is gone and its last log line
+    /// read.
     pub(crate) async fn terminate(&mut self) -> Result<ExitStatus, String> {
-        signal(self.pid, Signal::SIGTERM);
-        let status = tokio::time::timeout(PATIENCE, self.child.wait())
+        self.server
+            .terminate(PATIENCE)
             .await
-            .map_err(|_| "the broker did not exit after SIGTERM".to_owned())?
-            .map_err(|e| e.to_string())?;
-        self.drain().await;
-        Ok(status)
+            .map_err(|e| e.to_string())?
+            .ok_or_else(|| "the broker did not exit after SIGTERM".to_owned())
     }
 
     /// Whether the process still runs.
     pub(crate) fn alive(&mut self) -> bool {
-        matches!(self.child.try_wait(), Ok(None))
+        matches!(self.server.child.try_wait(), Ok(None))
     }
 
     /// Its resident memory in KiB, from `/proc`.
@@ -205,34 +151,11 @@ impl BrokerProcess {
             .ok()
             .map(Iterator::count)
     }
-
-    async fn drain(&mut self) {
-        if let Some(reader) = self.reader.take() {
-            let _ = tokio::time::timeout(PATIENCE, reader).await;
-        }
-    }
 }
 
 /// Sends `signal` to `pid`, ignoring a process that is already gone.
 pub(crate) fn signal(pid: i32, signal: Signal) {
-    let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), signal);
-}
-
-/// Whether this build of the broker knows the top-level configuration key
-/// `key` (read once from `gpulease serve --print-defaults`): keys that a
-/// broker does not know are errors, so the tests set only known ones.
-pub(crate) fn supports(key: &str) -> bool {
-    static DEFAULTS: OnceLock<String> = OnceLock::new();
-    let defaults = DEFAULTS.get_or_init(|| {
-        std::process::Command::new(BIN)
-            .args(["serve", "--print-defaults"])
-            .output()
-            .map(|output| String::from_utf8_lossy(&output.stdout).into_owned())
-            .unwrap_or_default()
-    });
-    defaults
-        .lines()
-        .any(|line| line.trim_start().starts_with(&format!("{key} =")))
+    let _ = gpulease_testkit::signal(pid, signal);
 }
 
 /// A client of the broker at `HOST:PORT`, on a connection of its own

@@ -25,9 +25,9 @@ use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::fmt::Display;
 
 use crate::broker::LogLine;
-use crate::clock::millis;
 use crate::counter::Record;
 use crate::history::{ClientKind, FaultKind, Op};
+use gpulease_testkit::clock::millis;
 
 /// How many lines later a `lease ended` line may come and still count as
 /// merely written late.

@@ -15,7 +15,7 @@ use std::sync::{Arc, Mutex};
 
 use serde::{Deserialize, Serialize};
 
-use crate::clock::now;
+use gpulease_testkit::clock::now_ns;
 
 /// Who made a call.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -152,7 +152,7 @@ impl Recorder {
 
     /// Records `ev` for `op` now, and returns the time.
     pub(crate) fn record(&self, op: &str, ev: Ev) -> u64 {
-        let t = now();
+        let t = now_ns();
         self.record_at(t, op, ev);
         t
     }

@@ -22,7 +22,6 @@
 
 mod broker;
 mod checker;
-mod clock;
 mod counter;
 mod fuzz;
 mod history;

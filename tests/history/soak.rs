@@ -24,10 +24,10 @@ use tonic::transport::Channel;
 
 use crate::broker::{self, BrokerLog, BrokerProcess, Settings};
 use crate::checker::{self, Instance};
-use crate::clock::nanos;
 use crate::history::{self, ClientKind, Ev, Recorder};
 use crate::rng::Rng;
 use crate::worker;
+use gpulease_testkit::clock::nanos;
 
 /// Calls per connection.
 const STREAMS_PER_CONNECTION: usize = 100;

@@ -38,12 +38,12 @@ use tonic::transport::Channel;
 
 use crate::broker::{self, BIN, BrokerLog, BrokerProcess, Settings, signal};
 use crate::checker::{self, Instance};
-use crate::clock::{nanos, now};
 use crate::counter::Counter;
 use crate::history::{self, ClientKind, Ev, FaultKind, Recorder};
 use crate::proxy::{Mode, Proxy};
 use crate::rng::Rng;
 use crate::worker;
+use gpulease_testkit::clock::{nanos, now_ns};
 
 /// How long a blackholed client waits before it gives its call up: well
 /// past the detection bound, so that the broker notices the silence first.
@@ -795,7 +795,7 @@ fn spawn_cli(shared: &Arc<Shared>, target: &Target, rng: &mut Rng) {
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .kill_on_drop(true);
-    let t = now();
+    let t = now_ns();
     if let Ok(child) = command.spawn() {
         let pid = child.id().unwrap_or(0);
         shared.recorder.record_at(

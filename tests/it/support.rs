@@ -1,23 +1,19 @@
 //! Starting a real broker and talking to it.
 
 use std::path::PathBuf;
-use std::process::Stdio;
-use std::time::Duration;
 
 use gpulease::pb::v1 as pb;
 use gpulease::pb::v1::lease_event::Kind as EventKind;
 use gpulease::pb::v1::lease_request::Kind as RequestKind;
-use tokio::io::{AsyncBufReadExt, BufReader};
-use tokio::process::{Child, Command};
+pub use gpulease_testkit::PATIENCE;
+use gpulease_testkit::{self as testkit, Serve};
+use tokio::process::Child;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Code, Status, Streaming};
 
 /// The `gpulease` binary under test.
 pub const BIN: &str = env!("CARGO_BIN_EXE_gpulease");
-
-/// The longest any single step of a test may take before it counts as hung.
-pub const PATIENCE: Duration = Duration::from_secs(20);
 
 /// A `gpulease serve` child process, killed when dropped.
 pub struct Broker {
@@ -32,6 +28,8 @@ pub struct Broker {
     pub dir: tempfile::TempDir,
     /// The broker's log lines, when captured.
     pub log: Option<Log>,
+    /// With [`Stderr::Unread`], the pipe nobody reads.
+    _unread: Option<tokio::process::ChildStderr>,
 }
 
 /// How to start a broker.
@@ -121,25 +119,14 @@ impl Broker {
 
     pub async fn start_with(options: Options<'_>) -> Self {
         let dir = tempfile::tempdir().unwrap();
-        let mut command = Command::new(BIN);
-        command
-            .arg("serve")
+        let mut serve = Serve::gpulease(BIN)
             // Unload commands and relative paths land in the test's directory.
             .current_dir(dir.path())
-            .env_remove("GPULEASE_CONFIG")
-            .env("GPULEASE__LISTEN", "127.0.0.1:0")
-            .env("GPULEASE__STATE_DIR", dir.path().join("state"))
-            .env("RUST_LOG", "info")
-            .stdout(Stdio::piped())
-            .stderr(match options.stderr {
-                Stderr::Inherit => Stdio::inherit(),
-                _ => Stdio::piped(),
-            })
-            .args(&options.args)
-            .kill_on_drop(true);
+            .state_dir(dir.path().join("state"))
+            .args(&options.args);
         let socket = options.socket.then(|| dir.path().join("gpulease.sock"));
         if let Some(socket) = &socket {
-            command.env("GPULEASE__SOCKET", socket);
+            serve = serve.socket(socket);
         }
         for (name, contents) in &options.files {
             std::fs::write(dir.path().join(name), contents).unwrap();
@@ -147,77 +134,51 @@ impl Broker {
         if let Some(config) = options.config {
             let path = dir.path().join("gpulease.toml");
             std::fs::write(&path, config).unwrap();
-            command.arg("--config").arg(path);
+            serve = serve.config(path);
         }
-        for (key, value) in &options.env {
-            command.env(key, value);
-        }
-        let mut child = command.spawn().expect("start gpulease serve");
-        let mut log = None;
-        let mut unread = None;
-        match options.stderr {
-            Stderr::Inherit => {}
-            Stderr::Closed => drop(child.stderr.take()),
-            Stderr::Unread => unread = child.stderr.take(),
-            Stderr::Capture => {
-                let captured = Log::default();
-                let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
-                let sink = captured.clone();
-                tokio::spawn(async move {
-                    loop {
-                        tokio::select! {
-                            line = lines.next_line() => match line {
-                                Ok(Some(line)) => {
-                                    eprintln!("{line}");
-                                    sink.push(line);
-                                }
-                                _ => return,
-                            },
-                            // Dropping `lines` closes the reading end.
-                            () = sink.stop.notified() => return,
-                        }
-                    }
-                });
-                log = Some(captured);
-            }
-        }
-        let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-        let mut addr = None;
-        let mut unix = socket.is_none();
         let wants_metrics = options
             .env
             .iter()
             .any(|(key, value)| *key == "GPULEASE__METRICS__LISTEN" && !value.is_empty());
-        let mut metrics = None;
-        // The broker prints one line per listener once it accepts calls.
-        while addr.is_none() || !unix || (wants_metrics && metrics.is_none()) {
-            let line = tokio::time::timeout(PATIENCE, lines.next_line())
-                .await
-                .expect("the broker did not print its address in time")
-                .unwrap()
-                .expect("the broker exited before listening");
-            if let Some(url) = line.strip_prefix("metrics on http://") {
-                metrics = Some(url.trim_end_matches("/metrics").to_owned());
+        let log = (options.stderr == Stderr::Capture).then(Log::default);
+        let stderr = match (options.stderr, &log) {
+            (Stderr::Capture, Some(captured)) => {
+                let sink = captured.clone();
+                testkit::Stderr::Lines {
+                    sink: Box::new(move |line| {
+                        eprintln!("{line}");
+                        sink.push(line);
+                    }),
+                    close: Some(captured.stop.clone()),
+                }
             }
-            match line.strip_prefix("listening on ") {
-                Some(a) if a.starts_with("unix:") => unix = true,
-                Some(a) => addr = Some(a.to_owned()),
-                None => {}
-            }
-        }
-        // Keep reading, so that the broker never writes into a closed pipe;
-        // an unread stderr stays open (and full) as long as the broker runs.
-        tokio::spawn(async move {
-            let _unread = unread;
-            while let Ok(Some(_)) = lines.next_line().await {}
-        });
+            (Stderr::Closed, _) => testkit::Stderr::Closed,
+            (Stderr::Unread, _) => testkit::Stderr::Pipe,
+            _ => testkit::Stderr::Inherit,
+        };
+        let mut server = serve
+            .envs(options.env.iter().copied())
+            .expect_metrics(wants_metrics)
+            .stderr(stderr)
+            .start()
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        // An unread stderr stays open (and full) as long as the broker runs.
+        let unread = server.child.stderr.take();
+        let testkit::Server {
+            child,
+            addr,
+            metrics,
+            ..
+        } = server;
         Self {
             child,
-            addr: addr.unwrap(),
+            addr,
             socket,
             metrics,
             dir,
             log,
+            _unread: unread,
         }
     }
 
@@ -292,11 +253,10 @@ impl Broker {
 
     /// Sends SIGTERM and waits for the exit status.
     pub async fn terminate(&mut self) -> std::process::ExitStatus {
-        signal(&self.child, nix::sys::signal::Signal::SIGTERM);
-        tokio::time::timeout(PATIENCE, self.child.wait())
+        testkit::terminate(&mut self.child, PATIENCE)
             .await
-            .expect("the broker did not exit after SIGTERM")
             .unwrap()
+            .expect("the broker did not exit after SIGTERM")
     }
 
     /// A scrape of `/metrics`.
@@ -319,8 +279,8 @@ impl Broker {
 }
 
 pub fn signal(child: &Child, signal: nix::sys::signal::Signal) {
-    let pid = nix::unistd::Pid::from_raw(child.id().expect("still running") as i32);
-    nix::sys::signal::kill(pid, signal).unwrap();
+    let pid = child.id().expect("still running") as i32;
+    testkit::signal(pid, signal).unwrap();
 }
 
 /// An `Acquire` for `consumer` with everything else unset.

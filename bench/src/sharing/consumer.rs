@@ -45,7 +45,7 @@ use tonic::Streaming;
 use super::Policy;
 use super::trace::Service;
 use crate::calls::{Client, connect};
-use crate::clock::now_ns;
+use gpulease_testkit::clock::now_ns;
 
 /// How long the broker may take to end a stream after `Release`.
 const END_TIMEOUT: Duration = Duration::from_secs(5);

@@ -25,10 +25,10 @@ use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::process::{Child, ChildStdin, Command};
 use tokio::sync::mpsc;
 
-use crate::clock::now_ns;
 use crate::jobs::Job;
 use crate::procs::{Scratch, Server, Transport};
 use consumer::ConsumerSpec;
+use gpulease_testkit::clock::now_ns;
 use sim::Simulator;
 use trace::{Arrival, CARD_MIB, MODEL_LOAD_S, SAFETY_MARGIN_MIB, Service};
 
