@@ -424,7 +424,7 @@ impl Metrics {
 
     /// The exposition: the gauges filled from `status`, then every metric
     /// in the text format.
-    pub fn render(&self, status: &BrokerStatus, capacity_per_gpu: u32) -> String {
+    pub fn render(&self, status: &BrokerStatus) -> String {
         let _one_at_a_time = self
             .scrape
             .lock()
@@ -465,7 +465,7 @@ impl Metrics {
                 .set(i64::try_from(gpu.holders.len()).unwrap_or(i64::MAX));
             g.capacity
                 .with_label_values(&label)
-                .set(i64::from(capacity_per_gpu));
+                .set(i64::from(status.core.capacity_per_gpu));
             g.oldest_waiter_age
                 .with_label_values(&label)
                 .set(gpu.oldest_waiting.as_secs_f64());

@@ -366,8 +366,14 @@ pub(super) fn render(s: &pb::StatusResponse) -> String {
     if let Some(e) = &s.ended {
         let _ = writeln!(
             out,
-            "\nended: released {}  half-closed {}  disconnected {}  revoked {}  withdrawn {}  expired {}",
-            e.released, e.half_closed, e.disconnected, e.revoked, e.withdrawn, e.expired
+            "\nended: released {}  half-closed {}  disconnected {}  revoked {}  withdrawn {}  unclaimed {}  expired {}",
+            e.released,
+            e.half_closed,
+            e.disconnected,
+            e.revoked,
+            e.withdrawn,
+            e.unclaimed,
+            e.expired
         );
     }
     out

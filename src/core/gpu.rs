@@ -92,10 +92,22 @@ pub struct Resident {
     /// Whether a reading ever showed its process on this GPU, so that its
     /// disappearance means it unloaded.
     pub seen: bool,
-    /// When it was asked to unload, if it was.
-    pub unload_requested: Option<Instant>,
-    /// Whether it let an unload deadline pass without freeing its memory.
-    pub unload_failed: bool,
+    /// Whether it was asked to unload, and how that went.
+    pub unload: Unload,
+}
+
+/// Where a resident stands with unloading.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Unload {
+    /// Not asked, or the request no longer applies (the waiter it was
+    /// asked for was granted, or left).
+    #[default]
+    NotAsked,
+    /// Asked to unload for the head of the queue; its memory is awaited.
+    Requested,
+    /// It let an unload deadline pass without freeing its memory: not asked
+    /// again until its consumer next asks for a lease.
+    NotFreed,
 }
 
 /// A request to a resident consumer to free its memory.
@@ -115,12 +127,12 @@ pub struct UnloadRequest {
 
 /// The state of one GPU.
 #[derive(Debug)]
-pub(super) struct GpuState<W> {
+pub(super) struct GpuState<W, H> {
     pub(super) spec: GpuSpec,
     /// Waiting requests, by effective priority and then arrival.
     pub(super) waiting: Queue<W>,
     /// Held leases by token, in grant order.
-    pub(super) holding: BTreeMap<FencingToken, Holding>,
+    pub(super) holding: BTreeMap<FencingToken, Holding<H>>,
     /// Idle consumers keeping memory here, by name.
     pub(super) residents: BTreeMap<String, Resident>,
     /// The processes of the latest reading that consumers' `match` rules
@@ -144,7 +156,7 @@ pub(super) struct GpuState<W> {
 }
 
 #[derive(Debug)]
-pub(super) struct Holding {
+pub(super) struct Holding<H> {
     pub(super) request: Request,
     /// Its priority when granted (before aging).
     pub(super) priority: i32,
@@ -160,6 +172,8 @@ pub(super) struct Holding {
     pub(super) overtook: Option<WaiterId>,
     /// It was asked to make way for a waiter of higher priority.
     pub(super) preempt: Option<Preempt>,
+    /// What the caller keeps with the lease while it is held.
+    pub(super) payload: H,
 }
 
 /// A holder asked to make way.
@@ -208,7 +222,7 @@ pub(super) enum Admit {
     Wait(Vec<UnloadRequest>),
 }
 
-impl Holding {
+impl<H> Holding<H> {
     /// Whether this lease was backfilled ahead of waiter `id`, of
     /// `priority`.
     pub(super) fn overtook(&self, id: WaiterId, priority: i32) -> bool {
@@ -219,7 +233,7 @@ impl Holding {
     }
 }
 
-impl<W> GpuState<W> {
+impl<W, H> GpuState<W, H> {
     /// Takes down the fences whose processes have left or whose time is
     /// up; returns whether a grant may happen now. A measured GPU also
     /// waits for its first reading.
@@ -251,6 +265,22 @@ impl<W> GpuState<W> {
                     left: fence.until.saturating_duration_since(now),
                 });
                 false
+            }
+        }
+    }
+
+    /// Drops the head's admission when that head is gone (granted
+    /// elsewhere, withdrawn, overtaken by a higher priority): the residents
+    /// asked to unload for it are no longer asked.
+    pub(super) fn forget_admission(&mut self) {
+        let Some(admission) = self.admission.take() else {
+            return;
+        };
+        for victim in &admission.victims {
+            if let Some(resident) = self.residents.get_mut(victim)
+                && resident.unload == Unload::Requested
+            {
+                resident.unload = Unload::NotAsked;
             }
         }
     }
@@ -313,7 +343,7 @@ impl<W> GpuState<W> {
 
     /// The memory a holder takes by the broker's accounting: what it was
     /// promised, or what its processes use if that is more.
-    pub(super) fn holder_mib(&self, holding: &Holding) -> u64 {
+    pub(super) fn holder_mib(&self, holding: &Holding<H>) -> u64 {
         if self.spec.measured {
             holding
                 .request
@@ -363,8 +393,7 @@ impl<W> GpuState<W> {
                     pid,
                     attribution: Some(Attribution::Matcher),
                     seen: true,
-                    unload_requested: None,
-                    unload_failed: false,
+                    unload: Unload::NotAsked,
                 });
             resident.footprint_mib = footprint_mib;
             resident.pid = pid;
@@ -541,7 +570,7 @@ impl<W> GpuState<W> {
                 .collect();
             for culprit in &culprits {
                 if let Some(resident) = self.residents.get_mut(culprit) {
-                    resident.unload_failed = true;
+                    resident.unload = Unload::NotFreed;
                 }
             }
             self.admission = None;
@@ -557,9 +586,11 @@ impl<W> GpuState<W> {
         }
         // Culprits stay named for as long as they keep their memory.
         if let Some(Blocked::NotFreed { culprits, .. }) = &self.blocked
-            && culprits
-                .iter()
-                .any(|c| self.residents.get(c).is_some_and(|r| r.unload_failed))
+            && culprits.iter().any(|c| {
+                self.residents
+                    .get(c)
+                    .is_some_and(|r| r.unload == Unload::NotFreed)
+            })
         {
             return Admit::Wait(Vec::new());
         }
@@ -571,7 +602,7 @@ impl<W> GpuState<W> {
             .values()
             .filter(|r| {
                 r.consumer != request.consumer
-                    && !r.unload_failed
+                    && r.unload != Unload::NotFreed
                     && consumers.is_evictable(&r.consumer)
                     && !self
                         .holding
@@ -600,7 +631,7 @@ impl<W> GpuState<W> {
         let mut requests = Vec::with_capacity(victims.len());
         for victim in &victims {
             if let Some(resident) = self.residents.get_mut(victim) {
-                resident.unload_requested = Some(now);
+                resident.unload = Unload::Requested;
                 requests.push(UnloadRequest {
                     consumer: victim.clone(),
                     gpu_index: self.spec.index,
@@ -610,11 +641,7 @@ impl<W> GpuState<W> {
                 });
             }
         }
-        self.blocked = Some(Blocked::Unloading {
-            victims: victims.clone(),
-            need_mib,
-            free_mib,
-        });
+        self.blocked = Some(Blocked::Unloading { need_mib, free_mib });
         self.admission = Some(Admission {
             waiter: id,
             victims,
@@ -652,10 +679,9 @@ pub enum Blocked {
         /// Whether leases are held (their end may make room).
         holders: bool,
     },
-    /// These residents were asked to unload; their memory is awaited.
+    /// Residents were asked to unload (the head's admission says who);
+    /// their memory is awaited.
     Unloading {
-        /// Who was asked.
-        victims: Vec<String>,
         /// What the head needs, in MiB.
         need_mib: u64,
         /// What is free for it, in MiB.
@@ -674,12 +700,37 @@ pub enum Blocked {
     },
 }
 
-impl std::fmt::Display for Blocked {
+/// Why the head of a GPU's queue waits, as people read it: the reason, and
+/// whom it asked to unload.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BlockedBy<'a> {
+    reason: &'a Blocked,
+    asked: &'a [String],
+}
+
+impl BlockedBy<'_> {
+    /// The reason.
+    pub fn reason(&self) -> &Blocked {
+        self.reason
+    }
+}
+
+impl<W, H> GpuState<W, H> {
+    /// Why the head of the queue waits, if it does.
+    pub(super) fn blocked_by(&self) -> Option<BlockedBy<'_>> {
+        self.blocked.as_ref().map(|reason| BlockedBy {
+            reason,
+            asked: self.admission.as_ref().map_or(&[], |a| &a.victims),
+        })
+    }
+}
+
+impl std::fmt::Display for BlockedBy<'_> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            Self::NoReading => write!(f, "reading the GPU's memory"),
-            Self::StaleReading => write!(f, "reading the GPU's memory after a lease ended"),
-            Self::Fenced { who, pids, left } => {
+        match self.reason {
+            Blocked::NoReading => write!(f, "reading the GPU's memory"),
+            Blocked::StaleReading => write!(f, "reading the GPU's memory after a lease ended"),
+            Blocked::Fenced { who, pids, left } => {
                 let pids: Vec<String> = pids.iter().map(ToString::to_string).collect();
                 let left = humantime::format_duration(Duration::from_millis(
                     u64::try_from(left.as_millis()).unwrap_or(u64::MAX),
@@ -703,7 +754,7 @@ impl std::fmt::Display for Blocked {
                     )
                 }
             }
-            Self::NoRoom {
+            Blocked::NoRoom {
                 need_mib,
                 free_mib,
                 holders,
@@ -714,16 +765,16 @@ impl std::fmt::Display for Blocked {
                 }
                 Ok(())
             }
-            Self::Unloading {
-                victims,
-                need_mib,
-                free_mib,
-            } => write!(
+            Blocked::Unloading { need_mib, free_mib } if self.asked.is_empty() => write!(
+                f,
+                "waiting for residents to unload; needs {need_mib} MiB, {free_mib} MiB free"
+            ),
+            Blocked::Unloading { need_mib, free_mib } => write!(
                 f,
                 "asked {} to unload; needs {need_mib} MiB, {free_mib} MiB free",
-                victims.join(", ")
+                self.asked.join(", ")
             ),
-            Self::NotFreed {
+            Blocked::NotFreed {
                 culprits,
                 need_mib,
                 free_mib,

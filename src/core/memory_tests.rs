@@ -195,7 +195,10 @@ fn a_resident_that_never_frees_its_memory_is_named() {
     );
     let snapshot = sched.snapshot(late);
     assert_eq!(snapshot.evictions.failed, 1);
-    assert!(snapshot.gpus[0].residents[0].resident.unload_failed);
+    assert_eq!(
+        snapshot.gpus[0].residents[0].resident.unload,
+        Unload::NotFreed
+    );
     // It stays named; it is not asked again and again.
     assert!(
         sched
@@ -409,7 +412,10 @@ fn the_lock_delay_bounds_the_wait_and_startup_strangers_quarantine() {
         sched.grant_ready(t0).grants.is_empty(),
         "granted before reading"
     );
-    assert_eq!(sched.blocked(0), Some(&Blocked::NoReading));
+    assert_eq!(
+        sched.blocked(0).map(|b| b.reason().clone()),
+        Some(Blocked::NoReading)
+    );
     // At start, pid 777 uses the GPU without a lease.
     sched.observe(0, reading(12 * GIB, &[(777, 4 * GIB)]), t0);
     assert!(sched.grant_ready(t0).grants.is_empty());

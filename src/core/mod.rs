@@ -14,8 +14,10 @@
 //!
 //! Each waiter carries a payload `W` chosen by the caller (the broker stores
 //! the channel that delivers the grant there). The core hands the payload
-//! back when it grants or withdraws the waiter, so the caller never has to
-//! keep a second map in step with this one.
+//! back when it grants or withdraws the waiter. Each held lease carries a
+//! payload `H` in the same way (the broker's revocation), made at the grant
+//! and dropped when the lease ends, so the caller never has to keep a second
+//! map in step with the core's.
 
 mod attribution;
 mod consumers;
@@ -36,7 +38,10 @@ use std::time::Duration;
 
 pub use attribution::Attribution;
 pub use consumers::{ConsumerKind, ConsumerProfile, ConsumerRecord, DEFAULT_PREEMPT_GRACE};
-pub use gpu::{Blocked, Fence, GpuSpec, MemoryReading, ProcessUsage, Resident, UnloadRequest};
+pub use gpu::{
+    Blocked, BlockedBy, Fence, GpuSpec, MemoryReading, ProcessUsage, Resident, Unload,
+    UnloadRequest,
+};
 pub use name::{ConsumerNameError, validate_consumer_name};
 pub use queue::{MAX_PRIORITY, MIN_PRIORITY};
 pub use scheduler::Scheduler;
@@ -199,7 +204,7 @@ pub enum Withdrawal {
 
 /// A decision to grant the lease to a waiter.
 #[derive(Debug)]
-pub struct Grant<W> {
+pub struct Grant<W, H> {
     /// The waiter that was granted; it is no longer in the queue.
     pub waiter: WaiterId,
     /// The consumer.
@@ -214,6 +219,10 @@ pub struct Grant<W> {
     pub waited: Duration,
     /// The payload the waiter was enqueued with.
     pub payload: W,
+    /// The holder's payload, made for this grant (`H::default()`): the core
+    /// keeps it with the lease until the lease ends (see
+    /// [`Scheduler::held`]), and this is a clone of it.
+    pub held: H,
 }
 
 /// A lease that has just ended.
@@ -227,6 +236,8 @@ pub struct EndedLease {
     pub held: Duration,
     /// How long it had waited before the grant.
     pub waited: Duration,
+    /// The GPU it held.
+    pub gpu_index: u32,
 }
 
 /// A decision to ask a holder to make way for a waiter of higher priority.
@@ -244,9 +255,9 @@ pub struct Preemption {
 
 /// What [`Scheduler::grant_ready`] decided.
 #[derive(Debug)]
-pub struct Decisions<W> {
+pub struct Decisions<W, H> {
     /// Grants, in order.
-    pub grants: Vec<Grant<W>>,
+    pub grants: Vec<Grant<W, H>>,
     /// Residents to ask to unload.
     pub unloads: Vec<UnloadRequest>,
     /// Holders to ask to make way.

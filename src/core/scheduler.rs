@@ -15,13 +15,13 @@ use super::*;
 /// - fencing tokens strictly increase;
 /// - a lease or a waiter ends exactly once; ending it again does nothing.
 #[derive(Debug)]
-pub struct Scheduler<W> {
+pub struct Scheduler<W, H = ()> {
     pub(super) settings: Settings,
     next_waiter: u64,
     last_token: u64,
     /// No token above this is handed out (the mark persisted on disk).
     token_ceiling: u64,
-    pub(super) gpus: Vec<GpuState<W>>,
+    pub(super) gpus: Vec<GpuState<W, H>>,
     pub(super) consumers: ConsumerBook,
     pub(super) stats: Stats,
 }
@@ -35,7 +35,7 @@ pub(super) struct Stats {
     pub(super) evictions: EvictionStats,
 }
 
-impl<W> Scheduler<W> {
+impl<W, H: Clone + Default> Scheduler<W, H> {
     /// A scheduler for `gpus` (one unmeasured GPU of unknown size when
     /// empty), with the configured `consumers`.
     pub fn new(
@@ -166,8 +166,10 @@ impl<W> Scheduler<W> {
         record.waiting += 1;
         // A consumer that asks again is not a culprit any more.
         for gpu in &mut self.gpus {
-            if let Some(resident) = gpu.residents.get_mut(&request.consumer) {
-                resident.unload_failed = false;
+            if let Some(resident) = gpu.residents.get_mut(&request.consumer)
+                && resident.unload == Unload::NotFreed
+            {
+                resident.unload = Unload::NotAsked;
             }
         }
         self.next_waiter += 1;
@@ -263,7 +265,7 @@ impl<W> Scheduler<W> {
     /// Costs O(levels · log n) per grant and per GPU, plus at most
     /// [`BACKFILL_WINDOW`] waiters looked at for backfill: never O(queue
     /// length).
-    pub fn grant_ready(&mut self, now: Instant) -> Decisions<W> {
+    pub fn grant_ready(&mut self, now: Instant) -> Decisions<W, H> {
         let mut decisions = Decisions {
             grants: Vec::new(),
             unloads: Vec::new(),
@@ -277,20 +279,20 @@ impl<W> Scheduler<W> {
         decisions
     }
 
-    fn grant_ready_on(&mut self, slot: usize, now: Instant, decisions: &mut Decisions<W>) {
+    fn grant_ready_on(&mut self, slot: usize, now: Instant, decisions: &mut Decisions<W, H>) {
         let capacity = self.settings.capacity;
         let margin = self.settings.safety_margin_mib;
         let unload_timeout = self.settings.unload_timeout;
         loop {
             let gpu = &mut self.gpus[slot];
             let Some(head) = gpu.waiting.head(now) else {
-                gpu.admission = None;
+                gpu.forget_admission();
                 gpu.blocked = None;
                 gpu.reserved = None;
                 return;
             };
             if gpu.admission.as_ref().is_some_and(|a| a.waiter != head) {
-                gpu.admission = None;
+                gpu.forget_admission();
             }
             if gpu.holding.len() >= capacity {
                 self.note_reservation(slot, head);
@@ -351,7 +353,7 @@ impl<W> Scheduler<W> {
         id: WaiterId,
         backfilled: bool,
         now: Instant,
-        decisions: &mut Decisions<W>,
+        decisions: &mut Decisions<W, H>,
     ) {
         let gpu = &mut self.gpus[slot];
         let waiting = gpu.waiting.remove(id).expect("the waiter waits");
@@ -362,7 +364,7 @@ impl<W> Scheduler<W> {
             if let Some(admission) = gpu.admission.take() {
                 for victim in admission.victims {
                     if let Some(resident) = gpu.residents.get_mut(&victim) {
-                        resident.unload_requested = None;
+                        resident.unload = Unload::NotAsked;
                         continue;
                     }
                     let stats = &mut self.stats.evictions;
@@ -388,6 +390,7 @@ impl<W> Scheduler<W> {
         self.stats.total_grants += 1;
         self.stats.last_wait = waited;
         let consumer = waiting.request.consumer.clone();
+        let held = H::default();
         gpu.holding.insert(
             token,
             Holding {
@@ -399,6 +402,7 @@ impl<W> Scheduler<W> {
                 waiter: id,
                 overtook: backfilled.then_some(WaiterId(self.next_waiter)),
                 preempt: None,
+                payload: held.clone(),
             },
         );
         decisions.grants.push(Grant {
@@ -409,6 +413,7 @@ impl<W> Scheduler<W> {
             gpu_uuid: gpu.spec.uuid.clone(),
             waited,
             payload: waiting.payload,
+            held,
         });
     }
 
@@ -424,7 +429,7 @@ impl<W> Scheduler<W> {
         let gpu = &mut self.gpus[slot];
         let reserved = self.settings.backfill && {
             let waiting = gpu.waiting.get(head).expect("the head waits");
-            let backfilled: Vec<&Holding> = gpu
+            let backfilled: Vec<&Holding<H>> = gpu
                 .holding
                 .values()
                 .filter(|h| h.overtook(head, waiting.priority))
@@ -470,7 +475,7 @@ impl<W> Scheduler<W> {
         slot: usize,
         head: WaiterId,
         now: Instant,
-        decisions: &mut Decisions<W>,
+        decisions: &mut Decisions<W, H>,
     ) {
         let capacity = self.settings.capacity;
         let margin = self.settings.safety_margin_mib;
@@ -497,7 +502,7 @@ impl<W> Scheduler<W> {
         if fits(0, 0) {
             return;
         }
-        let mut candidates: Vec<(&FencingToken, &Holding)> = gpu
+        let mut candidates: Vec<(&FencingToken, &Holding<H>)> = gpu
             .holding
             .iter()
             .filter(|(_, h)| {
@@ -540,7 +545,7 @@ impl<W> Scheduler<W> {
     /// Revokes the leases asked to make way whose grace has passed, while
     /// the waiter they make way for still waits; forgets the request when
     /// it no longer does.
-    fn revoke_overdue(&mut self, slot: usize, now: Instant, decisions: &mut Decisions<W>) {
+    fn revoke_overdue(&mut self, slot: usize, now: Instant, decisions: &mut Decisions<W, H>) {
         let gpu = &mut self.gpus[slot];
         for (token, holding) in &mut gpu.holding {
             let Some(preempt) = &mut holding.preempt else {
@@ -614,8 +619,7 @@ impl<W> Scheduler<W> {
                     pid,
                     attribution: holding.request.attribution,
                     seen: holding.peak_mib > 0,
-                    unload_requested: None,
-                    unload_failed: false,
+                    unload: Unload::NotAsked,
                 },
             );
         }
@@ -641,7 +645,7 @@ impl<W> Scheduler<W> {
             LeaseEnd::Released => ended.released += 1,
             LeaseEnd::HalfClosed => ended.half_closed += 1,
             LeaseEnd::Disconnected => ended.disconnected += 1,
-            LeaseEnd::Unclaimed => ended.withdrawn += 1,
+            LeaseEnd::Unclaimed => ended.unclaimed += 1,
             LeaseEnd::Revoked(_) => ended.revoked += 1,
         }
         Some(EndedLease {
@@ -649,6 +653,7 @@ impl<W> Scheduler<W> {
             token,
             held,
             waited: holding.waited,
+            gpu_index: gpu.spec.index,
         })
     }
 
@@ -826,11 +831,11 @@ impl<W> Scheduler<W> {
     }
 
     /// Why the head of `gpu_index`'s queue is not granted, if it is not.
-    pub fn blocked(&self, gpu_index: u32) -> Option<&Blocked> {
-        self.gpu(gpu_index).and_then(|g| g.blocked.as_ref())
+    pub fn blocked(&self, gpu_index: u32) -> Option<BlockedBy<'_>> {
+        self.gpu(gpu_index).and_then(GpuState::blocked_by)
     }
 
-    fn gpu(&self, gpu_index: u32) -> Option<&GpuState<W>> {
+    fn gpu(&self, gpu_index: u32) -> Option<&GpuState<W, H>> {
         self.gpus.iter().find(|g| g.spec.index == gpu_index)
     }
 
@@ -883,6 +888,14 @@ impl<W> Scheduler<W> {
             gpu.waiting.set_aging(settings.aging);
         }
         self.consumers.reconfigure(consumers);
+    }
+
+    /// The payload of the lease `token`, while it is held.
+    pub fn held(&self, token: FencingToken) -> Option<&H> {
+        self.gpus
+            .iter()
+            .find_map(|g| g.holding.get(&token))
+            .map(|holding| &holding.payload)
     }
 
     /// Whether `consumer` is resident (idle, keeping memory) on `gpu_index`.

@@ -54,7 +54,7 @@ fn duration(text: &str) -> Duration {
 /// - `read free=GIB [NAME=GIB ...]`: a memory reading, taken now;
 /// - `unloaded NAME`: NAME says it freed its memory;
 /// - `show`: the queue with effective priorities, the reservation, why the
-///   head waits, and the residents.
+///   head waits, and the residents (and whether they were asked to unload).
 #[track_caller]
 fn check(script: &str, expected: &str) {
     let mut lines = script
@@ -254,9 +254,14 @@ fn show(sched: &Scheduler<String>, now: Instant, out: &mut String) {
     }
     for r in &gpu.residents {
         let (keeps, peak) = (r.resident.footprint_mib / GIB, r.peak_mib / GIB);
+        let unload = match r.resident.unload {
+            Unload::NotAsked => "",
+            Unload::Requested => " (asked to unload)",
+            Unload::NotFreed => " (did not unload)",
+        };
         write!(
             out,
-            " | {} keeps {keeps}G peak {peak}G",
+            " | {} keeps {keeps}G peak {peak}G{unload}",
             r.resident.consumer
         )
         .unwrap();
@@ -309,6 +314,33 @@ fn backfill_beside_a_head_blocked_on_memory_then_its_reservation() {
         ended asr
         granted image
         queue: tts(0) | needs 4096 MiB, 2048 MiB free; waiting for the holders
+        ",
+    );
+}
+
+#[test]
+fn a_resident_is_no_longer_asked_once_the_waiter_it_was_asked_for_leaves() {
+    check(
+        "
+        card 24
+        consumer llm vram=10 unload
+        consumer image vram=8 unload
+        +llm 10
+        end llm
+        +image 20
+        show
+        -image
+        show
+        ",
+        "
+        queued llm at 1
+        granted llm
+        ended llm
+        queued image at 1
+        unload llm for image
+        queue: image(0) | asked llm to unload; needs 20480 MiB, 14336 MiB free | llm keeps 10G peak 0G (asked to unload)
+        withdrew image
+        queue: | llm keeps 10G peak 0G
         ",
     );
 }

@@ -73,11 +73,12 @@ fn check(script: &str, expected: &str) {
                 Withdrawal::Expired,
                 now,
             ),
-            "release" | "drop" | "halfclose" | "revoke" => {
+            "release" | "drop" | "halfclose" | "revoke" | "unclaimed" => {
                 let how = match op {
                     "release" => LeaseEnd::Released,
                     "drop" => LeaseEnd::Disconnected,
                     "halfclose" => LeaseEnd::HalfClosed,
+                    "unclaimed" => LeaseEnd::Unclaimed,
                     _ => LeaseEnd::Revoked(RevokeReason::Admin),
                 };
                 let token = FencingToken(arg.parse().unwrap());
@@ -243,7 +244,29 @@ fn withdrawn_and_expired_waiters_are_never_granted() {
         withdrew c
         ended a token=1 held=0ms
         granted d token=2 waited=0ms
-        in_flight=1 queue=0 grants=2 last_wait=0ms last_hold=0ms oldest=0ms EndCounts { released: 1, half_closed: 0, disconnected: 0, revoked: 0, withdrawn: 1, expired: 1 }
+        in_flight=1 queue=0 grants=2 last_wait=0ms last_hold=0ms oldest=0ms EndCounts { released: 1, half_closed: 0, disconnected: 0, revoked: 0, withdrawn: 1, unclaimed: 0, expired: 1 }
+        ",
+    );
+}
+
+#[test]
+fn a_grant_nobody_took_is_counted_as_unclaimed_not_withdrawn() {
+    check(
+        "
+        +a
+        grant
+        unclaimed 1
+        +b
+        -b
+        stats
+        ",
+        "
+        queued a at 1
+        granted a token=1 waited=0ms
+        ended a token=1 held=0ms
+        queued b at 1
+        withdrew b
+        in_flight=0 queue=0 grants=1 last_wait=0ms last_hold=0ms oldest=0ms EndCounts { released: 0, half_closed: 0, disconnected: 0, revoked: 0, withdrawn: 1, unclaimed: 1, expired: 0 }
         ",
     );
 }
@@ -267,7 +290,7 @@ fn ending_twice_and_withdrawing_after_the_grant_change_nothing() {
         ended a token=1 held=0ms
         token=1 not held
         token=1 not held
-        in_flight=0 queue=0 grants=1 last_wait=0ms last_hold=0ms oldest=0ms EndCounts { released: 1, half_closed: 0, disconnected: 0, revoked: 0, withdrawn: 0, expired: 0 }
+        in_flight=0 queue=0 grants=1 last_wait=0ms last_hold=0ms oldest=0ms EndCounts { released: 1, half_closed: 0, disconnected: 0, revoked: 0, withdrawn: 0, unclaimed: 0, expired: 0 }
         ",
     );
 }
@@ -291,10 +314,10 @@ fn statistics_follow_the_clock() {
         queued a at 1
         granted a token=1 waited=0ms
         queued b at 1
-        in_flight=1 queue=1 grants=1 last_wait=0ms last_hold=0ms oldest=50ms EndCounts { released: 0, half_closed: 0, disconnected: 0, revoked: 0, withdrawn: 0, expired: 0 }
+        in_flight=1 queue=1 grants=1 last_wait=0ms last_hold=0ms oldest=50ms EndCounts { released: 0, half_closed: 0, disconnected: 0, revoked: 0, withdrawn: 0, unclaimed: 0, expired: 0 }
         ended a token=1 held=150ms
         granted b token=2 waited=50ms
-        in_flight=1 queue=0 grants=2 last_wait=50ms last_hold=150ms oldest=0ms EndCounts { released: 0, half_closed: 1, disconnected: 0, revoked: 0, withdrawn: 0, expired: 0 }
+        in_flight=1 queue=0 grants=2 last_wait=50ms last_hold=150ms oldest=0ms EndCounts { released: 0, half_closed: 1, disconnected: 0, revoked: 0, withdrawn: 0, unclaimed: 0, expired: 0 }
         ",
     );
 }

@@ -55,6 +55,9 @@ pub struct EndCounts {
     pub revoked: u64,
     /// Requests withdrawn before a grant.
     pub withdrawn: u64,
+    /// Leases granted at the moment their requester stopped waiting, so
+    /// that the grant never reached it: ended at once, never used.
+    pub unclaimed: u64,
     /// Requests whose maximum wait passed.
     pub expired: u64,
 }
@@ -102,7 +105,7 @@ pub struct GpuView {
     /// Idle consumers keeping memory on it.
     pub residents: Vec<ResidentView>,
     /// Why the head of its queue is not granted.
-    pub blocked: Option<Blocked>,
+    pub blocked: Option<String>,
     /// Processes on it that belong to no holder and no resident.
     pub unleased: Vec<ProcessUsage>,
     /// The consumer of the waiter that holds the GPU's reservation.
@@ -129,8 +132,10 @@ pub struct AttributedProcess {
 /// Everything the core knows, at one instant.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Snapshot {
+    /// How many leases may be held at once on each GPU.
+    pub capacity_per_gpu: u32,
     /// How many leases may be held at once, over all GPUs.
-    pub capacity: u32,
+    pub total_capacity: u32,
     /// Grants since the start.
     pub total_grants: u64,
     /// How long the last granted request waited.
@@ -157,7 +162,7 @@ pub struct Snapshot {
     pub evictions: EvictionStats,
 }
 
-impl<W> Scheduler<W> {
+impl<W, H: Clone + Default> Scheduler<W, H> {
     /// Visits every waiter in queue order with where it stands. O(queue
     /// length): for periodic position updates, not for every grant.
     /// `limit` visits only the first so many waiters of each GPU.
@@ -170,6 +175,7 @@ impl<W> Scheduler<W> {
         let capacity = self.settings.capacity;
         for gpu in &mut self.gpus {
             let depth = saturating_u32(gpu.waiting.len());
+            let blocked = gpu.blocked_by().map(|b| b.to_string());
             let take = limit.unwrap_or(usize::MAX);
             let order: Vec<(WaiterId, i32)> = gpu
                 .waiting
@@ -184,7 +190,7 @@ impl<W> Scheduler<W> {
                     gpu_index: gpu.spec.index,
                     position: saturating_u32(index + 1),
                     queue_depth: depth,
-                    blocked: gpu.blocked.as_ref(),
+                    blocked: blocked.as_deref(),
                     priority,
                     estimated_wait: estimate,
                 };
@@ -281,7 +287,7 @@ impl<W> Scheduler<W> {
                             peak_mib: self.consumers.peak_mib(&r.consumer),
                         })
                         .collect(),
-                    blocked: gpu.blocked.clone(),
+                    blocked: gpu.blocked_by().map(|b| b.to_string()),
                     unleased: gpu
                         .reading
                         .iter()
@@ -307,7 +313,8 @@ impl<W> Scheduler<W> {
         let mut waiters: Vec<WaiterView> = gpus.iter().flat_map(|g| g.waiters.clone()).collect();
         waiters.sort_by_key(|w| (w.position, std::cmp::Reverse(w.waiting)));
         Snapshot {
-            capacity: saturating_u32(self.settings.capacity * self.gpus.len()),
+            capacity_per_gpu: saturating_u32(self.settings.capacity),
+            total_capacity: saturating_u32(self.settings.capacity.saturating_mul(self.gpus.len())),
             total_grants: self.stats.total_grants,
             last_wait: self.stats.last_wait,
             last_hold: self.stats.last_hold,
@@ -337,7 +344,7 @@ pub struct WaiterPlace<'a> {
     /// How many wait for that GPU.
     pub queue_depth: u32,
     /// Why the head of that queue is not granted, if it is not.
-    pub blocked: Option<&'a Blocked>,
+    pub blocked: Option<&'a str>,
     /// Its effective priority now.
     pub priority: i32,
     /// How much longer it is expected to wait; `None` when unknown.

@@ -4,7 +4,7 @@
 use crate::broker::{BrokerStatus, Grant, PreemptNotice, QueuePosition, lease_id, millis};
 use crate::core::{
     Attribution, ConsumerKind, ConsumerRecord, EndCounts, EvictionStats, GpuChoice, GpuView,
-    HolderView, Request, RevokeReason, UnloadRequest, WaiterView,
+    HolderView, Request, RevokeReason, Unload, UnloadRequest, WaiterView,
 };
 use crate::pb::v1 as pb;
 
@@ -254,9 +254,8 @@ fn gpu(view: &GpuView, epoch: u64, waiters: usize) -> pb::Gpu {
                 footprint_mib: r.resident.footprint_mib,
                 idle_ms: millis(r.idle),
                 pid: r.resident.pid,
-                unload_requested: r.resident.unload_requested.is_some()
-                    && !r.resident.unload_failed,
-                unload_failed: r.resident.unload_failed,
+                unload_requested: r.resident.unload == Unload::Requested,
+                unload_failed: r.resident.unload == Unload::NotFreed,
                 peak_mib: r.peak_mib,
                 attribution: attribution(r.resident.attribution),
             })
@@ -325,6 +324,7 @@ fn ended(counts: EndCounts) -> pb::LeaseEndCounts {
         revoked: counts.revoked,
         withdrawn: counts.withdrawn,
         expired: counts.expired,
+        unclaimed: counts.unclaimed,
     }
 }
 
@@ -338,7 +338,9 @@ pub(crate) fn status(
 ) -> pb::StatusResponse {
     let core = &status.core;
     pb::StatusResponse {
-        capacity: core.capacity,
+        capacity: core.total_capacity,
+        capacity_per_gpu: core.capacity_per_gpu,
+        total_capacity: core.total_capacity,
         in_flight: u32::try_from(core.holders.len()).unwrap_or(u32::MAX),
         queue_depth: count(core.queue_depth),
         total_grants: core.total_grants,

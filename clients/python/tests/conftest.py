@@ -271,6 +271,7 @@ def ended(status: lease_pb2.StatusResponse) -> Dict[str, int]:
         "disconnected": e.disconnected,
         "revoked": e.revoked,
         "withdrawn": e.withdrawn,
+        "unclaimed": e.unclaimed,
         "expired": e.expired,
     }
 

@@ -161,7 +161,7 @@ class StatusRequest(_message.Message):
     def __init__(self, max_waiters: _Optional[int] = ...) -> None: ...
 
 class StatusResponse(_message.Message):
-    __slots__ = ("capacity", "in_flight", "queue_depth", "total_grants", "last_wait_ms", "last_hold_ms", "oldest_queued_ms", "holders", "waiters", "consumers", "broker", "ended", "gpus", "evictions", "inventory", "waiters_omitted", "holders_omitted", "consumers_omitted")
+    __slots__ = ("capacity", "in_flight", "queue_depth", "total_grants", "last_wait_ms", "last_hold_ms", "oldest_queued_ms", "holders", "waiters", "consumers", "broker", "ended", "gpus", "evictions", "inventory", "waiters_omitted", "holders_omitted", "consumers_omitted", "capacity_per_gpu", "total_capacity")
     CAPACITY_FIELD_NUMBER: _ClassVar[int]
     IN_FLIGHT_FIELD_NUMBER: _ClassVar[int]
     QUEUE_DEPTH_FIELD_NUMBER: _ClassVar[int]
@@ -180,6 +180,8 @@ class StatusResponse(_message.Message):
     WAITERS_OMITTED_FIELD_NUMBER: _ClassVar[int]
     HOLDERS_OMITTED_FIELD_NUMBER: _ClassVar[int]
     CONSUMERS_OMITTED_FIELD_NUMBER: _ClassVar[int]
+    CAPACITY_PER_GPU_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_CAPACITY_FIELD_NUMBER: _ClassVar[int]
     capacity: int
     in_flight: int
     queue_depth: int
@@ -198,7 +200,9 @@ class StatusResponse(_message.Message):
     waiters_omitted: int
     holders_omitted: int
     consumers_omitted: int
-    def __init__(self, capacity: _Optional[int] = ..., in_flight: _Optional[int] = ..., queue_depth: _Optional[int] = ..., total_grants: _Optional[int] = ..., last_wait_ms: _Optional[int] = ..., last_hold_ms: _Optional[int] = ..., oldest_queued_ms: _Optional[int] = ..., holders: _Optional[_Iterable[_Union[Holder, _Mapping]]] = ..., waiters: _Optional[_Iterable[_Union[Waiter, _Mapping]]] = ..., consumers: _Optional[_Iterable[_Union[Consumer, _Mapping]]] = ..., broker: _Optional[_Union[BrokerInfo, _Mapping]] = ..., ended: _Optional[_Union[LeaseEndCounts, _Mapping]] = ..., gpus: _Optional[_Iterable[_Union[Gpu, _Mapping]]] = ..., evictions: _Optional[_Union[Evictions, _Mapping]] = ..., inventory: _Optional[str] = ..., waiters_omitted: _Optional[int] = ..., holders_omitted: _Optional[int] = ..., consumers_omitted: _Optional[int] = ...) -> None: ...
+    capacity_per_gpu: int
+    total_capacity: int
+    def __init__(self, capacity: _Optional[int] = ..., in_flight: _Optional[int] = ..., queue_depth: _Optional[int] = ..., total_grants: _Optional[int] = ..., last_wait_ms: _Optional[int] = ..., last_hold_ms: _Optional[int] = ..., oldest_queued_ms: _Optional[int] = ..., holders: _Optional[_Iterable[_Union[Holder, _Mapping]]] = ..., waiters: _Optional[_Iterable[_Union[Waiter, _Mapping]]] = ..., consumers: _Optional[_Iterable[_Union[Consumer, _Mapping]]] = ..., broker: _Optional[_Union[BrokerInfo, _Mapping]] = ..., ended: _Optional[_Union[LeaseEndCounts, _Mapping]] = ..., gpus: _Optional[_Iterable[_Union[Gpu, _Mapping]]] = ..., evictions: _Optional[_Union[Evictions, _Mapping]] = ..., inventory: _Optional[str] = ..., waiters_omitted: _Optional[int] = ..., holders_omitted: _Optional[int] = ..., consumers_omitted: _Optional[int] = ..., capacity_per_gpu: _Optional[int] = ..., total_capacity: _Optional[int] = ...) -> None: ...
 
 class Gpu(_message.Message):
     __slots__ = ("index", "uuid", "name", "total_mib", "used_mib", "free_mib", "measured", "headroom_mib", "holders", "waiters", "residents", "blocked_by", "unleased", "reserved_for", "waiters_omitted", "holders_omitted", "processes")
@@ -443,20 +447,22 @@ class BrokerInfo(_message.Message):
     def __init__(self, version: _Optional[str] = ..., epoch: _Optional[int] = ..., uptime_ms: _Optional[int] = ..., shutting_down: bool = ..., reloads: _Optional[int] = ..., last_reload_error: _Optional[str] = ..., log_lines_dropped: _Optional[int] = ...) -> None: ...
 
 class LeaseEndCounts(_message.Message):
-    __slots__ = ("released", "half_closed", "disconnected", "revoked", "withdrawn", "expired")
+    __slots__ = ("released", "half_closed", "disconnected", "revoked", "withdrawn", "expired", "unclaimed")
     RELEASED_FIELD_NUMBER: _ClassVar[int]
     HALF_CLOSED_FIELD_NUMBER: _ClassVar[int]
     DISCONNECTED_FIELD_NUMBER: _ClassVar[int]
     REVOKED_FIELD_NUMBER: _ClassVar[int]
     WITHDRAWN_FIELD_NUMBER: _ClassVar[int]
     EXPIRED_FIELD_NUMBER: _ClassVar[int]
+    UNCLAIMED_FIELD_NUMBER: _ClassVar[int]
     released: int
     half_closed: int
     disconnected: int
     revoked: int
     withdrawn: int
     expired: int
-    def __init__(self, released: _Optional[int] = ..., half_closed: _Optional[int] = ..., disconnected: _Optional[int] = ..., revoked: _Optional[int] = ..., withdrawn: _Optional[int] = ..., expired: _Optional[int] = ...) -> None: ...
+    unclaimed: int
+    def __init__(self, released: _Optional[int] = ..., half_closed: _Optional[int] = ..., disconnected: _Optional[int] = ..., revoked: _Optional[int] = ..., withdrawn: _Optional[int] = ..., expired: _Optional[int] = ..., unclaimed: _Optional[int] = ...) -> None: ...
 
 class ReloadRequest(_message.Message):
     __slots__ = ()
