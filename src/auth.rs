@@ -14,7 +14,7 @@ use tonic::service::Interceptor;
 use tonic::transport::server::UdsConnectInfo;
 use tonic::{Request, Status};
 
-use crate::config::{AuthConfig, ConsumerAuth};
+use crate::config::{AuthConfig, Consumer, ConsumerAuth};
 
 /// Who a caller is, as far as the broker can tell.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -125,19 +125,23 @@ struct Rules {
 }
 
 impl Rules {
-    fn new(auth: &AuthConfig, consumers: &BTreeMap<String, ConsumerAuth>) -> Self {
+    fn new(auth: &AuthConfig, consumers: &BTreeMap<String, Consumer>) -> Self {
+        let consumers: BTreeMap<String, ConsumerAuth> = consumers
+            .iter()
+            .map(|(name, consumer)| (name.clone(), consumer.auth.clone()))
+            .collect();
         let mut tokens = HashMap::new();
         if let Some(token) = &auth.admin_token {
             tokens.insert(token.expose().to_owned(), Identity::Admin);
         }
-        for (name, consumer) in consumers {
+        for (name, consumer) in &consumers {
             if let Some(token) = &consumer.token {
                 tokens.insert(token.expose().to_owned(), Identity::Consumer(name.clone()));
             }
         }
         Self {
             tokens,
-            consumers: consumers.clone(),
+            consumers,
             status_requires_token: auth.status_requires_token,
         }
     }
@@ -145,7 +149,7 @@ impl Rules {
 
 impl Authority {
     /// The rules of `auth` and the consumers' `consumers`.
-    pub fn new(auth: &AuthConfig, consumers: &BTreeMap<String, ConsumerAuth>) -> Self {
+    pub fn new(auth: &AuthConfig, consumers: &BTreeMap<String, Consumer>) -> Self {
         Self {
             rules: RwLock::new(Rules::new(auth, consumers)),
             broker_uid: nix::unistd::geteuid().as_raw(),
@@ -193,7 +197,7 @@ impl Authority {
     /// Replaces the rules (a reload): tokens, each consumer's Unix users and
     /// groups, and whether Status needs a token. Calls already admitted are
     /// not judged again; a lease granted under an old token stays held.
-    pub fn replace(&self, auth: &AuthConfig, consumers: &BTreeMap<String, ConsumerAuth>) {
+    pub fn replace(&self, auth: &AuthConfig, consumers: &BTreeMap<String, Consumer>) {
         *self
             .rules
             .write()

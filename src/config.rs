@@ -43,24 +43,19 @@ pub struct Config {
     pub keepalive_interval: Duration,
     /// How long a keepalive ping may go unanswered. Default: 5 s.
     pub keepalive_timeout: Duration,
-    /// The configured consumers, by name.
-    pub consumers: Vec<ConsumerProfile>,
-    /// How to ask each consumer that has one to unload.
-    pub unload: BTreeMap<String, UnloadMethod>,
+    /// The configured consumers, by name: each `[consumers.NAME]` section
+    /// whole.
+    pub consumers: BTreeMap<String, Consumer>,
     /// The GPUs and their memory.
     pub gpu: GpuConfig,
     /// Who may call.
     pub auth: AuthConfig,
-    /// Each consumer's token and Unix users, by name.
-    pub consumer_auth: BTreeMap<String, ConsumerAuth>,
     /// The Prometheus endpoint.
     pub metrics: MetricsConfig,
     /// The file it was loaded from, if any: a reload reads it again.
     pub file: Option<PathBuf>,
     /// Bounds on what one client can make the broker hold or send.
     pub limits: Limits,
-    /// Each consumer's `match` rule, by name, for those that have one.
-    pub matchers: BTreeMap<String, ProcessMatcher>,
     /// A `gpulease gate` to run from this file (`[gate]`); the broker
     /// itself ignores it.
     pub gate: GateConfig,
@@ -176,6 +171,36 @@ pub struct TlsFiles {
     pub key: PathBuf,
     /// The CA that client certificates must be signed by (mutual TLS).
     pub client_ca: Option<PathBuf>,
+}
+
+/// One configured consumer: everything its `[consumers.NAME]` section
+/// says.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Consumer {
+    /// What the scheduler knows of it: its name, kind, memory, priority,
+    /// preemption and idle TTL.
+    pub profile: ConsumerProfile,
+    /// How to ask it to unload, if it can be asked.
+    pub unload: Option<UnloadMethod>,
+    /// Who may act as it.
+    pub auth: ConsumerAuth,
+    /// The rule that finds its processes when they take no lease.
+    pub matcher: Option<ProcessMatcher>,
+}
+
+impl Config {
+    /// The configured consumers' profiles, for the scheduler.
+    pub fn profiles(&self) -> impl Iterator<Item = ConsumerProfile> + '_ {
+        self.consumers.values().map(|c| c.profile.clone())
+    }
+
+    /// The consumers that can be asked to unload, and how.
+    pub fn unload_methods(&self) -> BTreeMap<String, UnloadMethod> {
+        self.consumers
+            .iter()
+            .filter_map(|(name, c)| Some((name.clone(), c.unload.clone()?)))
+            .collect()
+    }
 }
 
 /// Who may act as one consumer.
@@ -757,26 +782,21 @@ impl RawConfig {
         if self.gpu.poll_interval < Duration::from_millis(10) {
             return Err(invalid("gpu.poll_interval", "must be at least 10ms"));
         }
-        let mut consumers = Vec::with_capacity(self.consumers.len());
-        let mut unload = BTreeMap::new();
-        let mut consumer_auth = BTreeMap::new();
-        let mut matchers = BTreeMap::new();
+        let mut consumers = BTreeMap::new();
         for (name, consumer) in self.consumers {
             let key = format!("consumers.{name}");
             validate_consumer_name(&name).map_err(|e| invalid(&key, e.to_string()))?;
-            if let Some(rule) = consumer.matcher {
-                matchers.insert(name.clone(), rule.validate(&format!("{key}.match"))?);
-            }
+            let matcher = match consumer.matcher {
+                Some(rule) => Some(rule.validate(&format!("{key}.match"))?),
+                None => None,
+            };
             let token = secret(&format!("{key}.token"), consumer.token, consumer.token_file)?;
-            consumer_auth.insert(
-                name.clone(),
-                ConsumerAuth {
-                    token,
-                    unix_users: consumer.unix_users,
-                    unix_groups: consumer.unix_groups,
-                    trust_remote_pid: consumer.trust_remote_pid,
-                },
-            );
+            let auth = ConsumerAuth {
+                token,
+                unix_users: consumer.unix_users,
+                unix_groups: consumer.unix_groups,
+                trust_remote_pid: consumer.trust_remote_pid,
+            };
             let method = match consumer.unload {
                 None => None,
                 Some(RawUnload::Stream(word)) if word == "stream" => Some(UnloadMethod::Stream),
@@ -809,7 +829,7 @@ impl RawConfig {
                     "is set but `preemptible` is not true",
                 ));
             }
-            consumers.push(ConsumerProfile {
+            let profile = ConsumerProfile {
                 name: name.clone(),
                 kind: consumer.kind.into(),
                 vram_mib: consumer.vram_mib,
@@ -819,10 +839,16 @@ impl RawConfig {
                 priority,
                 preemptible: consumer.preemptible,
                 preempt_grace: consumer.preempt_grace.unwrap_or(DEFAULT_PREEMPT_GRACE),
-            });
-            if let Some(method) = method {
-                unload.insert(name, method);
-            }
+            };
+            consumers.insert(
+                name,
+                Consumer {
+                    profile,
+                    unload: method,
+                    auth,
+                    matcher,
+                },
+            );
         }
         let auth = self.auth;
         let socket_mode = u32::from_str_radix(auth.socket_mode.trim_start_matches("0o"), 8)
@@ -851,9 +877,9 @@ impl RawConfig {
                 ));
             }
         };
-        let mut tokens: Vec<&Secret> = consumer_auth
+        let mut tokens: Vec<&Secret> = consumers
             .values()
-            .filter_map(|a| a.token.as_ref())
+            .filter_map(|c| c.auth.token.as_ref())
             .collect();
         let admin_token = secret("auth.admin_token", auth.admin_token, auth.admin_token_file)?;
         tokens.extend(admin_token.as_ref());
@@ -896,10 +922,8 @@ impl RawConfig {
             keepalive_interval: self.keepalive.interval,
             keepalive_timeout: self.keepalive.timeout,
             consumers,
-            unload,
             gpu,
             auth,
-            consumer_auth,
             metrics,
             file: None,
             limits: self.limits.validate()?,
@@ -908,7 +932,6 @@ impl RawConfig {
                 aging: self.scheduling.aging,
                 preempt_after: self.scheduling.preempt_after,
             },
-            matchers,
             gate: self.gate.validate()?,
         })
     }
@@ -977,7 +1000,7 @@ mod tests {
         assert!(!config.scheduling.backfill);
         assert_eq!(config.scheduling.aging, Duration::ZERO);
         assert_eq!(config.scheduling.preempt_after, Duration::from_secs(120));
-        let by_name = |name: &str| config.consumers.iter().find(|c| c.name == name).unwrap();
+        let by_name = |name: &str| &config.consumers[name].profile;
         assert_eq!(by_name("mvoice").priority, 10);
         assert!(!by_name("mvoice").preemptible);
         assert_eq!(by_name("train").priority, -5);
@@ -1032,7 +1055,7 @@ mod tests {
         assert!(error("", &[("GPULEASE__GPU__STATIC_MEMORY_MIB", "8G")]).contains("8G"));
         assert_eq!(config.gpu.source, InventorySource::Auto);
         assert_eq!(
-            config.unload["ollama"],
+            config.consumers["ollama"].unload.clone().unwrap(),
             UnloadMethod::Command(vec![
                 "curl".into(),
                 "-d".into(),
@@ -1041,7 +1064,7 @@ mod tests {
             ])
         );
         assert_eq!(
-            config.consumers,
+            config.profiles().collect::<Vec<_>>(),
             [
                 ConsumerProfile {
                     vram_mib: 3000,

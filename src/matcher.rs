@@ -10,6 +10,7 @@
 //! NVML reports PIDs in when the broker runs on the host (or in a container
 //! with `--pid=host`).
 
+use crate::config::Consumer;
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 
@@ -166,11 +167,11 @@ pub struct Matchers {
 
 impl Matchers {
     /// The rules of the configuration, by consumer.
-    pub fn new(rules: &BTreeMap<String, ProcessMatcher>) -> Self {
+    pub fn new(consumers: &BTreeMap<String, Consumer>) -> Self {
         Self {
-            rules: rules
+            rules: consumers
                 .iter()
-                .map(|(name, rule)| (name.clone(), rule.clone()))
+                .filter_map(|(name, c)| Some((name.clone(), c.matcher.clone()?)))
                 .collect(),
         }
     }

@@ -104,7 +104,7 @@ impl Reloader {
         };
         let (effective, report) = merge(&current, new);
         self.authority
-            .replace(&effective.auth, &effective.consumer_auth);
+            .replace(&effective.auth, &effective.consumers);
         self.broker.reconfigure(&effective);
         *current = effective;
         let message = report.message();
@@ -137,15 +137,12 @@ fn merge(running: &Config, mut new: Config) -> (Config, ReloadReport) {
         keepalive_interval: _,
         keepalive_timeout: _,
         consumers: _,
-        unload: _,
         gpu: _,
         auth: _,
-        consumer_auth: _,
         metrics: _,
         file: _,
         limits: _,
         scheduling: _,
-        matchers: _,
         // For `gpulease gate`, not the broker.
         gate: _,
     } = running;
@@ -165,11 +162,7 @@ fn merge(running: &Config, mut new: Config) -> (Config, ReloadReport) {
             }
         };
     }
-    if running.consumers != new.consumers
-        || running.unload != new.unload
-        || running.consumer_auth != new.consumer_auth
-        || running.matchers != new.matchers
-    {
+    if running.consumers != new.consumers {
         report.applied.push("consumers".to_owned());
     }
     live!("capacity", capacity);
@@ -240,7 +233,8 @@ mod tests {
         assert_eq!(effective.listen, running.listen);
         assert_eq!(effective.keepalive_interval, running.keepalive_interval);
         assert_eq!(
-            effective.consumer_auth["a"]
+            effective.consumers["a"]
+                .auth
                 .token
                 .as_ref()
                 .unwrap()

@@ -210,7 +210,7 @@ pub async fn serve(
     };
     let reflection_v1 = reflection().build_v1()?;
     let reflection_v1alpha = reflection().build_v1alpha()?;
-    let authority = Arc::new(Authority::new(&config.auth, &config.consumer_auth));
+    let authority = Arc::new(Authority::new(&config.auth, &config.consumers));
     let reloader = Arc::new(Reloader::new(
         config.clone(),
         Arc::clone(&broker),

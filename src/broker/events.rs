@@ -22,6 +22,8 @@ pub(super) enum Event {
     Ended(u64, EndedLease, LeaseEnd, String),
     PreemptRequested(u64, String, Preemption),
     Preempted(u64, String),
+    /// Only after about 2^64 grants: grants stop at the ceiling.
+    TokensUsedUp,
 }
 
 impl Broker {
@@ -42,7 +44,7 @@ impl Broker {
                         ended.held,
                     );
                 }
-                Event::PreemptRequested(..) | Event::Preempted(..) => {}
+                Event::PreemptRequested(..) | Event::Preempted(..) | Event::TokensUsedUp => {}
             }
         }
         write(log);
@@ -146,6 +148,11 @@ fn write(log: Vec<Event>) {
                 %lease_id,
                 "a preemptible holder did not release within its grace; revoking"
             ),
+            Event::TokensUsedUp => {
+                tracing::error!(
+                    "the fencing tokens are used up; grants stop at the current ceiling"
+                );
+            }
         }
     }
 }

@@ -290,6 +290,7 @@ impl Broker {
                 })
                 .await
                 .unwrap_or_default();
+                let mut failed = Vec::new();
                 broker.update(|sched, now| {
                     for (index, reading) in readings {
                         match reading {
@@ -297,11 +298,15 @@ impl Broker {
                                 sched.observe_matched(index, reading, matched, taken);
                             }
                             Ok(None) => {}
-                            Err(e) => warn!(gpu = index, error = %e, "cannot read GPU memory"),
+                            Err(e) => failed.push((index, e)),
                         }
                     }
                     sched.expire_residents(now);
                 });
+                // Logged once the core's lock is released, as every line is.
+                for (index, e) in failed {
+                    warn!(gpu = index, error = %e, "cannot read GPU memory");
+                }
             } else {
                 broker.update(|sched, now| sched.expire_residents(now));
             }

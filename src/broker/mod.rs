@@ -214,11 +214,7 @@ impl Broker {
         state: StateFile,
         persisted: Claim,
     ) -> Arc<Self> {
-        let mut sched = Scheduler::new(
-            settings(config),
-            inventory.gpus(),
-            config.consumers.iter().cloned(),
-        );
+        let mut sched = Scheduler::new(settings(config), inventory.gpus(), config.profiles());
         sched.set_tokens(persisted.first_token.saturating_sub(1), persisted.ceiling);
         let broker = Arc::new_cyclic(|this| Self {
             this: this.clone(),
@@ -261,7 +257,7 @@ impl Broker {
         let consumers: Vec<(String, bool)> = config
             .consumers
             .iter()
-            .map(|c| (c.name.clone(), config.unload.contains_key(&c.name)))
+            .map(|(name, c)| (name.clone(), c.unload.is_some()))
             .collect();
         // The core's GPUs, not the inventory's: it knows what "no GPUs" means.
         let gpus: Vec<u32> = self.lock().sched.gpus().map(|g| g.index).collect();
@@ -310,7 +306,7 @@ impl Broker {
             .unwrap_or_else(|poisoned| poisoned.into_inner()) = Live::from(config);
         self.max_hold.send_replace(config.max_hold);
         let settings = settings(config);
-        let consumers = config.consumers.clone();
+        let consumers: Vec<_> = config.profiles().collect();
         self.update(move |sched, _| sched.reconfigure(settings, consumers));
         self.configure_metrics(config);
         self.poll_now.notify_one();
@@ -657,7 +653,7 @@ impl Broker {
                 }
             }
             if grants.is_empty() {
-                self.ensure_tokens(state);
+                self.ensure_tokens(state, log);
                 // A change can bring the core's next deadline forward (a
                 // waiter that may preempt, an unload to wait for): wake the
                 // poller, which sleeps until the deadline it saw last.
@@ -753,8 +749,8 @@ impl From<&Config> for Live {
     fn from(config: &Config) -> Self {
         Self {
             limits: config.limits,
-            unload: config.unload.clone(),
-            matchers: Arc::new(crate::matcher::Matchers::new(&config.matchers)),
+            unload: config.unload_methods(),
+            matchers: Arc::new(crate::matcher::Matchers::new(&config.consumers)),
             unload_timeout: config.gpu.unload_timeout,
             poll_interval: config.gpu.poll_interval,
         }

@@ -4,7 +4,7 @@
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use super::{Broker, State};
+use super::{Broker, Event, State};
 use crate::state::{Persisted, StateError, StateFile, TOKEN_BLOCK};
 
 /// The epoch and tokens a start claimed in the state file.
@@ -63,7 +63,7 @@ impl Broker {
     /// a block of tokens is left, and lets the core use it once it is on
     /// disk. Grants wait (they are never made above a ceiling on disk) if
     /// the writing falls behind or fails.
-    pub(super) fn ensure_tokens(&self, state: &State) {
+    pub(super) fn ensure_tokens(&self, state: &State, log: &mut Vec<Event>) {
         use std::sync::atomic::Ordering;
         if state.sched.tokens_left() >= TOKEN_BLOCK / 2
             || self.raising_ceiling.swap(true, Ordering::AcqRel)
@@ -78,7 +78,7 @@ impl Broker {
             .and_then(|ceiling| ceiling.checked_add(TOKEN_BLOCK));
         let Some(ceiling) = ceiling else {
             // Only after about 2^64 grants; grants stop at the ceiling.
-            tracing::error!("the fencing tokens are used up; grants stop at the current ceiling");
+            log.push(Event::TokensUsedUp);
             return;
         };
         let persisted = Persisted {
