@@ -13,13 +13,11 @@
 //!   before the test read its `lease ended` line.
 //!
 //! A violation is reported only when these bounds prove it, so that a slow
-//! machine cannot fail a correct broker. One thing needs care: the broker
-//! writes its log lines after releasing its lock, so two threads can write
-//! them in a different order than they decided. The log-order capacity
-//! check therefore tolerates an excess holder whose `lease ended` line
-//! follows within a few lines and milliseconds, unless the clients prove
-//! that lease was still held; the interval check from client bounds has no
-//! such tolerance.
+//! machine cannot fail a correct broker. The broker writes its log lines
+//! after releasing its lock, so two threads can write them in another order
+//! than they decided; every line carries `seq=`, the number the broker gave
+//! the decision under its lock, and the checker walks each start's lines in
+//! `seq` order: the order of the decisions, with no tolerance.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::fmt::Display;
@@ -28,13 +26,6 @@ use crate::broker::LogLine;
 use crate::counter::Record;
 use crate::history::{ClientKind, FaultKind, Op};
 use gpulease_testkit::clock::millis;
-
-/// How many lines later a `lease ended` line may come and still count as
-/// merely written late.
-const REORDER_LINES: usize = 64;
-
-/// How much later (read time) such a line may come.
-const REORDER_NS: u64 = 250_000_000;
 
 /// A start of the broker.
 #[derive(Clone, Debug)]
@@ -121,13 +112,21 @@ struct Lease {
     consumer: String,
     lease_id: String,
     token: u64,
-    /// Read time and position of the `granted` line.
+    /// Read time of the `granted` line.
     grant_t: u64,
-    /// Read time, position and `how` of the `lease ended` line.
-    end: Option<(u64, usize, String)>,
+    /// Read time, `seq` and `how` of the `lease ended` line.
+    end: Option<(u64, u64, String)>,
 }
 
-/// A parsed broker line.
+/// A parsed broker line: its decision's `seq` (none when the line lacks
+/// one) and what it says.
+#[derive(Clone, Debug)]
+struct Parsed {
+    seq: Option<u64>,
+    logged: Logged,
+}
+
+/// What a broker line says.
 #[derive(Clone, Debug)]
 enum Logged {
     Granted {
@@ -143,7 +142,7 @@ enum Logged {
 }
 
 /// Parses a `granted` or `lease ended` line of the broker's log.
-fn parse(text: &str) -> Option<Logged> {
+fn parse(text: &str) -> Option<Parsed> {
     let (message, rest) = if let Some(at) = text.find(": granted ") {
         ("granted", &text[at + ": granted ".len()..])
     } else if let Some(at) = text.find(": lease ended ") {
@@ -158,7 +157,8 @@ fn parse(text: &str) -> Option<Logged> {
         .collect();
     let consumer = (*fields.get("consumer")?).to_owned();
     let token = fields.get("token")?.parse().ok()?;
-    Some(if message == "granted" {
+    let seq = fields.get("seq").and_then(|seq| seq.parse().ok());
+    let logged = if message == "granted" {
         Logged::Granted {
             consumer,
             lease_id: (*fields.get("lease_id")?).to_owned(),
@@ -170,7 +170,8 @@ fn parse(text: &str) -> Option<Logged> {
             token,
             how: (*fields.get("how")?).to_owned(),
         }
-    })
+    };
+    Some(Parsed { seq, logged })
 }
 
 /// Checks a history; see the module documentation.
@@ -199,9 +200,9 @@ struct Checker<'a> {
     leases: BTreeMap<(u32, u64), Lease>,
     /// The lease of each consumer.
     by_op: HashMap<String, (u32, u64)>,
-    /// Each instance's grant and end lines, in log order: position, read
-    /// time, token, and whether it is a grant.
-    lines: BTreeMap<u32, Vec<(usize, u64, u64, bool)>>,
+    /// Each instance's grant and end lines, in decision (`seq`) order:
+    /// seq, read time, token, and whether it is a grant.
+    lines: BTreeMap<u32, Vec<(u64, u64, u64, bool)>>,
     report: Report,
 }
 
@@ -214,8 +215,10 @@ impl<'a> Checker<'a> {
             lines: BTreeMap::new(),
             report: Report::default(),
         };
-        let mut orphan_ends: HashMap<(u32, u64), (u64, usize, String, String)> = HashMap::new();
-        let mut positions: HashMap<u32, usize> = HashMap::new();
+        // Every grant and end line, by instance and seq: the order in which
+        // the broker decided, whatever order the lines were written in.
+        let mut decided: BTreeMap<(u32, u64), (u64, Logged)> = BTreeMap::new();
+        let mut written_late: BTreeMap<u32, (u64, u64)> = BTreeMap::new();
         for line in inputs.log {
             if line.text.contains("panicked") {
                 checker.report.violation("panic", line.text.clone());
@@ -223,10 +226,42 @@ impl<'a> Checker<'a> {
             let Some(parsed) = parse(&line.text) else {
                 continue;
             };
-            let position = positions.entry(line.instance).or_default();
-            *position += 1;
-            let idx = *position;
-            match parsed {
+            let Some(seq) = parsed.seq else {
+                checker.report.violation(
+                    "log",
+                    format!(
+                        "instance {}: a line without seq: {}",
+                        line.instance, line.text
+                    ),
+                );
+                continue;
+            };
+            let (high, late) = written_late.entry(line.instance).or_default();
+            if seq < *high {
+                *late += 1;
+            }
+            *high = (*high).max(seq);
+            if decided
+                .insert((line.instance, seq), (line.t, parsed.logged))
+                .is_some()
+            {
+                checker.report.violation(
+                    "log",
+                    format!("instance {}: seq {seq} logged twice", line.instance),
+                );
+            }
+        }
+        for (instance, (_, late)) in written_late {
+            checker.report.figure(
+                &format!(
+                    "instance {instance}: log lines written out of decision order (put back by seq)"
+                ),
+                late,
+            );
+        }
+        let mut orphan_ends: HashMap<(u32, u64), (u64, u64, String, String)> = HashMap::new();
+        for ((instance, seq), (t, logged)) in decided {
+            match logged {
                 Logged::Granted {
                     consumer,
                     lease_id,
@@ -234,16 +269,16 @@ impl<'a> Checker<'a> {
                 } => {
                     checker
                         .lines
-                        .entry(line.instance)
+                        .entry(instance)
                         .or_default()
-                        .push((idx, line.t, token, true));
-                    let key = (line.instance, token);
+                        .push((seq, t, token, true));
+                    let key = (instance, token);
                     if let Some(earlier) = checker.leases.get(&key) {
                         checker.report.violation(
                             "tokens",
                             format!(
-                                "instance {} granted token {token} twice ({} and {consumer})",
-                                line.instance, earlier.consumer
+                                "instance {instance} granted token {token} twice ({} and {consumer})",
+                                earlier.consumer
                             ),
                         );
                         continue;
@@ -255,17 +290,23 @@ impl<'a> Checker<'a> {
                         );
                     }
                     checker.by_op.insert(consumer.clone(), key);
-                    let end = orphan_ends
-                        .remove(&key)
-                        .map(|(t, idx, how, _)| (t, idx, how));
+                    let end = orphan_ends.remove(&key).map(|(end_t, end_seq, how, _)| {
+                        checker.report.violation(
+                            "log",
+                            format!(
+                                "instance {instance}: token {token} ({consumer}) ended at seq {end_seq}, before its grant at seq {seq}"
+                            ),
+                        );
+                        (end_t, end_seq, how)
+                    });
                     checker.leases.insert(
                         key,
                         Lease {
-                            instance: line.instance,
+                            instance,
                             consumer,
                             lease_id,
                             token,
-                            grant_t: line.t,
+                            grant_t: t,
                             end,
                         },
                     );
@@ -277,23 +318,23 @@ impl<'a> Checker<'a> {
                 } => {
                     checker
                         .lines
-                        .entry(line.instance)
+                        .entry(instance)
                         .or_default()
-                        .push((idx, line.t, token, false));
-                    let key = (line.instance, token);
+                        .push((seq, t, token, false));
+                    let key = (instance, token);
                     match checker.leases.get_mut(&key) {
                         Some(lease) if lease.end.is_none() && lease.consumer == consumer => {
-                            lease.end = Some((line.t, idx, how));
+                            lease.end = Some((t, seq, how));
                         }
                         Some(lease) => checker.report.violation(
                             "log",
                             format!(
-                                "instance {} ended token {token} of {} again, as {consumer} ({how})",
-                                line.instance, lease.consumer
+                                "instance {instance} ended token {token} of {} again, as {consumer} ({how})",
+                                lease.consumer
                             ),
                         ),
                         None => {
-                            orphan_ends.insert(key, (line.t, idx, how, consumer));
+                            orphan_ends.insert(key, (t, seq, how, consumer));
                         }
                     }
                 }
@@ -430,79 +471,42 @@ impl<'a> Checker<'a> {
         );
     }
 
-    /// Walks the log in order: at no grant may more than `capacity` leases
-    /// be open, except for an end line that is merely written late.
+    /// Walks the log in decision (`seq`) order: at no grant may more than
+    /// `capacity` leases be open.
     fn capacity_by_log(&mut self, instance: u32) {
         let Some(lines) = self.lines.get(&instance) else {
             return;
         };
         let capacity = self.inputs.capacity;
-        let end_of: HashMap<u64, (usize, u64)> = lines
-            .iter()
-            .filter(|line| !line.3)
-            .map(|&(idx, t, token, _)| (token, (idx, t)))
-            .collect();
         let mut open: BTreeSet<u64> = BTreeSet::new();
-        let mut ended_early: HashSet<u64> = HashSet::new();
-        let mut tolerated = 0u64;
         let mut violations = Vec::new();
-        for &(idx, t, token, grant) in lines {
+        for &(seq, _, token, grant) in lines {
             if !grant {
-                if !open.remove(&token) {
-                    ended_early.insert(token);
-                }
-                continue;
-            }
-            if ended_early.remove(&token) {
+                // An end before its grant is reported as a log violation.
+                open.remove(&token);
                 continue;
             }
             open.insert(token);
             if open.len() <= capacity {
                 continue;
             }
-            let Some(lease) = self.leases.get(&(instance, token)) else {
-                continue;
-            };
-            let granted_by = self.granted_by(lease);
-            let excess = open.len() - capacity;
-            let late = open
-                .iter()
-                .filter(|other| **other != token)
-                .filter(|other| {
-                    let Some(&(end_idx, end_t)) = end_of.get(other) else {
-                        return false;
-                    };
-                    let held = self
-                        .leases
-                        .get(&(instance, **other))
-                        .and_then(|l| self.held_until(l));
-                    end_idx.saturating_sub(idx) <= REORDER_LINES
-                        && end_t.saturating_sub(t) <= REORDER_NS
-                        && held.is_none_or(|held| held <= granted_by)
-                })
-                .count();
-            if late >= excess {
-                tolerated += 1;
-            } else {
-                violations.push(format!(
-                    "instance {instance}: token {token} ({}) granted while {} leases were open: {:?}",
-                    lease.consumer,
-                    open.len() - 1,
-                    open.iter()
-                        .filter(|o| **o != token)
-                        .filter_map(|o| self.leases.get(&(instance, *o)))
-                        .map(|l| (&l.consumer, l.token))
-                        .collect::<Vec<_>>()
-                ));
-            }
+            let consumer = self
+                .leases
+                .get(&(instance, token))
+                .map_or("?", |lease| lease.consumer.as_str());
+            violations.push(format!(
+                "instance {instance}: token {token} ({consumer}) granted at seq {seq} while {} leases were open: {:?}",
+                open.len() - 1,
+                open.iter()
+                    .filter(|o| **o != token)
+                    .filter_map(|o| self.leases.get(&(instance, *o)))
+                    .map(|l| (&l.consumer, l.token))
+                    .collect::<Vec<_>>()
+            ));
         }
         for detail in violations {
             self.report.violation("capacity", detail);
         }
-        self.report.figure(
-            &format!("instance {instance}: log lines written out of decision order (tolerated)"),
-            tolerated,
-        );
     }
 
     /// From the clients' bounds alone: the intervals in which each lease
@@ -694,9 +698,9 @@ impl<'a> Checker<'a> {
         }
     }
 
-    /// Tokens strictly increase: within a start, across restarts, and in
-    /// real time (a grant seen before another request was even sent has
-    /// the lower token).
+    /// Tokens strictly increase: within a start in decision order, across
+    /// restarts, and in real time (a grant seen before another request was
+    /// even sent has the lower token).
     fn tokens(&mut self) {
         let mut violations = Vec::new();
         let mut before: Option<(u32, u64)> = None;
@@ -760,27 +764,26 @@ impl<'a> Checker<'a> {
         if inversions > 5 {
             violations.push(format!("... {} more real-time inversions", inversions - 5));
         }
-        // Log order, for the figures: lines written out of token order.
-        let out_of_order: usize = self
-            .lines
-            .values()
-            .map(|lines| {
-                let mut high = 0;
-                lines
-                    .iter()
-                    .filter(|line| line.3)
-                    .filter(|line| {
-                        let back = line.2 < high;
-                        high = high.max(line.2);
-                        back
-                    })
-                    .count()
-            })
-            .sum();
-        self.report.figure(
-            "grant lines written out of token order (tolerated)",
-            out_of_order,
-        );
+        // Decision order: each start hands out its tokens in the order it
+        // decides its grants.
+        for (instance, lines) in &self.lines {
+            let mut high: Option<(u64, u64)> = None;
+            for &(seq, _, token, grant) in lines {
+                if !grant {
+                    continue;
+                }
+                if let Some((high_seq, high_token)) = high
+                    && token <= high_token
+                {
+                    violations.push(format!(
+                        "instance {instance}: token {token} granted at seq {seq}, after token {high_token} at seq {high_seq}"
+                    ));
+                }
+                if high.is_none_or(|(_, high_token)| token > high_token) {
+                    high = Some((seq, token));
+                }
+            }
+        }
         for detail in violations {
             self.report.violation("tokens", detail);
         }

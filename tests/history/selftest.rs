@@ -18,6 +18,9 @@ struct Story {
     log: Vec<LogLine>,
     instances: Vec<Instance>,
     counter: Option<Vec<Record>>,
+    /// The last `seq` given to a line, by instance: lines are decided in
+    /// the order they are added.
+    seqs: BTreeMap<u32, u64>,
 }
 
 impl Story {
@@ -69,25 +72,49 @@ impl Story {
         )
     }
 
+    /// The next `seq` of `instance`, as its broker would give it.
+    fn seq(&mut self, instance: u32) -> u64 {
+        let seq = self.seqs.entry(instance).or_default();
+        *seq += 1;
+        *seq
+    }
+
     fn granted(&mut self, ms: u64, instance: u32, op: &str, token: u64) -> &mut Self {
+        let seq = self.seq(instance);
         self.log.push(LogLine {
             instance,
             t: ms * MS,
             text: format!(
-                "2026-01-01T00:00:00.000000Z  INFO gpulease::broker: granted consumer={op} lease_id=e-{token} token={token} waited_ms=0"
+                "2026-01-01T00:00:00.000000Z  INFO gpulease::broker: granted seq={seq} consumer={op} lease_id=e-{token} token={token} waited_ms=0"
             ),
         });
         self
     }
 
     fn ended(&mut self, ms: u64, instance: u32, op: &str, token: u64, how: &str) -> &mut Self {
+        let seq = self.seq(instance);
         self.log.push(LogLine {
             instance,
             t: ms * MS,
             text: format!(
-                "2026-01-01T00:00:00.000000Z  WARN lease{{consumer={op} peer=None}}: gpulease::broker: lease ended consumer={op} lease_id=e-{token} token={token} waited_ms=0 held_ms=1 how=\"{how}\""
+                "2026-01-01T00:00:00.000000Z  WARN lease{{consumer={op} peer=None}}: gpulease::broker: lease ended seq={seq} consumer={op} lease_id=e-{token} token={token} waited_ms=0 held_ms=1 how=\"{how}\""
             ),
         });
+        self
+    }
+
+    /// Puts the lines in the order they were read, and numbers them so:
+    /// the broker decided in that order too.
+    fn decided_as_read(&mut self) -> &mut Self {
+        self.log.sort_by_key(|l| l.t);
+        self.seqs.clear();
+        for i in 0..self.log.len() {
+            let seq = self.seq(self.log[i].instance);
+            let text = &self.log[i].text;
+            let at = text.find(" seq=").expect("a numbered line") + " seq=".len();
+            let end = text[at..].find(' ').map_or(text.len(), |n| at + n);
+            self.log[i].text = format!("{}{seq}{}", &text[..at], &text[end..]);
+        }
         self
     }
 
@@ -148,7 +175,7 @@ fn cases() -> Vec<(&'static str, Story, Option<&'static str>)> {
     let mut overlap = Story::new();
     // b is granted while a has not even sent its release.
     overlap.holder("a", 1, 0, 5, 40).holder("b", 2, 6, 12, 20);
-    overlap.log.sort_by_key(|l| l.t);
+    overlap.decided_as_read();
     cases.push(("two holders at once", overlap, Some("capacity")));
 
     let mut regression = Story::new();
@@ -189,7 +216,7 @@ fn cases() -> Vec<(&'static str, Story, Option<&'static str>)> {
         .granted(17, 1, "d", 3)
         .ev(20, "d", Ev::ReleaseSent)
         .ended(21, 1, "d", 3, "released");
-    overtaken.log.sort_by_key(|l| l.t);
+    overtaken.decided_as_read();
     cases.push(("a waiter overtaken", overtaken, Some("fifo")));
 
     let mut abandoned = Story::new();
@@ -205,7 +232,7 @@ fn cases() -> Vec<(&'static str, Story, Option<&'static str>)> {
         .ended(16, 1, "g", 2, "released")
         .ev(40, "f", Ev::CancelSent)
         .ev(41, "f", Ev::Ended { code: "ok".into() });
-    abandoned.log.sort_by_key(|l| l.t);
+    abandoned.decided_as_read();
     cases.push(("a live waiter skipped", abandoned, Some("fifo")));
 
     let mut late = Story::new();
@@ -219,7 +246,7 @@ fn cases() -> Vec<(&'static str, Story, Option<&'static str>)> {
         .holder("m", 2, 20, 31, 40)
         .granted(41, 1, "k", 3)
         .ended(42, 1, "k", 3, "disconnected");
-    late.log.sort_by_key(|l| l.t);
+    late.decided_as_read();
     cases.push(("a grant after a cancel", late, Some("grant after cancel")));
 
     let mut slow = Story::new();
@@ -252,11 +279,47 @@ fn cases() -> Vec<(&'static str, Story, Option<&'static str>)> {
     cases.push(("a panic", panicked, Some("panic")));
 
     let mut reordered = Story::new();
-    // The end of a is written just after b's grant: only late, since a
-    // released before b's grant was seen.
+    // The end of a is written just after b's grant, but decided before it
+    // (its seq is lower).
     reordered.holder("a", 1, 0, 5, 10).holder("b", 2, 6, 11, 20);
     reordered.log.swap(1, 2);
     cases.push(("an end line written late", reordered, None));
+
+    let mut early = Story::new();
+    // b is granted before a's end in decision order. The clients cannot
+    // tell (a sent its release before b's grant was seen): only the seq
+    // shows it, and a broker that wrote its lines in that order would once
+    // have passed as writing late.
+    early
+        .invoke(0, "a")
+        .ev(1, "a", Ev::FirstEvent)
+        .seen(6, "a", 1)
+        .ev(10, "a", Ev::ReleaseSent)
+        .ev(14, "a", Ev::Ended { code: "ok".into() })
+        .invoke(6, "b")
+        .ev(7, "b", Ev::FirstEvent)
+        .seen(13, "b", 2)
+        .ev(20, "b", Ev::ReleaseSent)
+        .ev(22, "b", Ev::Ended { code: "ok".into() })
+        .granted(5, 1, "a", 1)
+        .granted(12, 1, "b", 2)
+        .ended(13, 1, "a", 1, "released")
+        .ended(21, 1, "b", 2, "released");
+    cases.push((
+        "a grant before an end, in decision order",
+        early,
+        Some("capacity"),
+    ));
+
+    let mut unordered = Story::new();
+    // Token 2 is decided before token 1; nobody's bounds can tell.
+    unordered.holder("a", 2, 0, 5, 10).holder("b", 1, 1, 12, 20);
+    cases.push(("tokens out of decision order", unordered, Some("tokens")));
+
+    let mut unnumbered = Story::new();
+    unnumbered.holder("a", 1, 0, 5, 10);
+    unnumbered.log[0].text = unnumbered.log[0].text.replace(" seq=1", "");
+    cases.push(("a line without seq", unnumbered, Some("log")));
 
     cases
 }
