@@ -1,444 +1,411 @@
-//! Tests of VRAM admission, residency and eviction in the core.
+//! Scenario scripts of VRAM admission, residency and eviction in the core,
+//! then a property test of memory admission over several GPUs.
 
-use std::time::{Duration, Instant};
-
-use super::*;
-
-const GIB: u64 = 1024;
-
-fn profile(name: &str, kind: ConsumerKind, vram_mib: u64, coexist: bool) -> ConsumerProfile {
-    ConsumerProfile {
-        vram_mib,
-        coexist,
-        unloadable: true,
-        ..ConsumerProfile::new(name, kind)
-    }
-}
+use super::script::check;
 
 /// A 16 GiB card shared by a TTS service (3 GiB, may coexist), an LLM
-/// server (10 GiB) and an image generator (12 GiB).
-fn card(measured: bool, gpus: usize) -> Scheduler<&'static str> {
-    let specs = (0..gpus as u32)
-        .map(|index| GpuSpec {
-            index,
-            uuid: format!("GPU-{index}"),
-            name: "Fake 16G".into(),
-            total_mib: 16 * GIB,
-            measured,
-        })
-        .collect();
-    let settings = Settings {
-        capacity: 1,
-        strict: false,
-        safety_margin_mib: 0,
-        unload_timeout: Duration::from_secs(10),
-        ..Settings::default()
+/// server (10 GiB) and an image generator (12 GiB), in strict FIFO; the
+/// scripts drive the clock and the grants themselves. A measured card is
+/// read once, empty, before anything else.
+fn shared_card(measured: bool) -> String {
+    let (card, read) = if measured {
+        ("card 16 measured", "read free=16")
+    } else {
+        ("card 16", "")
     };
-    Scheduler::new(
-        settings,
-        specs,
-        [
-            profile("tts", ConsumerKind::Tts, 3 * GIB, true),
-            profile("llm", ConsumerKind::Llm, 10 * GIB, false),
-            profile("image", ConsumerKind::Image, 12 * GIB, false),
-        ],
+    format!(
+        "
+        manual
+        {card}
+        nobackfill
+        consumer tts vram=3 coexist unload
+        consumer llm vram=10 unload
+        consumer image vram=12 unload
+        {read}
+        "
     )
 }
 
-fn ask(name: &str, vram_mib: u64, pid: u32) -> Request {
-    Request {
-        consumer: name.into(),
-        vram_mib,
-        client_pid: pid,
-        ..Request::default()
-    }
-}
+/// The TTS service, then a second later the LLM server, each hold a lease
+/// once and stay resident.
+const BOTH_USED_ONCE: &str = "
+    +tts
+    grant
+    release tts
+    wait 1s
+    +llm
+    grant
+    release llm
+";
 
-/// Grants `name` a lease and ends it at once, leaving it resident.
-fn use_once(sched: &mut Scheduler<&'static str>, name: &'static str, pid: u32, now: Instant) {
-    sched.enqueue(ask(name, 0, pid), name, now).unwrap();
-    let grants = sched.grant_ready(now).grants;
-    assert_eq!(grants.len(), 1, "{name} was not granted");
-    sched.end(grants[0].token, LeaseEnd::Released, now).unwrap();
-}
-
-fn reading(free_mib: u64, processes: &[(u32, u64)]) -> MemoryReading {
-    MemoryReading {
-        total_mib: 16 * GIB,
-        used_mib: 16 * GIB - free_mib,
-        free_mib,
-        processes: processes
-            .iter()
-            .map(|&(pid, used_mib)| ProcessUsage {
-                pid,
-                used_mib,
-                ancestors: Vec::new(),
-            })
-            .collect(),
-    }
-}
-
-fn resident_names(sched: &Scheduler<&'static str>, now: Instant) -> Vec<String> {
-    sched.snapshot(now).gpus[0]
-        .residents
-        .iter()
-        .map(|r| r.resident.consumer.clone())
-        .collect()
-}
+/// What the scheduler decides for [`BOTH_USED_ONCE`].
+const BOTH_USED_ONCE_DECIDED: &str = "
+    queued tts at 1
+    granted tts token=1 waited=0ms
+    ended tts token=1 held=0ms
+    queued llm at 1
+    granted llm token=2 waited=0ms
+    ended llm token=2 held=0ms
+";
 
 #[test]
 fn the_lru_idle_resident_that_may_not_coexist_is_asked_to_unload() {
-    let t0 = Instant::now();
-    let mut sched = card(false, 1);
-    use_once(&mut sched, "tts", 0, t0);
-    use_once(&mut sched, "llm", 0, t0 + Duration::from_secs(1));
-    assert_eq!(resident_names(&sched, t0), ["llm", "tts"]);
-
-    let t1 = t0 + Duration::from_secs(2);
-    sched
-        .enqueue(ask("image", 12 * GIB, 0), "image", t1)
-        .unwrap();
-    let decisions = sched.grant_ready(t1);
-    assert!(decisions.grants.is_empty(), "granted without room");
-    let asked: Vec<&str> = decisions
-        .unloads
-        .iter()
-        .map(|u| u.consumer.as_str())
-        .collect();
-    assert_eq!(
-        asked,
-        ["llm"],
-        "only the LLM is in the way; TTS may coexist"
+    check(
+        &format!(
+            "{}{BOTH_USED_ONCE}
+            show
+            wait 1s
+            +image 12
+            grant
+            show
+            grant
+            wait 700ms
+            unloaded llm 0
+            grant
+            show
+            ",
+            shared_card(false)
+        ),
+        // Only the LLM is in the way: TTS may coexist. Asking again changes
+        // nothing while the unload is under way; without readings, the
+        // consumer's word is what frees the memory.
+        &format!(
+            "{BOTH_USED_ONCE_DECIDED}
+            queue: | llm keeps 10G peak 0G | tts keeps 3G peak 0G
+        queued image at 1
+        unload llm (10G, peak 0G) for image
+        queue: image(0) | asked llm to unload; needs 12288 MiB, 3072 MiB free | llm keeps 10G peak 0G (asked to unload) | tts keeps 3G peak 0G
+        granted image token=3 waited=700ms
+            queue: | tts keeps 3G peak 0G
+            "
+        ),
     );
-    assert_eq!(decisions.unloads[0].footprint_mib, 10 * GIB);
-    let blocked = sched.blocked(0).unwrap().to_string();
-    assert!(blocked.contains("asked llm to unload"), "{blocked}");
-    // Asking again changes nothing while the unload is under way.
-    assert!(sched.grant_ready(t1).unloads.is_empty());
-
-    // Without readings, the consumer's word is what frees the memory.
-    let t2 = t1 + Duration::from_millis(700);
-    assert!(sched.unloaded("llm", Some(0), t2));
-    let grants = sched.grant_ready(t2).grants;
-    assert_eq!(grants.len(), 1);
-    assert_eq!(grants[0].payload, "image");
-    assert_eq!(resident_names(&sched, t2), ["tts"]);
-    assert_eq!(sched.blocked(0), None);
 }
 
 #[test]
 fn with_readings_the_grant_waits_until_the_memory_is_really_free() {
-    let t0 = Instant::now();
-    let mut sched = card(true, 1);
-    sched.observe(0, reading(16 * GIB, &[]), t0);
-    use_once(&mut sched, "tts", 100, t0);
-    use_once(&mut sched, "llm", 200, t0 + Duration::from_secs(1));
-    // Read after the last lease ended: memory decisions wait for that.
-    let read = t0 + Duration::from_secs(1);
-    sched.observe(
-        0,
-        reading(3 * GIB, &[(100, 3 * GIB), (200, 10 * GIB)]),
-        read,
+    check(
+        &format!(
+            "{}{BOTH_USED_ONCE}
+            read free=3 tts=3 llm=10
+            wait 1s
+            +image 12
+            grant
+            read free=3 tts=3 llm=10
+            grant
+            wait 1500ms
+            read free=13 tts=3
+            grant
+            evictions
+            headroom
+            ",
+            shared_card(true)
+        ),
+        // Read after the last lease ended: memory decisions wait for that.
+        // The unload command returned, but the memory is still in use until
+        // a reading shows it free. Memory promised to the new holder counts
+        // until it is allocated.
+        &format!(
+            "{BOTH_USED_ONCE_DECIDED}
+            queued image at 1
+            unload llm (10G, peak 0G) for image
+            granted image token=3 waited=1500ms
+            evictions: 1 asked, 1 freed, 0 failed; last llm in 1s 500ms
+            headroom 1G
+            "
+        ),
     );
-
-    let t1 = t0 + Duration::from_secs(2);
-    sched
-        .enqueue(ask("image", 12 * GIB, 300), "image", t1)
-        .unwrap();
-    let asked = sched.grant_ready(t1).unloads;
-    assert_eq!(asked.len(), 1);
-    assert_eq!(asked[0].consumer, "llm");
-
-    // The unload command returned, but the memory is still in use.
-    sched.observe(0, reading(3 * GIB, &[(100, 3 * GIB), (200, 10 * GIB)]), t1);
-    assert!(sched.grant_ready(t1).grants.is_empty());
-
-    let t2 = t1 + Duration::from_millis(1500);
-    sched.observe(0, reading(13 * GIB, &[(100, 3 * GIB)]), t2);
-    let grants = sched.grant_ready(t2).grants;
-    assert_eq!(grants.len(), 1);
-    assert_eq!(grants[0].payload, "image");
-    let evictions = sched.snapshot(t2).evictions;
-    assert_eq!(
-        (evictions.requested, evictions.completed, evictions.failed),
-        (1, 1, 0)
-    );
-    assert_eq!(evictions.last_victim, "llm");
-    assert_eq!(evictions.last_unload, Duration::from_millis(1500));
-
-    // Memory promised to the new holder counts until it is allocated.
-    let snapshot = sched.snapshot(t2);
-    assert_eq!(snapshot.gpus[0].headroom_mib, i64::try_from(GIB).unwrap());
 }
 
 #[test]
 fn a_resident_that_never_frees_its_memory_is_named() {
-    let t0 = Instant::now();
-    let mut sched = card(true, 1);
-    sched.observe(0, reading(16 * GIB, &[]), t0);
-    use_once(&mut sched, "llm", 200, t0);
-    sched.observe(0, reading(6 * GIB, &[(200, 10 * GIB)]), t0);
-    sched
-        .enqueue(ask("image", 12 * GIB, 300), "image", t0)
-        .unwrap();
-    assert_eq!(sched.grant_ready(t0).unloads.len(), 1);
-    assert_eq!(sched.next_deadline(t0), Some(t0 + Duration::from_secs(10)));
-
-    let late = t0 + Duration::from_secs(10);
-    sched.observe(0, reading(6 * GIB, &[(200, 10 * GIB)]), late);
-    let decisions = sched.grant_ready(late);
-    assert!(decisions.grants.is_empty() && decisions.unloads.is_empty());
-    let blocked = sched.blocked(0).unwrap().to_string();
-    assert!(
-        blocked.starts_with("llm did not free its memory within 10s"),
-        "{blocked}"
+    check(
+        &format!(
+            "{}
+            +llm
+            grant
+            release llm
+            read free=6 llm=10
+            +image 12
+            grant
+            deadline
+            wait 10s
+            read free=6 llm=10
+            grant
+            show
+            evictions
+            wait 30s
+            grant
+            wait 1s
+            read free=16
+            grant
+            show
+            ",
+            shared_card(true)
+        ),
+        // It stays named and is not asked again and again; once its process
+        // leaves the GPU, the waiter is granted.
+        "
+        queued llm at 1
+        granted llm token=1 waited=0ms
+        ended llm token=1 held=0ms
+        queued image at 1
+        unload llm (10G, peak 0G) for image
+        next deadline in 10s
+        queue: image(0) | llm did not free its memory within 10s; needs 12288 MiB, 6144 MiB free | llm keeps 10G peak 0G (did not unload)
+        evictions: 1 asked, 0 freed, 1 failed
+        granted image token=2 waited=41000ms
+        queue:
+        ",
     );
-    let snapshot = sched.snapshot(late);
-    assert_eq!(snapshot.evictions.failed, 1);
-    assert_eq!(
-        snapshot.gpus[0].residents[0].resident.unload,
-        Unload::NotFreed
-    );
-    // It stays named; it is not asked again and again.
-    assert!(
-        sched
-            .grant_ready(late + Duration::from_secs(30))
-            .unloads
-            .is_empty()
-    );
-
-    // Once its process leaves the GPU, the waiter is granted.
-    let later = late + Duration::from_secs(31);
-    sched.observe(0, reading(16 * GIB, &[]), later);
-    assert_eq!(sched.grant_ready(later).grants.len(), 1);
-    assert!(resident_names(&sched, later).is_empty());
 }
 
 #[test]
 fn a_consumer_reuses_its_own_resident_memory() {
-    let t0 = Instant::now();
-    let mut sched = card(false, 1);
-    use_once(&mut sched, "tts", 0, t0);
-    use_once(&mut sched, "llm", 0, t0);
-    sched.enqueue(ask("llm", 10 * GIB, 0), "llm", t0).unwrap();
-    let decisions = sched.grant_ready(t0);
-    assert_eq!(decisions.grants.len(), 1);
-    assert!(decisions.unloads.is_empty());
+    check(
+        &format!(
+            "{}{BOTH_USED_ONCE}
+            +llm 10
+            grant
+            ",
+            shared_card(false)
+        ),
+        &format!(
+            "{BOTH_USED_ONCE_DECIDED}
+            queued llm at 1
+            granted llm token=3 waited=0ms
+            "
+        ),
+    );
 }
 
 #[test]
 fn requests_spread_over_two_gpus_and_can_name_one() {
-    let t0 = Instant::now();
-    let mut sched = card(false, 2);
-    let (_, first, _) = sched.enqueue(ask("a", GIB, 0), "a", t0).unwrap();
-    assert_eq!(sched.grant_ready(t0).grants[0].gpu_index, first);
-    let (_, second, _) = sched.enqueue(ask("b", GIB, 0), "b", t0).unwrap();
-    let grants = sched.grant_ready(t0).grants;
-    assert_ne!(first, second, "both requests went to one GPU");
-    assert_eq!(
-        (grants[0].gpu_index, grants[0].gpu_uuid.as_str()),
-        (second, "GPU-1")
-    );
-
-    let named = Request {
-        gpu: GpuChoice::Uuid("gpu-0".into()),
-        ..ask("c", GIB, 0)
-    };
-    assert_eq!(sched.enqueue(named, "c", t0).unwrap().1, 0);
-    let missing = Request {
-        gpu: GpuChoice::Index(7),
-        ..ask("d", GIB, 0)
-    };
-    let error = sched.enqueue(missing, "d", t0).unwrap_err().to_string();
-    assert_eq!(
-        error,
-        "no GPU is \"7\"; the broker has 0 (GPU-0), 1 (GPU-1)"
+    check(
+        "
+        manual
+        card 16 gpus=2
+        +a 1
+        grant
+        +b 1
+        grant
+        +c 1 gpu=gpu-0
+        +d 1 gpu=7
+        ",
+        r#"
+        queued a at 1 on 0
+        granted a on 0 (GPU-0) token=1 waited=0ms
+        queued b at 1 on 1
+        granted b on 1 (GPU-1) token=2 waited=0ms
+        queued c at 1 on 0
+        rejected "d": no GPU is "7"; the broker has 0 (GPU-0), 1 (GPU-1)
+        "#,
     );
 }
 
 #[test]
 fn a_request_larger_than_every_gpu_is_refused_at_once() {
-    let t0 = Instant::now();
-    let mut sched = card(false, 2);
-    let error = sched
-        .enqueue(ask("huge", 20 * GIB, 0), "huge", t0)
-        .unwrap_err();
-    assert_eq!(
-        error,
-        Rejection::TooLarge {
-            need_mib: 20 * GIB,
-            total_mib: 16 * GIB
-        }
+    check(
+        "
+        manual
+        card 16 gpus=2
+        +huge 20
+        stats
+        ",
+        r#"
+        rejected "huge": the request needs 20480 MiB but the largest GPU it may use has 16384 MiB
+        in_flight=0 queue=0 grants=0 last_wait=0ms last_hold=0ms oldest=0ms EndCounts { released: 0, half_closed: 0, disconnected: 0, revoked: 0, withdrawn: 0, unclaimed: 0, expired: 0 }
+        "#,
     );
-    assert_eq!(sched.queue_depth(), 0);
 }
 
 #[test]
 fn processes_without_a_lease_are_flagged_and_peaks_are_learned() {
-    let t0 = Instant::now();
-    let mut sched = card(true, 1);
-    sched.observe(0, reading(16 * GIB, &[]), t0);
-    sched.enqueue(ask("llm", 0, 200), "llm", t0).unwrap();
-    let token = sched.grant_ready(t0).grants[0].token;
-    // The holder's child (pid 201) uses 11 GiB; pid 666 belongs to nobody.
-    let child = ProcessUsage {
-        pid: 201,
-        used_mib: 11 * GIB,
-        ancestors: vec![200, 1],
-    };
-    let stranger = ProcessUsage {
-        pid: 666,
-        used_mib: GIB,
-        ancestors: vec![],
-    };
-    let r = MemoryReading {
-        total_mib: 16 * GIB,
-        used_mib: 12 * GIB,
-        free_mib: 4 * GIB,
-        processes: vec![child, stranger.clone()],
-    };
-    sched.observe(0, r, t0);
-    let snapshot = sched.snapshot(t0);
-    assert_eq!(snapshot.gpus[0].unleased, [stranger]);
-    assert_eq!(snapshot.holders[0].peak_mib, 11 * GIB);
-
-    sched.end(token, LeaseEnd::Released, t0).unwrap();
-    let snapshot = sched.snapshot(t0);
-    let llm = snapshot.consumers.iter().find(|c| c.name == "llm").unwrap();
-    assert_eq!(llm.peak_mib, 11 * GIB);
-    // The learned peak is larger than the configured 10 GiB, so it counts.
-    assert_eq!(
-        snapshot.gpus[0].residents[0].resident.footprint_mib,
-        11 * GIB
+    check(
+        &format!(
+            "{}
+            +llm
+            grant
+            read free=4 llm/child=11 666=1
+            show
+            holders
+            release llm
+            consumers
+            show
+            ",
+            shared_card(true)
+        ),
+        // The holder's child uses 11 GiB and counts as the holder's; pid 666
+        // belongs to nobody. What the resident keeps is what its processes
+        // hold in the latest reading.
+        "
+        queued llm at 1
+        granted llm token=1 waited=0ms
+        queue: | unleased: 666 1G
+        holder llm token=1 on 0 peak 11G
+        ended llm token=1 held=0ms
+        consumer image grants=0 holding=0 waiting=0 peak 0G
+        consumer llm grants=1 holding=0 waiting=0 peak 11G
+        consumer tts grants=0 holding=0 waiting=0 peak 0G
+        queue: | llm keeps 11G peak 11G | unleased: 666 1G
+        ",
     );
 }
 
 #[test]
 fn an_idle_ttl_ends_residency() {
-    let t0 = Instant::now();
-    let mut sched = Scheduler::<&str>::new(
-        Settings::default(),
-        vec![GpuSpec {
-            index: 0,
-            uuid: String::new(),
-            name: String::new(),
-            total_mib: 16 * GIB,
-            measured: false,
-        }],
-        [ConsumerProfile {
-            idle_ttl: Some(Duration::from_secs(60)),
-            ..profile("llm", ConsumerKind::Llm, 10 * GIB, false)
-        }],
+    check(
+        "
+        manual
+        card 16
+        nobackfill
+        consumer llm vram=10 unload ttl=60s
+        +llm
+        grant
+        release llm
+        deadline
+        wait 59s
+        sweep
+        show
+        wait 1s
+        sweep
+        show
+        ",
+        "
+        queued llm at 1
+        granted llm token=1 waited=0ms
+        ended llm token=1 held=0ms
+        next deadline in 1m
+        queue: | llm keeps 10G peak 0G
+        queue:
+        ",
     );
-    use_once(&mut sched, "llm", 0, t0);
-    assert_eq!(sched.next_deadline(t0), Some(t0 + Duration::from_secs(60)));
-    sched.expire_residents(t0 + Duration::from_secs(59));
-    assert_eq!(resident_names(&sched, t0), ["llm"]);
-    sched.expire_residents(t0 + Duration::from_secs(60));
-    assert!(resident_names(&sched, t0).is_empty());
 }
 
 #[test]
 fn grants_stop_at_the_token_ceiling_until_it_is_raised() {
-    let t0 = Instant::now();
-    let mut sched = card(false, 1);
-    sched.set_tokens(41, 42);
-    sched.enqueue(ask("a", 0, 0), "a", t0).unwrap();
-    sched.enqueue(ask("b", 0, 0), "b", t0).unwrap();
-    let first = sched.grant_ready(t0).grants;
-    assert_eq!(first[0].token, FencingToken(42));
-    assert_eq!(sched.tokens_left(), 0);
-    sched.end(first[0].token, LeaseEnd::Released, t0).unwrap();
-    assert!(
-        sched.grant_ready(t0).grants.is_empty(),
-        "granted above the ceiling"
+    check(
+        &format!(
+            "{}
+            tokens 41 42
+            +a
+            +b
+            grant
+            tokens
+            release a
+            grant
+            ceiling 100
+            grant
+            ",
+            shared_card(false)
+        ),
+        "
+        queued a at 1
+        queued b at 2
+        granted a token=42 waited=0ms
+        tokens left: 0
+        ended a token=42 held=0ms
+        granted b token=43 waited=0ms
+        ",
     );
-    sched.raise_token_ceiling(100);
-    assert_eq!(sched.grant_ready(t0).grants[0].token, FencingToken(43));
 }
 
-/// One measured 16 GiB GPU with a lock delay and no configured consumers.
-fn fenced_card(lock_delay: Duration) -> Scheduler<&'static str> {
-    let settings = Settings {
-        lock_delay,
-        ..Settings::default()
-    };
-    let spec = GpuSpec {
-        index: 0,
-        uuid: String::new(),
-        name: String::new(),
-        total_mib: 16 * GIB,
-        measured: true,
-    };
-    Scheduler::new(settings, vec![spec], [])
-}
+/// One measured 16 GiB GPU with a lock delay of 5 s and no configured
+/// consumers.
+const FENCED_CARD: &str = "
+    manual
+    card 16 measured
+    nobackfill
+    lock_delay 5s
+";
 
 #[test]
 fn a_vanished_holder_fences_the_gpu_until_its_processes_leave() {
-    let t0 = Instant::now();
-    let mut sched = fenced_card(Duration::from_secs(5));
-    sched.observe(0, reading(16 * GIB, &[]), t0);
-    // A polite release hands over at once.
-    use_once(&mut sched, "polite", 300, t0);
-    sched
-        .enqueue(ask("crasher", 0, 400), "crasher", t0)
-        .unwrap();
-    let token = sched.grant_ready(t0).grants[0].token;
-    sched.observe(0, reading(8 * GIB, &[(400, 8 * GIB)]), t0);
-    sched.enqueue(ask("next", 0, 500), "next", t0).unwrap();
-    sched.end(token, LeaseEnd::Disconnected, t0).unwrap();
-    assert!(sched.grant_ready(t0).grants.is_empty());
-    let blocked = sched.blocked(0).unwrap().to_string();
-    assert!(
-        blocked.starts_with("crasher vanished without releasing"),
-        "{blocked}"
+    check(
+        &format!(
+            "{FENCED_CARD}
+            read free=16
+            +polite
+            grant
+            release polite
+            +crasher
+            grant
+            read free=8 crasher=8
+            +next
+            drop crasher
+            grant
+            show
+            deadline
+            wait 100ms
+            read free=8 crasher=8
+            grant
+            read free=16
+            grant
+            "
+        ),
+        // A polite release hands over at once; a vanished holder's process
+        // is still there a moment later, then it leaves.
+        "
+        queued polite at 1
+        granted polite token=1 waited=0ms
+        ended polite token=1 held=0ms
+        queued crasher at 1
+        granted crasher token=2 waited=0ms
+        queued next at 1
+        ended crasher token=2 held=0ms
+        queue: next(0) | crasher vanished without releasing; waiting up to 5s for its processes (101) to leave the GPU | crasher keeps 8G peak 8G
+        next deadline in 5s
+        granted next token=3 waited=100ms
+        ",
     );
-    assert_eq!(sched.next_deadline(t0), Some(t0 + Duration::from_secs(5)));
-
-    // Its process is still there a moment later; then it leaves.
-    let t1 = t0 + Duration::from_millis(100);
-    sched.observe(0, reading(8 * GIB, &[(400, 8 * GIB)]), t1);
-    assert!(sched.grant_ready(t1).grants.is_empty());
-    sched.observe(0, reading(16 * GIB, &[]), t1);
-    assert_eq!(sched.grant_ready(t1).grants.len(), 1);
 }
 
 #[test]
 fn the_lock_delay_bounds_the_wait_and_startup_strangers_quarantine() {
-    let t0 = Instant::now();
-    let mut sched = fenced_card(Duration::from_secs(5));
-    sched.enqueue(ask("first", 0, 0), "first", t0).unwrap();
-    assert!(
-        sched.grant_ready(t0).grants.is_empty(),
-        "granted before reading"
-    );
-    assert_eq!(
-        sched.blocked(0).map(|b| b.reason().clone()),
-        Some(Blocked::NoReading)
-    );
-    // At start, pid 777 uses the GPU without a lease.
-    sched.observe(0, reading(12 * GIB, &[(777, 4 * GIB)]), t0);
-    assert!(sched.grant_ready(t0).grants.is_empty());
-    let blocked = sched.blocked(0).unwrap().to_string();
-    assert!(
-        blocked.starts_with("at start, processes 777 held the GPU"),
-        "{blocked}"
-    );
-    let later = t0 + Duration::from_secs(5);
-    sched.observe(0, reading(12 * GIB, &[(777, 4 * GIB)]), later);
-    assert_eq!(
-        sched.grant_ready(later).grants.len(),
-        1,
-        "the delay is a bound"
+    check(
+        &format!(
+            "{FENCED_CARD}
+            +first
+            grant
+            show
+            read free=12 777=4
+            grant
+            show
+            wait 5s
+            read free=12 777=4
+            grant
+            "
+        ),
+        // Nothing is granted before the first reading; at start, pid 777
+        // uses the GPU without a lease; the delay is a bound.
+        "
+        queued first at 1
+        queue: first(0) | reading the GPU's memory
+        queue: first(0) | at start, processes 777 held the GPU without a lease; waiting up to 5s for them to leave | unleased: 777 4G
+        granted first token=1 waited=5000ms
+        ",
     );
 }
 
 mod interleavings {
+    //! Random interleavings over several GPUs with memory accounting and
+    //! residents, checked against a model of each GPU's queue.
+
     use std::collections::{BTreeMap, BTreeSet, VecDeque};
+    use std::time::{Duration, Instant};
 
     use proptest::prelude::*;
 
-    use super::*;
+    use super::super::script::{GIB, gpu, unloadable};
+    use super::super::*;
+
+    fn ask(name: &str, vram_mib: u64) -> Request {
+        Request {
+            consumer: name.into(),
+            vram_mib,
+            ..Request::default()
+        }
+    }
 
     #[derive(Clone, Debug)]
     enum Op {
@@ -475,15 +442,7 @@ mod interleavings {
             capacity in 1usize..3,
             ops in proptest::collection::vec(op(), 1..150),
         ) {
-            let specs = (0..gpus as u32)
-                .map(|index| GpuSpec {
-                    index,
-                    uuid: format!("GPU-{index}"),
-                    name: String::new(),
-                    total_mib: 16 * GIB,
-                    measured: false,
-                })
-                .collect();
+            let specs = (0..gpus as u32).map(|index| gpu(index, 16 * GIB, false)).collect();
             let settings = Settings {
                 capacity,
                 unload_timeout: Duration::from_secs(5),
@@ -494,9 +453,9 @@ mod interleavings {
                 settings,
                 specs,
                 [
-                    profile("tts", ConsumerKind::Tts, 3 * GIB, true),
-                    profile("llm", ConsumerKind::Llm, 10 * GIB, false),
-                    profile("image", ConsumerKind::Image, 6 * GIB, false),
+                    unloadable("tts", 3 * GIB, true),
+                    unloadable("llm", 10 * GIB, false),
+                    unloadable("image", 6 * GIB, false),
                 ],
             );
             let mut now = Instant::now();
@@ -510,7 +469,7 @@ mod interleavings {
             for op in ops {
                 match op {
                     Op::Enqueue(c, vram) => {
-                        let request = ask(names[c as usize], u64::from(vram) * GIB, 0);
+                        let request = ask(names[c as usize], u64::from(vram) * GIB);
                         match sched.enqueue(request, enqueued.len(), now) {
                             Ok((id, gpu, _)) => {
                                 enqueued.push((id, gpu, u64::from(vram) * GIB));

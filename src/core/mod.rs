@@ -28,6 +28,8 @@ mod name;
 mod queue;
 mod scheduler;
 #[cfg(test)]
+mod script;
+#[cfg(test)]
 mod sharing_tests;
 #[cfg(test)]
 mod tests;

@@ -3,271 +3,10 @@
 //! preemption; then a property test of backfill and priorities against a
 //! model.
 
-use std::collections::BTreeMap;
-use std::fmt::Write as _;
 use std::time::{Duration, Instant};
 
+use super::script::{GIB, check, gpu};
 use super::*;
-
-const GIB: u64 = 1024;
-
-/// Sizes in scripts are GiB, with decimals: `14`, `0.5`.
-fn gib(text: &str) -> u64 {
-    let gib: f64 = text
-        .parse()
-        .unwrap_or_else(|_| panic!("{text:?} is not GiB"));
-    (gib * GIB as f64).round() as u64
-}
-
-/// GPU 0, of `total_mib`, with or without readings.
-fn card(total_mib: u64, measured: bool) -> GpuSpec {
-    GpuSpec {
-        index: 0,
-        uuid: "GPU-0".into(),
-        name: "Fake".into(),
-        total_mib,
-        measured,
-    }
-}
-
-fn duration(text: &str) -> Duration {
-    humantime::parse_duration(text).unwrap_or_else(|_| panic!("{text:?} is not a duration"))
-}
-
-/// Runs a script against a one-GPU scheduler and compares what it decided
-/// with `expected`. After every event the scheduler grants what is ready,
-/// as the broker does, and each decision is printed.
-///
-/// Set-up lines come first:
-/// - `card GIB [measured]`, `cap N`, `margin MIB`, `nobackfill`,
-///   `aging DURATION`, `preempt_after DURATION`;
-/// - `consumer NAME [vram=GIB] [coexist] [unload] [prio=N] [preemptible]
-///   [grace=DURATION]`.
-///
-/// Events (each consumer's process is pid 100 + its number in order of
-/// first mention):
-/// - `+NAME GIB [prio=N]`: NAME asks; prints its position;
-/// - `end NAME` / `drop NAME` / `revoked NAME`: NAME's oldest lease ends by
-///   release, disconnect, or a preemption's revocation;
-/// - `-NAME`: NAME's oldest waiting request withdraws;
-/// - `wait DURATION`: time passes;
-/// - `read free=GIB [NAME=GIB ...]`: a memory reading, taken now;
-/// - `unloaded NAME`: NAME says it freed its memory;
-/// - `show`: the queue with effective priorities, the reservation, why the
-///   head waits, and the residents (and whether they were asked to unload).
-#[track_caller]
-fn check(script: &str, expected: &str) {
-    let mut lines = script
-        .lines()
-        .map(str::trim)
-        .filter(|l| !l.is_empty())
-        .peekable();
-    let mut total_mib = 24 * GIB;
-    let mut measured = false;
-    let mut settings = Settings {
-        capacity: 1,
-        backfill: true,
-        preempt_after: Duration::from_secs(30),
-        ..Settings::default()
-    };
-    let mut profiles = Vec::new();
-    while let Some(line) = lines.peek() {
-        let words: Vec<&str> = line.split_whitespace().collect();
-        match words[0] {
-            "card" => {
-                total_mib = gib(words[1]);
-                measured = words.get(2) == Some(&"measured");
-            }
-            "cap" => settings.capacity = words[1].parse().unwrap(),
-            "margin" => settings.safety_margin_mib = words[1].parse().unwrap(),
-            "nobackfill" => settings.backfill = false,
-            "aging" => settings.aging = duration(words[1]),
-            "preempt_after" => settings.preempt_after = duration(words[1]),
-            "consumer" => {
-                let mut profile = ConsumerProfile::new(words[1], ConsumerKind::Other);
-                for word in &words[2..] {
-                    match word.split_once('=') {
-                        Some(("vram", size)) => profile.vram_mib = gib(size),
-                        Some(("prio", n)) => profile.priority = n.parse().unwrap(),
-                        Some(("grace", d)) => profile.preempt_grace = duration(d),
-                        None if *word == "coexist" => profile.coexist = true,
-                        None if *word == "unload" => profile.unloadable = true,
-                        None if *word == "preemptible" => profile.preemptible = true,
-                        _ => panic!("unknown consumer option {word:?}"),
-                    }
-                }
-                profiles.push(profile);
-            }
-            _ => break,
-        }
-        lines.next();
-    }
-    let spec = card(total_mib, measured);
-    let mut sched: Scheduler<String> = Scheduler::new(settings, vec![spec], profiles);
-    let start = Instant::now();
-    let mut now = start;
-    let mut pids: Vec<String> = Vec::new();
-    let mut pid = |name: &str| -> u32 {
-        let n = pids.iter().position(|p| p == name).unwrap_or_else(|| {
-            pids.push(name.to_owned());
-            pids.len() - 1
-        });
-        100 + n as u32
-    };
-    let mut waiting: Vec<(String, WaiterId)> = Vec::new();
-    let mut held: Vec<(String, FencingToken)> = Vec::new();
-    let mut out = String::new();
-    for line in lines {
-        // Every event happens a moment after the one before, as in a
-        // broker: a reading is never taken at the very instant of an end.
-        now += Duration::from_millis(1);
-        let words: Vec<&str> = line.split_whitespace().collect();
-        let name = words.get(1).copied().unwrap_or("");
-        match words[0] {
-            "end" | "drop" | "revoked" => {
-                let how = match words[0] {
-                    "end" => LeaseEnd::Released,
-                    "drop" => LeaseEnd::Disconnected,
-                    _ => LeaseEnd::Revoked(RevokeReason::Preempted),
-                };
-                let index = held.iter().position(|(n, _)| n == name).expect("holds");
-                let (_, token) = held.remove(index);
-                let ended = sched.end(token, how, now).expect("held");
-                writeln!(out, "ended {}", ended.consumer).unwrap();
-            }
-            "wait" => now += duration(name),
-            "read" => {
-                let mut reading = MemoryReading {
-                    total_mib,
-                    ..MemoryReading::default()
-                };
-                for word in &words[1..] {
-                    let (key, size) = word.split_once('=').expect("KEY=GIB");
-                    if key == "free" {
-                        reading.free_mib = gib(size);
-                    } else {
-                        reading.processes.push(ProcessUsage {
-                            pid: pid(key),
-                            used_mib: gib(size),
-                            ancestors: Vec::new(),
-                        });
-                    }
-                }
-                reading.used_mib = total_mib - reading.free_mib;
-                sched.observe(0, reading, now);
-            }
-            "unloaded" => {
-                sched.unloaded(name, None, now);
-            }
-            "show" => show(&sched, now, &mut out),
-            "-" => unreachable!(),
-            op if op.starts_with('+') => {
-                let consumer = &op[1..];
-                let priority = words
-                    .iter()
-                    .find_map(|w| w.strip_prefix("prio="))
-                    .map(|n| n.parse().unwrap());
-                let request = Request {
-                    consumer: consumer.to_owned(),
-                    vram_mib: words
-                        .get(1)
-                        .filter(|w| !w.contains('='))
-                        .map_or(0, |size| gib(size)),
-                    client_pid: pid(consumer),
-                    priority,
-                    ..Request::default()
-                };
-                match sched.enqueue(request, consumer.to_owned(), now) {
-                    Ok((id, _, position)) => {
-                        waiting.push((consumer.to_owned(), id));
-                        writeln!(out, "queued {consumer} at {position}").unwrap();
-                    }
-                    Err(e) => writeln!(out, "rejected {consumer}: {e}").unwrap(),
-                }
-            }
-            op if op.starts_with('-') => {
-                let consumer = &op[1..];
-                let index = waiting
-                    .iter()
-                    .position(|(n, _)| n == consumer)
-                    .expect("waits");
-                let (_, id) = waiting.remove(index);
-                let gone = sched.withdraw(id, Withdrawal::Withdrawn, now);
-                writeln!(out, "withdrew {}", gone.expect("was waiting")).unwrap();
-            }
-            _ => panic!("unknown event {line:?}"),
-        }
-        let decisions = sched.grant_ready(now);
-        for unload in &decisions.unloads {
-            writeln!(
-                out,
-                "unload {} for {}",
-                unload.consumer, unload.for_consumer
-            )
-            .unwrap();
-        }
-        for p in &decisions.preemptions {
-            let grace = humantime::format_duration(p.grace);
-            writeln!(
-                out,
-                "preempt {} for {} grace={grace}",
-                p.consumer, p.for_consumer
-            )
-            .unwrap();
-        }
-        for token in &decisions.revocations {
-            let (name, _) = held.iter().find(|(_, t)| t == token).expect("held");
-            writeln!(out, "revoke {name}").unwrap();
-        }
-        for grant in decisions.grants {
-            waiting.retain(|(_, id)| *id != grant.waiter);
-            held.push((grant.payload.clone(), grant.token));
-            writeln!(out, "granted {}", grant.payload).unwrap();
-        }
-    }
-    let expected: String = expected
-        .lines()
-        .map(str::trim)
-        .filter(|l| !l.is_empty())
-        .map(|l| format!("{l}\n"))
-        .collect();
-    assert_eq!(out, expected, "script:\n{script}");
-}
-
-fn show(sched: &Scheduler<String>, now: Instant, out: &mut String) {
-    let snapshot = sched.snapshot(now);
-    let gpu = &snapshot.gpus[0];
-    let queue: Vec<String> = gpu
-        .waiters
-        .iter()
-        .map(|w| format!("{}({})", w.request.consumer, w.priority))
-        .collect();
-    write!(out, "queue:").unwrap();
-    for waiter in queue {
-        write!(out, " {waiter}").unwrap();
-    }
-    if let Some(reserved) = &gpu.reserved_for {
-        write!(out, " | reserved: {reserved}").unwrap();
-    }
-    if let Some(blocked) = &gpu.blocked {
-        write!(out, " | {blocked}").unwrap();
-    }
-    for r in &gpu.residents {
-        let (keeps, peak) = (r.resident.footprint_mib / GIB, r.peak_mib / GIB);
-        let unload = match r.resident.unload {
-            Unload::NotAsked => "",
-            Unload::Requested => " (asked to unload)",
-            Unload::NotFreed => " (did not unload)",
-        };
-        write!(
-            out,
-            " | {} keeps {keeps}G peak {peak}G{unload}",
-            r.resident.consumer
-        )
-        .unwrap();
-    }
-    writeln!(out).unwrap();
-}
 
 /// The replay's card: a TTS service that may coexist, an LLM server and an
 /// image generator that keep their models and unload when asked, and a
@@ -292,10 +31,10 @@ fn backfill_beside_a_head_blocked_on_memory_then_its_reservation() {
             +tts 4
             +asr 4
             show
-            end train
+            release train
             show
             +tts 4
-            end asr
+            release asr
             show
             "
         ),
@@ -326,7 +65,7 @@ fn a_resident_is_no_longer_asked_once_the_waiter_it_was_asked_for_leaves() {
         consumer llm vram=10 unload
         consumer image vram=8 unload
         +llm 10
-        end llm
+        release llm
         +image 20
         show
         -image
@@ -337,7 +76,7 @@ fn a_resident_is_no_longer_asked_once_the_waiter_it_was_asked_for_leaves() {
         granted llm
         ended llm
         queued image at 1
-        unload llm for image
+        unload llm (10G, peak 0G) for image
         queue: image(0) | asked llm to unload; needs 20480 MiB, 14336 MiB free | llm keeps 10G peak 0G (asked to unload)
         withdrew image
         queue: | llm keeps 10G peak 0G
@@ -356,14 +95,14 @@ fn a_head_waiting_for_a_permit_keeps_it_reserved() {
         consumer asr
         consumer image
         +llm 10
-        end llm
+        release llm
         +image 20
         +tts 1
         +asr 1
         unloaded llm
         show
         +tts 1
-        end tts
+        release tts
         show
         ",
         "
@@ -371,7 +110,7 @@ fn a_head_waiting_for_a_permit_keeps_it_reserved() {
         granted llm
         ended llm
         queued image at 1
-        unload llm for image
+        unload llm (10G, peak 0G) for image
         queued tts at 2
         granted tts
         queued asr at 2
@@ -394,7 +133,7 @@ fn without_backfill_a_large_head_is_not_overtaken() {
             +train 16
             +image 18
             +tts 4
-            end train
+            release train
             "
         ),
         "
@@ -421,10 +160,10 @@ fn higher_priority_first_and_equal_priorities_in_arrival_order() {
         +tts
         +llm
         show
-        end batch
-        end tts
-        end llm
-        end llm
+        release batch
+        release tts
+        release llm
+        release llm
         ",
         "
         queued batch at 1
@@ -495,7 +234,7 @@ fn aging_lets_a_low_priority_waiter_through_a_steady_stream() {
         ",
     );
     for round in 1..=8 {
-        script.push_str("wait 4s\nend tts\n+tts\n");
+        script.push_str("wait 4s\nrelease tts\n+tts\n");
         expected.push_str("ended tts\n");
         if round < 8 {
             // Before 30 s the TTS waiter is ahead; it is granted and the
@@ -521,11 +260,11 @@ fn idle_residents_are_evicted_lower_priority_first_then_lru() {
         consumer sd vram=4 unload
         consumer train
         +llm 10
-        end llm
+        release llm
         +image 8
-        end image
+        release image
         +sd 4
-        end sd
+        release sd
         +train 14
         ",
         "
@@ -539,8 +278,8 @@ fn idle_residents_are_evicted_lower_priority_first_then_lru() {
         granted sd
         ended sd
         queued train at 1
-        unload image for train
-        unload sd for train
+        unload image (8G, peak 0G) for train
+        unload sd (4G, peak 0G) for train
         ",
     );
 }
@@ -559,7 +298,7 @@ fn a_consumer_counts_as_room_only_what_it_holds_now() {
         read free=24
         +image 14
         read free=10 image=14
-        end image
+        release image
         read free=16 image=8
         +train 15
         read free=1 image=8 train=15
@@ -592,7 +331,7 @@ fn no_unload_is_asked_on_a_reading_from_before_a_lease_ended() {
         read free=24
         +llm 12
         read free=12 llm=12
-        end llm
+        release llm
         +image 14
         show
         read free=14 llm=10
@@ -638,8 +377,8 @@ fn a_torn_reading_never_counts_a_holders_memory_as_free_too() {
         queued llm at 1
         granted llm
         queued train at 1
-        queue: train(0) | needs 16384 MiB, 8704 MiB free; waiting for the holders
-        queue: train(0) | needs 16384 MiB, 8704 MiB free; waiting for the holders
+        queue: train(0) | needs 16384 MiB, 8704 MiB free; waiting for the holders | unleased: 100 3G
+        queue: train(0) | needs 16384 MiB, 8704 MiB free; waiting for the holders | unleased: 100 3G
         ",
     );
 }
@@ -657,7 +396,7 @@ fn preemption_asks_then_revokes_after_the_grace() {
         wait 1s
         wait 9s
         wait 1s
-        revoked train
+        preempted train
         ",
         "
         queued train at 1
@@ -682,7 +421,7 @@ fn a_preempted_holder_that_releases_in_time_is_not_revoked() {
         +tts
         wait 5s
         wait 3s
-        end train
+        release train
         wait 20s
         ",
         "
@@ -707,7 +446,7 @@ fn nothing_is_preemptible_by_default_nor_by_an_equal_priority() {
         +train
         +tts
         wait 60s
-        end train
+        release train
         +batch
         +batch
         wait 60s
@@ -736,7 +475,7 @@ fn preemption_frees_memory_for_a_higher_priority_waiter() {
         +train 16
         +image 14
         wait 1s
-        end train
+        release train
         ",
         "
         queued train at 1
@@ -789,7 +528,7 @@ fn wait_estimates_come_from_learned_hold_times() {
 #[test]
 fn a_waiter_blocked_on_memory_waits_for_a_holder_not_for_a_free_permit() {
     let t0 = Instant::now();
-    let spec = card(24 * GIB, false);
+    let spec = gpu(0, 24 * GIB, false);
     let settings = Settings {
         capacity: 4,
         ..Settings::default()
@@ -821,7 +560,7 @@ mod with_a_model {
     //! card, and every grant that is not the head's is a backfill the
     //! reservation rule allows.
 
-    use std::collections::BTreeSet;
+    use std::collections::{BTreeMap, BTreeSet};
 
     use proptest::prelude::*;
 
@@ -921,7 +660,7 @@ mod with_a_model {
                 backfill: true,
                 ..Settings::default()
             };
-            let spec = card(TOTAL, false);
+            let spec = gpu(0, TOTAL, false);
             let profiles = CONSUMERS.iter().map(|&(name, model, priority, coexist)| ConsumerProfile {
                 vram_mib: model * GIB,
                 priority,
@@ -1101,7 +840,7 @@ mod measured {
                 preempt_after: Duration::from_secs(60),
                 ..Settings::default()
             };
-            let spec = card(TOTAL, true);
+            let spec = gpu(0, TOTAL, true);
             let profiles = CONSUMERS.iter().map(|&(name, model, _, priority, coexist, preemptible)| {
                 ConsumerProfile {
                     vram_mib: model * GIB,

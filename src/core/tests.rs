@@ -2,183 +2,27 @@
 //! runs random interleavings against a simple model.
 
 use std::collections::{BTreeSet, VecDeque};
-use std::fmt::Write as _;
 use std::time::{Duration, Instant};
 
 use proptest::prelude::*;
 
+use super::script::check;
 use super::*;
-
-/// Runs a script of events against a fresh scheduler and compares what
-/// happened with `expected`. One event per line:
-///
-/// - `cap N` / `strict` / `configured NAME`: set up (before other events);
-/// - `+NAME`: NAME enqueues; prints its position or the rejection;
-/// - `grant`: grants what is ready; prints each grant;
-/// - `-NAME` / `expire NAME`: NAME's oldest waiting request withdraws or
-///   expires;
-/// - `release TOKEN` / `drop TOKEN` / `halfclose TOKEN` / `revoke TOKEN`:
-///   the lease ends that way;
-/// - `wait MS`: time passes;
-/// - `stats`: prints the statistics.
-#[track_caller]
-fn check(script: &str, expected: &str) {
-    let mut capacity = 1;
-    let mut strict = false;
-    let mut configured = Vec::new();
-    let mut lines = script
-        .lines()
-        .map(str::trim)
-        .filter(|l| !l.is_empty())
-        .peekable();
-    while let Some(line) = lines.peek() {
-        let mut words = line.split_whitespace();
-        match (words.next(), words.next()) {
-            (Some("cap"), Some(n)) => capacity = n.parse().unwrap(),
-            (Some("strict"), None) => strict = true,
-            (Some("configured"), Some(name)) => {
-                configured.push(ConsumerProfile::new(name, ConsumerKind::Other));
-            }
-            _ => break,
-        }
-        lines.next();
-    }
-
-    let start = Instant::now();
-    let mut now = start;
-    let mut sched: Scheduler<String> = Scheduler::single(capacity, strict, configured);
-    let mut waiting: Vec<(String, WaiterId)> = Vec::new();
-    let mut out = String::new();
-    for line in lines {
-        let (op, arg) = line.split_once(' ').unwrap_or((line, ""));
-        match op {
-            "grant" => {
-                for grant in sched.grant_ready(now).grants {
-                    waiting.retain(|(_, id)| *id != grant.waiter);
-                    writeln!(
-                        out,
-                        "granted {} token={} waited={}ms",
-                        grant.payload,
-                        grant.token.0,
-                        grant.waited.as_millis()
-                    )
-                    .unwrap();
-                }
-            }
-            "expire" => withdraw(
-                &mut sched,
-                &mut waiting,
-                &mut out,
-                arg,
-                Withdrawal::Expired,
-                now,
-            ),
-            "release" | "drop" | "halfclose" | "revoke" | "unclaimed" => {
-                let how = match op {
-                    "release" => LeaseEnd::Released,
-                    "drop" => LeaseEnd::Disconnected,
-                    "halfclose" => LeaseEnd::HalfClosed,
-                    "unclaimed" => LeaseEnd::Unclaimed,
-                    _ => LeaseEnd::Revoked(RevokeReason::Admin),
-                };
-                let token = FencingToken(arg.parse().unwrap());
-                match sched.end(token, how, now) {
-                    Some(e) => writeln!(
-                        out,
-                        "ended {} token={} held={}ms",
-                        e.consumer,
-                        e.token.0,
-                        e.held.as_millis()
-                    ),
-                    None => writeln!(out, "token={} not held", token.0),
-                }
-                .unwrap();
-            }
-            "wait" => now += Duration::from_millis(arg.parse().unwrap()),
-            "stats" => {
-                let s = sched.snapshot(now);
-                writeln!(
-                    out,
-                    "in_flight={} queue={} grants={} last_wait={}ms last_hold={}ms oldest={}ms {:?}",
-                    s.holders.len(),
-                    s.waiters.len(),
-                    s.total_grants,
-                    s.last_wait.as_millis(),
-                    s.last_hold.as_millis(),
-                    s.oldest_queued.as_millis(),
-                    s.ended
-                )
-                .unwrap();
-            }
-            _ if op.starts_with('+') => {
-                let name = &op[1..];
-                let request = Request {
-                    consumer: name.to_owned(),
-                    ..Request::default()
-                };
-                match sched.enqueue(request, name.to_owned(), now) {
-                    Ok((id, _, position)) => {
-                        waiting.push((name.to_owned(), id));
-                        writeln!(out, "queued {name} at {position}").unwrap();
-                    }
-                    Err(e) => writeln!(out, "rejected {name:?}: {e}").unwrap(),
-                }
-            }
-            _ if op.starts_with('-') => {
-                withdraw(
-                    &mut sched,
-                    &mut waiting,
-                    &mut out,
-                    &op[1..],
-                    Withdrawal::Withdrawn,
-                    now,
-                );
-            }
-            _ => panic!("unknown event {line:?}"),
-        }
-    }
-    let expected: String = expected
-        .lines()
-        .map(str::trim)
-        .filter(|l| !l.is_empty())
-        .map(|l| format!("{l}\n"))
-        .collect();
-    assert_eq!(out, expected, "script:\n{script}");
-}
-
-fn withdraw(
-    sched: &mut Scheduler<String>,
-    waiting: &mut Vec<(String, WaiterId)>,
-    out: &mut String,
-    name: &str,
-    how: Withdrawal,
-    now: Instant,
-) {
-    let Some(index) = waiting.iter().position(|(n, _)| n == name) else {
-        writeln!(out, "{name} not waiting").unwrap();
-        return;
-    };
-    let (_, id) = waiting.remove(index);
-    match sched.withdraw(id, how, now) {
-        Some(payload) => writeln!(out, "withdrew {payload}"),
-        None => writeln!(out, "{name} already gone"),
-    }
-    .unwrap();
-}
 
 #[test]
 fn first_come_first_served() {
     check(
         "
+        manual
         +a
         +b
         +c
         grant
-        wait 10
-        release 1
+        wait 10ms
+        release #1
         grant
-        wait 5
-        release 2
+        wait 5ms
+        release #2
         grant
         ",
         "
@@ -198,13 +42,14 @@ fn first_come_first_served() {
 fn capacity_bounds_the_holders() {
     check(
         "
+        manual
         cap 2
         +a
         +b
         +c
         grant
         grant
-        drop 2
+        drop #2
         grant
         ",
         "
@@ -223,6 +68,7 @@ fn capacity_bounds_the_holders() {
 fn withdrawn_and_expired_waiters_are_never_granted() {
     check(
         "
+        manual
         +a
         +b
         +c
@@ -230,7 +76,7 @@ fn withdrawn_and_expired_waiters_are_never_granted() {
         grant
         -b
         expire c
-        release 1
+        release #1
         grant
         stats
         ",
@@ -253,9 +99,10 @@ fn withdrawn_and_expired_waiters_are_never_granted() {
 fn a_grant_nobody_took_is_counted_as_unclaimed_not_withdrawn() {
     check(
         "
+        manual
         +a
         grant
-        unclaimed 1
+        unclaimed #1
         +b
         -b
         stats
@@ -275,12 +122,13 @@ fn a_grant_nobody_took_is_counted_as_unclaimed_not_withdrawn() {
 fn ending_twice_and_withdrawing_after_the_grant_change_nothing() {
     check(
         "
+        manual
         +a
         grant
         -a
-        release 1
-        release 1
-        revoke 1
+        release #1
+        release #1
+        revoke #1
         stats
         ",
         "
@@ -299,15 +147,16 @@ fn ending_twice_and_withdrawing_after_the_grant_change_nothing() {
 fn statistics_follow_the_clock() {
     check(
         "
+        manual
         +a
         grant
-        wait 100
+        wait 100ms
         +b
-        wait 50
+        wait 50ms
         stats
-        halfclose 1
+        halfclose #1
         grant
-        wait 20
+        wait 20ms
         stats
         ",
         "
@@ -326,8 +175,9 @@ fn statistics_follow_the_clock() {
 fn bad_names_and_strangers_under_strict_mode_are_rejected() {
     check(
         "
+        manual
         strict
-        configured tts
+        consumer tts
         +tts
         +llm
         +bad/name
