@@ -9,6 +9,7 @@
 mod attribution;
 mod auth;
 mod cli;
+mod core_purity;
 mod deploy;
 mod errors;
 mod gate;
