@@ -15,7 +15,9 @@
 //! Labels are bounded: `gpu` is a GPU index, `consumer` a configured
 //! consumer's name (every consumer that is not configured is folded into
 //! [`UNCONFIGURED`]), `reason`, `result` and `code` come from short fixed
-//! lists. No lease id, pid, token or free-form label ever becomes a label.
+//! lists, and the two `_info` gauges carry one series each per GPU (`uuid`,
+//! `name`) and per build (`version`). No lease id, pid, token or free-form
+//! label ever becomes a label.
 
 use std::collections::HashSet;
 use std::convert::Infallible;
