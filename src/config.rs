@@ -159,7 +159,35 @@ pub struct AuthConfig {
     /// The Unix socket's mode. Default: 0o660.
     pub socket_mode: u32,
     /// The Unix socket's group. Default: the broker's.
-    pub socket_group: Option<String>,
+    pub socket_group: Option<SocketGroup>,
+}
+
+/// The Unix socket's group, resolved when the configuration is loaded, so
+/// that one that does not exist is a configuration error (exit 64), and
+/// binding needs no second lookup.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SocketGroup {
+    /// As configured: a name or a numeric id.
+    pub name: String,
+    /// Its id.
+    pub gid: u32,
+}
+
+impl SocketGroup {
+    /// The group `name` (or numeric id) names on this machine.
+    fn resolve(name: String) -> Result<Self, ConfigError> {
+        let gid = match name.parse::<u32>() {
+            Ok(gid) => Some(gid),
+            Err(_) => nix::unistd::Group::from_name(&name)
+                .ok()
+                .flatten()
+                .map(|group| group.gid.as_raw()),
+        };
+        match gid {
+            Some(gid) => Ok(Self { name, gid }),
+            None => Err(invalid("auth.socket_group", format!("no group {name:?}"))),
+        }
+    }
 }
 
 /// TLS certificate files, in PEM.
@@ -723,7 +751,8 @@ fn default_state_dir() -> PathBuf {
     }
 }
 
-fn invalid(key: &str, problem: impl Into<String>) -> ConfigError {
+/// The error for `key`, saying what is wrong with it.
+pub(crate) fn invalid(key: &str, problem: impl Into<String>) -> ConfigError {
     ConfigError::Invalid {
         key: key.to_owned(),
         problem: problem.into(),
@@ -890,12 +919,21 @@ impl RawConfig {
                 "two identities share a token; each needs its own",
             ));
         }
+        if let Some(files) = &tls {
+            // Read and parsed now, so that a broken file is a configuration
+            // error before anything is bound; the server reads them again.
+            crate::tls::server_config(files)?;
+        }
+        let socket_group = match auth.socket_group.as_str() {
+            "" => None,
+            _ => Some(SocketGroup::resolve(auth.socket_group)?),
+        };
         let auth = AuthConfig {
             admin_token,
             status_requires_token: auth.status_requires_token,
             tls,
             socket_mode,
-            socket_group: (!auth.socket_group.is_empty()).then_some(auth.socket_group),
+            socket_group,
         };
         let gpu = GpuConfig {
             source: self.gpu.source,
@@ -1135,6 +1173,12 @@ mod tests {
         let not_hex = "[consumers.x]\nmatch = { container = \"web\" }";
         assert!(error(not_hex, &[]).contains("`consumers.x.match.container`"));
         assert!(error("[consumers.x]\nmatch = { pid = 7 }", &[]).contains("pid"));
+        let group = "[auth]\nsocket_group = \"no-such-group-gpulease\"";
+        assert!(error(group, &[]).contains("`auth.socket_group`: no group"));
+        let numeric = load("[auth]\nsocket_group = \"4242\"", &[]).unwrap();
+        assert_eq!(numeric.auth.socket_group.map(|g| g.gid), Some(4242));
+        let tls = "[auth]\ntls_cert = \"/nonexistent/c.pem\"\ntls_key = \"/nonexistent/k.pem\"";
+        assert!(error(tls, &[]).contains("`auth.tls_cert`: cannot read /nonexistent/c.pem"));
         let missing = "[consumers.x]\ntoken_file = \"/nonexistent/token\"";
         assert!(error(missing, &[]).contains("`consumers.x.token_file`"));
     }

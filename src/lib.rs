@@ -21,3 +21,4 @@ pub mod peer;
 pub mod reload;
 pub mod server;
 pub mod state;
+mod tls;

@@ -123,10 +123,6 @@ async fn serve(args: ServeArgs) -> ExitCode {
         state = %state.0.path().display(),
         "fencing tokens claimed"
     );
-    if let Err(e) = server::tls(&config) {
-        logging::say(&format!("gpulease: invalid configuration: {e}"));
-        return ExitCode::USAGE;
-    }
     let (shutdown, hangups) = match shutdown_signal().and_then(|shutdown| {
         let hangups = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?;
         Ok((shutdown, hangups))

@@ -85,14 +85,10 @@ impl Reloader {
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner());
         crate::notify::reloading();
-        let loaded = Config::load(current.file.as_deref(), None)
-            .map_err(|e| ReloadError(e.to_string()))
-            .and_then(|new| {
-                // TLS files are read at start; a new path needs a restart,
-                // but a file named now must still be readable.
-                crate::server::tls(&new).map_err(|e| ReloadError(e.to_string()))?;
-                Ok(new)
-            });
+        // Validation reads the TLS files too: a new path needs a restart,
+        // but a file named now must still be readable.
+        let loaded =
+            Config::load(current.file.as_deref(), None).map_err(|e| ReloadError(e.to_string()));
         let new = match loaded {
             Ok(new) => new,
             Err(e) => {

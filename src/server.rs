@@ -60,9 +60,10 @@ pub enum ServeError {
         /// Why.
         source: io::Error,
     },
-    /// The TLS files could not be used.
+    /// The TLS files could not be used (they changed after the
+    /// configuration was loaded).
     #[error("TLS: {0}")]
-    Tls(String),
+    Tls(#[from] crate::config::ConfigError),
     /// The reflection service could not be built.
     #[error("cannot build the reflection service: {0}")]
     Reflection(#[from] tonic_reflection::server::Error),
@@ -126,20 +127,10 @@ pub async fn bind(config: &Config) -> Result<Listeners, ServeError> {
                 std::fs::Permissions::from_mode(config.auth.socket_mode),
             )
             .map_err(bind_error)?;
+            // Resolved when the configuration was loaded: a group that does
+            // not exist never gets this far.
             if let Some(group) = &config.auth.socket_group {
-                let gid = match group.parse::<u32>() {
-                    Ok(gid) => Some(nix::unistd::Gid::from_raw(gid)),
-                    Err(_) => nix::unistd::Group::from_name(group)
-                        .ok()
-                        .flatten()
-                        .map(|g| g.gid),
-                };
-                let gid = gid.ok_or_else(|| {
-                    bind_error(io::Error::new(
-                        io::ErrorKind::NotFound,
-                        format!("auth.socket_group: no group {group:?}"),
-                    ))
-                })?;
+                let gid = nix::unistd::Gid::from_raw(group.gid);
                 nix::unistd::chown(path, None, Some(gid))
                     .map_err(|e| bind_error(io::Error::from(e)))?;
             }
@@ -396,58 +387,16 @@ pub fn raise_open_file_limit() -> io::Result<(u64, Option<u64>)> {
     Ok((hard, Some(soft)))
 }
 
-/// The TLS acceptor of the TCP listener, if configured: the files are read
-/// and parsed now, so that a missing or broken one stops the broker at
-/// start. The broker runs the TLS handshake itself (not tonic), so that the
-/// HTTP/2 preface deadline can be applied inside the TLS stream too.
-pub fn tls(config: &Config) -> Result<Option<TlsAcceptor>, ServeError> {
-    use tokio_rustls::rustls::pki_types::pem::PemObject as _;
-    use tokio_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer};
-    use tokio_rustls::rustls::server::WebPkiClientVerifier;
-    use tokio_rustls::rustls::{RootCertStore, ServerConfig};
-
+/// The TLS acceptor of the TCP listener, if configured. The files were
+/// checked when the configuration was loaded; they are read again here, by
+/// the same function, so a file changed since then says what is wrong in
+/// the same words. The broker runs the TLS handshake itself (not tonic), so
+/// that the HTTP/2 preface deadline can be applied inside the TLS stream
+/// too.
+fn tls(config: &Config) -> Result<Option<TlsAcceptor>, ServeError> {
     let Some(files) = &config.auth.tls else {
         return Ok(None);
     };
-    let read = |key: &str, path: &Path| {
-        std::fs::read(path).map_err(|e| {
-            ServeError::Tls(format!("auth.{key}: cannot read {}: {e}", path.display()))
-        })
-    };
-    let bad = |key: &str, path: &Path, e: &dyn std::fmt::Display| {
-        ServeError::Tls(format!("auth.{key}: {}: {e}", path.display()))
-    };
-    let certificates =
-        |key: &str, path: &Path| -> Result<Vec<CertificateDer<'static>>, ServeError> {
-            let pem = read(key, path)?;
-            let certs = CertificateDer::pem_slice_iter(&pem)
-                .collect::<Result<Vec<_>, _>>()
-                .map_err(|e| bad(key, path, &e))?;
-            if certs.is_empty() {
-                return Err(bad(key, path, &"no PEM certificate in it"));
-            }
-            Ok(certs)
-        };
-    let chain = certificates("tls_cert", &files.cert)?;
-    let key = PrivateKeyDer::from_pem_slice(&read("tls_key", &files.key)?)
-        .map_err(|e| bad("tls_key", &files.key, &e))?;
-    let builder = ServerConfig::builder();
-    let builder = match &files.client_ca {
-        None => builder.with_no_client_auth(),
-        Some(ca) => {
-            let mut roots = RootCertStore::empty();
-            for cert in certificates("tls_client_ca", ca)? {
-                roots.add(cert).map_err(|e| bad("tls_client_ca", ca, &e))?;
-            }
-            let verifier = WebPkiClientVerifier::builder(Arc::new(roots))
-                .build()
-                .map_err(|e| bad("tls_client_ca", ca, &e))?;
-            builder.with_client_cert_verifier(verifier)
-        }
-    };
-    let mut server = builder
-        .with_single_cert(chain, key)
-        .map_err(|e| bad("tls_cert", &files.cert, &e))?;
-    server.alpn_protocols = vec![b"h2".to_vec()];
+    let server = crate::tls::server_config(files)?;
     Ok(Some(TlsAcceptor::from(Arc::new(server))))
 }

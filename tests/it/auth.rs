@@ -306,7 +306,7 @@ fn make_traversable(dir: &Path) {
 
 /// A CA, a server certificate for 127.0.0.1 signed by it, and a client
 /// certificate signed by it, written as PEM files into `dir`.
-fn certificates(dir: &Path) {
+pub(crate) fn certificates(dir: &Path) {
     use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair};
     let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
     ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);

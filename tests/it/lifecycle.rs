@@ -40,6 +40,72 @@ fn a_bad_configuration_exits_64_naming_the_key() {
     }
 }
 
+/// The Unix socket's group and the TLS files are checked when the
+/// configuration is loaded: a bad one exits 64 naming its key, before any
+/// listener is bound.
+#[test]
+fn a_bad_socket_group_or_tls_file_exits_64_before_binding() {
+    let dir = tempfile::tempdir().unwrap();
+    crate::auth::certificates(dir.path());
+    let p = |name: &str| dir.path().join(name).display().to_string();
+    std::fs::write(p("junk.pem"), "not a certificate\n").unwrap();
+    let socket = p("gpulease.sock");
+    let tls = |cert: &str, key: &str| {
+        format!(
+            "[auth]\ntls_cert = \"{}\"\ntls_key = \"{}\"\n",
+            p(cert),
+            p(key)
+        )
+    };
+    for (config, key, problem) in [
+        (
+            format!("socket = \"{socket}\"\n[auth]\nsocket_group = \"no-such-group-gpulease\""),
+            "`auth.socket_group`",
+            "no group",
+        ),
+        (
+            tls("missing.pem", "server.key"),
+            "`auth.tls_cert`",
+            "cannot read",
+        ),
+        (
+            tls("junk.pem", "server.key"),
+            "`auth.tls_cert`",
+            "no PEM certificate",
+        ),
+        (tls("server.pem", "junk.pem"), "`auth.tls_key`", "junk.pem"),
+        (
+            tls("server.pem", "missing.key"),
+            "`auth.tls_key`",
+            "cannot read",
+        ),
+        (
+            tls("server.pem", "server.key") + &format!("tls_client_ca = \"{}\"\n", p("junk.pem")),
+            "`auth.tls_client_ca`",
+            "no PEM certificate",
+        ),
+    ] {
+        let output = serve_with_config(&config);
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(output.status.code(), Some(64), "{config}: {stderr}");
+        assert!(
+            stderr.contains("invalid configuration")
+                && stderr.contains(key)
+                && stderr.contains(problem),
+            "{config}: {stderr}"
+        );
+        let stdout = String::from_utf8_lossy(&output.stdout);
+        assert!(
+            !stdout.contains("listening on"),
+            "{config}: bound: {stdout}"
+        );
+        assert!(
+            !std::path::Path::new(&socket).exists(),
+            "{config}: the socket was bound"
+        );
+    }
+}
+
 #[test]
 fn a_missing_configuration_file_exits_64() {
     let output = Command::new(BIN)
