@@ -160,6 +160,10 @@ pub(super) struct Holding<H> {
     pub(super) request: Request,
     /// Its priority when granted (before aging).
     pub(super) priority: i32,
+    /// Its effective priority when granted (aging included): only a waiter
+    /// above it may preempt it. A waiter it was served before cannot undo
+    /// that grant the moment it is made.
+    pub(super) standing: i32,
     pub(super) granted_at: Instant,
     pub(super) waited: Duration,
     /// The most GPU memory its processes were seen using, in MiB.

@@ -308,6 +308,19 @@ impl<W, H: Clone + Default> Scheduler<W, H> {
                 // The broker persists a higher ceiling and tries again.
                 return;
             }
+            if gpu.admission.as_ref().is_some_and(|a| {
+                a.victims
+                    .iter()
+                    .all(|victim| !gpu.residents.contains_key(victim))
+            }) {
+                // Everyone asked to unload for the head has: that admission
+                // is over even if the head does not fit yet (a backfilled
+                // lease, or a holder that stayed resident, took the room
+                // meanwhile). Decide afresh now instead of idling until its
+                // deadline with nobody left to wait for.
+                self.close_admission(slot, now);
+            }
+            let gpu = &mut self.gpus[slot];
             let was_admitting = gpu.admission.is_some();
             let request = gpu
                 .waiting
@@ -355,24 +368,13 @@ impl<W, H: Clone + Default> Scheduler<W, H> {
         now: Instant,
         decisions: &mut Decisions<W, H>,
     ) {
+        if !backfilled {
+            self.close_admission(slot, now);
+        }
         let gpu = &mut self.gpus[slot];
         let waiting = gpu.waiting.remove(id).expect("the waiter waits");
+        let standing = gpu.waiting.effective(&waiting, now);
         if !backfilled {
-            // Whoever was asked to unload for this grant and is gone made
-            // room in time; one still resident did not (the memory came from
-            // elsewhere), and still keeps its memory.
-            if let Some(admission) = gpu.admission.take() {
-                for victim in admission.victims {
-                    if let Some(resident) = gpu.residents.get_mut(&victim) {
-                        resident.unload = Unload::NotAsked;
-                        continue;
-                    }
-                    let stats = &mut self.stats.evictions;
-                    stats.completed += 1;
-                    stats.last_unload = now.saturating_duration_since(admission.asked_at);
-                    stats.last_victim = victim;
-                }
-            }
             gpu.blocked = None;
             gpu.reserved = None;
         }
@@ -396,6 +398,7 @@ impl<W, H: Clone + Default> Scheduler<W, H> {
             Holding {
                 request: waiting.request,
                 priority: waiting.priority,
+                standing,
                 granted_at: now,
                 waited,
                 peak_mib: 0,
@@ -415,6 +418,26 @@ impl<W, H: Clone + Default> Scheduler<W, H> {
             payload: waiting.payload,
             held,
         });
+    }
+
+    /// Ends GPU `slot`'s admission, if one is under way: whoever was asked
+    /// to unload for it and is gone made room; one still resident did not
+    /// (the memory came from elsewhere), and still keeps its memory.
+    fn close_admission(&mut self, slot: usize, now: Instant) {
+        let gpu = &mut self.gpus[slot];
+        let Some(admission) = gpu.admission.take() else {
+            return;
+        };
+        for victim in admission.victims {
+            if let Some(resident) = gpu.residents.get_mut(&victim) {
+                resident.unload = Unload::NotAsked;
+                continue;
+            }
+            let stats = &mut self.stats.evictions;
+            stats.completed += 1;
+            stats.last_unload = now.saturating_duration_since(admission.asked_at);
+            stats.last_victim = victim;
+        }
     }
 
     /// The reservation rule. Backfill may delay the head only by the
@@ -467,7 +490,10 @@ impl<W, H: Clone + Default> Scheduler<W, H> {
     /// Asks preemptible holders of lower priority to make way for `head`,
     /// once it has waited `preempt_after` and cannot be granted because of
     /// them (their memory or their permit): the fewest, lowest priority
-    /// first and then the most recently granted (the least work lost).
+    /// first and then the most recently granted (the least work lost). A
+    /// holder's priority here is the effective one it was granted at
+    /// (`Holding::standing`), so a waiter that aging let through keeps the
+    /// GPU until someone outranks what it had.
     /// Nothing is asked while residents are unloading for the head, while
     /// the memory reading is stale, or while earlier requests for it stand.
     fn consider_preemption(
@@ -507,11 +533,11 @@ impl<W, H: Clone + Default> Scheduler<W, H> {
             .iter()
             .filter(|(_, h)| {
                 h.preempt.is_none()
-                    && h.priority < priority
+                    && h.standing < priority
                     && self.consumers.is_preemptible(&h.request.consumer)
             })
             .collect();
-        candidates.sort_by_key(|(token, h)| (h.priority, std::cmp::Reverse(**token)));
+        candidates.sort_by_key(|(token, h)| (h.standing, std::cmp::Reverse(**token)));
         let (mut chosen, mut freed) = (Vec::new(), 0u64);
         for (token, holding) in candidates {
             chosen.push(*token);

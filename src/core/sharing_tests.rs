@@ -488,6 +488,87 @@ fn preemption_frees_memory_for_a_higher_priority_waiter() {
     );
 }
 
+/// The benchmark's training run waited until aging let it through, then
+/// was preempted within seconds by a waiter it had just been served
+/// before, after the LLM and the image generator had unloaded for it. A
+/// holder stands at the effective priority it was granted at: only a
+/// waiter above that may preempt it.
+#[test]
+fn a_holder_that_aging_let_through_is_preempted_only_by_a_waiter_above_it() {
+    check(
+        "
+        card 24
+        cap 1
+        aging 1m
+        preempt_after 30s
+        consumer train preemptible grace=10s
+        consumer llm prio=1
+        +llm 12
+        +train 16
+        wait 1m
+        +llm 12
+        end llm
+        wait 40s
+        show
+        wait 30s
+        ",
+        "
+        queued llm at 1
+        granted llm
+        queued train at 1
+        queued llm at 2
+        ended llm
+        granted train
+        queue: llm(1)
+        preempt train for llm grace=10s
+        ",
+    );
+}
+
+/// The benchmark's idle card: the image generator unloaded for the
+/// training run, but an LLM job backfilled meanwhile took the room, and
+/// the training run waited for its admission's deadline with nobody left
+/// to wait for, while the LLM, done, kept its model. Once everyone asked
+/// has unloaded, admission decides again at once.
+#[test]
+fn once_everyone_asked_has_unloaded_admission_decides_again_at_once() {
+    check(
+        "
+        card 24 measured
+        cap 4
+        margin 0
+        consumer llm vram=10 unload
+        consumer image vram=8 unload
+        consumer train
+        read free=24
+        +image 14
+        read free=10 image=14
+        end image
+        read free=16 image=8
+        +train 18
+        +llm 12
+        read free=12 llm=12
+        end llm
+        read free=14 llm=10
+        read free=24
+        show
+        ",
+        "
+        queued image at 1
+        granted image
+        ended image
+        queued train at 1
+        unload image for train
+        queued llm at 2
+        granted llm
+        ended llm
+        unload llm for train
+        granted train
+        queue:
+        ",
+    );
+}
+
 #[test]
 fn wait_estimates_come_from_learned_hold_times() {
     let t0 = Instant::now();
