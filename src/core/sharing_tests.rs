@@ -507,7 +507,7 @@ fn a_holder_that_aging_let_through_is_preempted_only_by_a_waiter_above_it() {
         +train 16
         wait 1m
         +llm 12
-        end llm
+        release llm
         wait 40s
         show
         wait 30s
@@ -543,12 +543,12 @@ fn once_everyone_asked_has_unloaded_admission_decides_again_at_once() {
         read free=24
         +image 14
         read free=10 image=14
-        end image
+        release image
         read free=16 image=8
         +train 18
         +llm 12
         read free=12 llm=12
-        end llm
+        release llm
         read free=14 llm=10
         read free=24
         show
@@ -558,11 +558,11 @@ fn once_everyone_asked_has_unloaded_admission_decides_again_at_once() {
         granted image
         ended image
         queued train at 1
-        unload image for train
+        unload image (8G, peak 14G) for train
         queued llm at 2
         granted llm
         ended llm
-        unload llm for train
+        unload llm (10G, peak 12G) for train
         granted train
         queue:
         ",
