@@ -2,6 +2,7 @@
 //!
 //! See `ARCHITECTURE.md` for the map of the modules and their invariants.
 
+mod app;
 pub mod auth;
 pub mod broker;
 pub mod cli;
@@ -21,4 +22,7 @@ pub mod peer;
 pub mod reload;
 pub mod server;
 pub mod state;
+
 mod tls;
+
+pub use app::run;
