@@ -18,7 +18,7 @@ use crate::config::{AuthConfig, Consumer, ConsumerAuth};
 
 /// Who a caller is, as far as the broker can tell.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct Caller {
+pub(crate) struct Caller {
     /// Whose token it presented, if any.
     pub token_of: Option<Identity>,
     /// Its Unix credentials, when it came over the Unix socket.
@@ -27,7 +27,7 @@ pub struct Caller {
 
 /// The owner of a token.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Identity {
+pub(crate) enum Identity {
     /// The operator.
     Admin,
     /// A consumer.
@@ -36,7 +36,7 @@ pub enum Identity {
 
 /// A Unix-socket peer's credentials (`SO_PEERCRED`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct UnixPeer {
+pub(crate) struct UnixPeer {
     /// Its user id.
     pub uid: u32,
     /// Its primary group id.
@@ -111,7 +111,7 @@ fn bearer_token(value: &str) -> Option<&str> {
 /// ([`Authority::replace`]); a call is judged by the rules of the moment it
 /// is judged.
 #[derive(Debug)]
-pub struct Authority {
+pub(crate) struct Authority {
     rules: RwLock<Rules>,
     broker_uid: u32,
     connections: crate::peer::Connections,
@@ -149,7 +149,7 @@ impl Rules {
 
 impl Authority {
     /// The rules of `auth` and the consumers' `consumers`.
-    pub fn new(auth: &AuthConfig, consumers: &BTreeMap<String, Consumer>) -> Self {
+    pub(crate) fn new(auth: &AuthConfig, consumers: &BTreeMap<String, Consumer>) -> Self {
         Self {
             rules: RwLock::new(Rules::new(auth, consumers)),
             broker_uid: nix::unistd::geteuid().as_raw(),
@@ -159,14 +159,14 @@ impl Authority {
 
     /// The open TCP connections and their clients' PIDs, for the listener
     /// to register in and the handlers to look up.
-    pub fn connections(&self) -> &crate::peer::Connections {
+    pub(crate) fn connections(&self) -> &crate::peer::Connections {
         &self.connections
     }
 
     /// What the broker sees of the caller of `request` for `consumer`,
     /// claiming `claimed`: its own PID from the kernel (looked up once per
     /// TCP connection), and whether its claim may be taken on trust.
-    pub async fn seen<T>(
+    pub(crate) async fn seen<T>(
         &self,
         request: &Request<T>,
         caller: &Caller,
@@ -197,7 +197,7 @@ impl Authority {
     /// Replaces the rules (a reload): tokens, each consumer's Unix users and
     /// groups, and whether Status needs a token. Calls already admitted are
     /// not judged again; a lease granted under an old token stays held.
-    pub fn replace(&self, auth: &AuthConfig, consumers: &BTreeMap<String, Consumer>) {
+    pub(crate) fn replace(&self, auth: &AuthConfig, consumers: &BTreeMap<String, Consumer>) {
         *self
             .rules
             .write()
@@ -210,14 +210,9 @@ impl Authority {
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    /// Whether any token is configured; then TCP calls need one.
-    pub fn tokens_required(&self) -> bool {
-        !self.rules().tokens.is_empty()
-    }
-
     /// Who made `request`: its token and its Unix credentials. A token that
     /// matches nothing is UNAUTHENTICATED.
-    pub fn identify<T>(&self, request: &Request<T>) -> Result<Caller, AuthError> {
+    pub(crate) fn identify<T>(&self, request: &Request<T>) -> Result<Caller, AuthError> {
         let unix = request
             .extensions()
             .get::<UdsConnectInfo>()
@@ -251,7 +246,7 @@ impl Authority {
     }
 
     /// The caller of a request that passed [`AuthInterceptor`].
-    pub fn caller<T>(request: &Request<T>) -> Caller {
+    pub(crate) fn caller<T>(request: &Request<T>) -> Caller {
         request
             .extensions()
             .get::<Caller>()
@@ -260,7 +255,7 @@ impl Authority {
     }
 
     /// Whether `caller` may lease (or listen for unloads) as `consumer`.
-    pub fn may_act_as(&self, caller: &Caller, consumer: &str) -> Result<(), AuthError> {
+    pub(crate) fn may_act_as(&self, caller: &Caller, consumer: &str) -> Result<(), AuthError> {
         match &caller.token_of {
             Some(Identity::Admin) => return Ok(()),
             Some(Identity::Consumer(owner)) if owner == consumer => return Ok(()),
@@ -305,7 +300,7 @@ impl Authority {
     }
 
     /// Whether `caller` may read the status.
-    pub fn may_read_status(&self, caller: &Caller) -> Result<(), AuthError> {
+    pub(crate) fn may_read_status(&self, caller: &Caller) -> Result<(), AuthError> {
         if !self.rules().status_requires_token || caller.token_of.is_some() || caller.unix.is_some()
         {
             return Ok(());
@@ -315,7 +310,7 @@ impl Authority {
 
     /// Whether `caller` may act as the operator: the admin token, or the
     /// Unix socket's owner (the broker's user, or root).
-    pub fn may_administer(&self, caller: &Caller) -> Result<(), AuthError> {
+    pub(crate) fn may_administer(&self, caller: &Caller) -> Result<(), AuthError> {
         if caller.token_of == Some(Identity::Admin) || caller.unix.is_some_and(|p| self.is_owner(p))
         {
             return Ok(());
@@ -363,13 +358,13 @@ fn unix_peer_matches(peer: UnixPeer, users: &[String], groups: &[String]) -> boo
 /// The tonic interceptor: identifies the caller and stores a [`Caller`] in
 /// the request's extensions.
 #[derive(Clone, Debug)]
-pub struct AuthInterceptor {
+pub(crate) struct AuthInterceptor {
     authority: Arc<Authority>,
 }
 
 impl AuthInterceptor {
     /// An interceptor for `authority`.
-    pub fn new(authority: Arc<Authority>) -> Self {
+    pub(crate) fn new(authority: Arc<Authority>) -> Self {
         Self { authority }
     }
 }

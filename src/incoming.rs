@@ -31,7 +31,7 @@ use tracing::{debug, error};
 /// How long a new connection has to send the complete HTTP/2 connection
 /// preface (the 24-byte magic and its first SETTINGS frame). Every real
 /// client sends it at once.
-pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
+pub(crate) const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// The first backoff after `accept` failed for want of file descriptors.
 const FIRST_BACKOFF: Duration = Duration::from_millis(10);
@@ -44,10 +44,10 @@ const MAX_BACKOFF: Duration = Duration::from_millis(250);
 const ERROR_LOG_INTERVAL: Duration = Duration::from_secs(10);
 
 /// Accepted connections, ready for `serve_with_incoming_shutdown`.
-pub type Incoming<IO> = ReceiverStream<io::Result<Guarded<IO>>>;
+pub(crate) type Incoming<IO> = ReceiverStream<io::Result<Guarded<IO>>>;
 
 /// A listener the accept loop can take connections from.
-pub trait Accept: Send + 'static {
+pub(crate) trait Accept: Send + 'static {
     /// The connection.
     type Io: AsyncRead + AsyncWrite + Connected + Unpin + Send + 'static;
 
@@ -79,7 +79,7 @@ impl Accept for UnixListener {
 /// the returned stream is dropped. Each connection
 /// must send its HTTP/2 preface within `preface` when given; `None` is for
 /// the raw connections under TLS (see [`incoming_tls`]).
-pub fn incoming<L: Accept>(
+pub(crate) fn incoming<L: Accept>(
     listener: L,
     preface: Option<Duration>,
     stop: CancellationToken,
@@ -94,7 +94,7 @@ pub fn incoming<L: Accept>(
 /// handshake and sent its HTTP/2 preface (inside TLS) within `deadline` of
 /// being accepted. Handshakes run concurrently, so a slow one holds up no
 /// other.
-pub fn incoming_tls(
+pub(crate) fn incoming_tls(
     listener: TcpListener,
     acceptor: TlsAcceptor,
     deadline: Duration,
@@ -224,7 +224,7 @@ impl Backoff {
 /// it has, a read after the deadline fails, which makes the HTTP/2 server
 /// close it.
 #[derive(Debug)]
-pub struct Guarded<IO> {
+pub(crate) struct Guarded<IO> {
     io: IO,
     preface: Option<PrefaceDeadline>,
 }

@@ -3,25 +3,25 @@
 //! See `ARCHITECTURE.md` for the map of the modules and their invariants.
 
 mod app;
-pub mod auth;
-pub mod broker;
+mod auth;
+mod broker;
 pub mod cli;
 pub mod client;
 pub mod config;
-pub mod core;
+mod core;
 pub mod gate;
-pub mod grpc;
-pub mod incoming;
-pub mod inventory;
-pub mod logging;
-pub mod matcher;
-pub mod metrics;
-pub mod notify;
+mod grpc;
+mod incoming;
+mod inventory;
+mod logging;
+mod matcher;
+mod metrics;
+mod notify;
 pub mod pb;
-pub mod peer;
-pub mod reload;
-pub mod server;
-pub mod state;
+mod peer;
+mod reload;
+mod server;
+mod state;
 
 mod tls;
 

@@ -29,13 +29,13 @@ enum Message {
 
 /// How many log lines were dropped since the start: the queue was full
 /// (stderr blocked) or writing failed (stderr closed).
-pub fn lines_dropped() -> u64 {
+pub(crate) fn lines_dropped() -> u64 {
     DROPPED.load(Ordering::Relaxed)
 }
 
 /// The writer to give `tracing_subscriber::fmt().with_writer`: it queues
 /// each line and returns at once. The first call starts the writer thread.
-pub fn writer() -> LogQueue {
+pub(crate) fn writer() -> LogQueue {
     LogQueue {
         queue: queue().cloned(),
     }
@@ -43,7 +43,7 @@ pub fn writer() -> LogQueue {
 
 /// Writes `text` (one line, or a few) through the queue: for messages that
 /// are not tracing events, such as `gpulease: invalid configuration`.
-pub fn say(text: &str) {
+pub(crate) fn say(text: &str) {
     let mut line = text.as_bytes().to_vec();
     if !line.ends_with(b"\n") {
         line.push(b'\n');
@@ -53,7 +53,7 @@ pub fn say(text: &str) {
 
 /// Waits up to `timeout` for the lines queued so far to be written: before
 /// the process exits, or aborts after a panic.
-pub fn flush(timeout: Duration) {
+pub(crate) fn flush(timeout: Duration) {
     let Some(queue) = QUEUE.get() else { return };
     let (done, wait) = mpsc::channel();
     if queue.try_send(Message::Flush(done)).is_ok() {
@@ -63,7 +63,7 @@ pub fn flush(timeout: Duration) {
 
 /// A [`MakeWriter`] that queues lines for the writer thread.
 #[derive(Clone, Debug)]
-pub struct LogQueue {
+pub(crate) struct LogQueue {
     queue: Option<SyncSender<Message>>,
 }
 
@@ -86,7 +86,7 @@ impl<'a> MakeWriter<'a> for LogQueue {
 
 /// One event's text, queued as a whole when dropped.
 #[derive(Debug)]
-pub struct LineWriter<'a> {
+pub(crate) struct LineWriter<'a> {
     queue: Option<&'a SyncSender<Message>>,
     line: Vec<u8>,
 }

@@ -113,7 +113,7 @@ fn exe_matches(rule: &str, facts: &ProcessFacts) -> bool {
 
 /// The path of the unified (v2) hierarchy in a `/proc/PID/cgroup`, or else
 /// systemd's named v1 hierarchy, or else the first one.
-pub fn cgroup_path(text: &str) -> Option<&str> {
+pub(crate) fn cgroup_path(text: &str) -> Option<&str> {
     let lines: Vec<(&str, &str)> = text
         .lines()
         .filter_map(|line| {
@@ -132,7 +132,7 @@ pub fn cgroup_path(text: &str) -> Option<&str> {
 
 /// The systemd unit of a cgroup path: its deepest `.service` or `.scope`
 /// component (`/system.slice/ollama.service` → `ollama.service`).
-pub fn unit_of(path: &str) -> Option<&str> {
+pub(crate) fn unit_of(path: &str) -> Option<&str> {
     path.rsplit('/')
         .find(|c| c.ends_with(".service") || c.ends_with(".scope"))
 }
@@ -147,7 +147,7 @@ pub fn unit_of(path: &str) -> Option<&str> {
 /// - `…/cri-containerd-ID.scope`, `…/crio-ID.scope`, `/kubepods/…/ID`
 ///
 /// Podman's `libpod-conmon-ID.scope` is its monitor, not the container.
-pub fn container_of(path: &str) -> Option<&str> {
+pub(crate) fn container_of(path: &str) -> Option<&str> {
     const PREFIXES: [&str; 4] = ["docker-", "libpod-", "cri-containerd-", "crio-"];
     path.rsplit('/').find_map(|component| {
         let bare = component.strip_suffix(".scope").unwrap_or(component);
@@ -161,13 +161,13 @@ pub fn container_of(path: &str) -> Option<&str> {
 
 /// Every consumer's rule, applied in the order of the consumers' names.
 #[derive(Debug, Default)]
-pub struct Matchers {
+pub(crate) struct Matchers {
     rules: Vec<(String, ProcessMatcher)>,
 }
 
 impl Matchers {
     /// The rules of the configuration, by consumer.
-    pub fn new(consumers: &BTreeMap<String, Consumer>) -> Self {
+    pub(crate) fn new(consumers: &BTreeMap<String, Consumer>) -> Self {
         Self {
             rules: consumers
                 .iter()
@@ -177,18 +177,18 @@ impl Matchers {
     }
 
     /// The rules, by consumer.
-    pub fn iter(&self) -> impl Iterator<Item = (&String, &ProcessMatcher)> {
+    pub(crate) fn iter(&self) -> impl Iterator<Item = (&String, &ProcessMatcher)> {
         self.rules.iter().map(|(name, rule)| (name, rule))
     }
 
     /// Whether there is no rule at all.
-    pub fn is_empty(&self) -> bool {
+    pub(crate) fn is_empty(&self) -> bool {
         self.rules.is_empty()
     }
 
     /// The first consumer (by name) whose rule matches a process with
     /// `facts`.
-    pub fn consumer_for(&self, facts: &ProcessFacts) -> Option<&str> {
+    pub(crate) fn consumer_for(&self, facts: &ProcessFacts) -> Option<&str> {
         self.rules
             .iter()
             .find(|(_, rule)| rule.matches(facts))
@@ -197,7 +197,7 @@ impl Matchers {
 
     /// The processes of `reading` that a rule ties to a consumer. Reads
     /// `/proc` (blocking), once per process.
-    pub fn tag(&self, reading: &MemoryReading) -> BTreeMap<u32, String> {
+    pub(crate) fn tag(&self, reading: &MemoryReading) -> BTreeMap<u32, String> {
         if self.is_empty() {
             return BTreeMap::new();
         }

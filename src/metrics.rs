@@ -44,10 +44,10 @@ use crate::broker::BrokerStatus;
 /// that invents a name per request must not create a time series per
 /// request. No configured name can collide with it, since names may not
 /// contain parentheses.
-pub const UNCONFIGURED: &str = "(unconfigured)";
+pub(crate) const UNCONFIGURED: &str = "(unconfigured)";
 
 /// The content type of the exposition.
-pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
+pub(crate) const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
 
 /// Buckets for waits and holds, in seconds: from a millisecond (a hand-over
 /// on a free GPU) to four hours (a training run).
@@ -69,7 +69,7 @@ static LOG_LINES_DROPPED: AtomicU64 = AtomicU64::new(0);
 
 /// Counts a log line the writer dropped (it could not be written in time);
 /// exported as `gpulease_log_lines_dropped_total`.
-pub fn log_line_dropped() {
+pub(crate) fn log_line_dropped() {
     LOG_LINES_DROPPED.fetch_add(1, Ordering::Relaxed);
 }
 
@@ -81,7 +81,7 @@ impl Default for Metrics {
 
 /// Every metric of the broker, in one registry.
 #[derive(Debug)]
-pub struct Metrics {
+pub(crate) struct Metrics {
     registry: Registry,
     /// The configured consumers' names, for [`Metrics::consumer`]; replaced
     /// on reload.
@@ -117,7 +117,7 @@ struct Gauges {
 
 /// How an unload request ended, as the `result` label spells it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum UnloadResult {
+pub(crate) enum UnloadResult {
     /// The resident's memory came back (or it said it unloaded) in time.
     Unloaded,
     /// `gpu.unload_timeout` passed with the resident still there.
@@ -178,7 +178,7 @@ fn histogram(
 
 impl Metrics {
     /// The metrics of a broker; see [`Metrics::configure`].
-    pub fn new() -> Self {
+    pub(crate) fn new() -> Self {
         let r = Registry::new();
         let gauges = Gauges {
             queue_depth: int_gauge(
@@ -324,7 +324,7 @@ impl Metrics {
     /// will have on `gpus`: so that `rate()` and `increase()` see the first
     /// grant or the first failed unload, and dashboards have every series
     /// from the start. Series of consumers removed by a reload stay, frozen.
-    pub fn configure(&self, consumers: &[(String, bool)], gpus: &[u32]) {
+    pub(crate) fn configure(&self, consumers: &[(String, bool)], gpus: &[u32]) {
         *self
             .configured
             .write()
@@ -366,7 +366,7 @@ impl Metrics {
 
     /// The `consumer` label for `name`: itself if configured, else
     /// [`UNCONFIGURED`].
-    pub fn consumer<'a>(&self, name: &'a str) -> &'a str {
+    pub(crate) fn consumer<'a>(&self, name: &'a str) -> &'a str {
         let configured = self
             .configured
             .read()
@@ -379,7 +379,7 @@ impl Metrics {
     }
 
     /// A lease was granted on `gpu` to `consumer` after `waited`.
-    pub fn granted(&self, gpu: u32, consumer: &str, waited: Duration) {
+    pub(crate) fn granted(&self, gpu: u32, consumer: &str, waited: Duration) {
         let gpu = gpu.to_string();
         let labels = [gpu.as_str(), self.consumer(consumer)];
         self.grants.with_label_values(&labels).inc();
@@ -390,7 +390,7 @@ impl Metrics {
 
     /// A lease of `consumer` on `gpu` ended (`reason`, see
     /// `broker::end_name`) after being held for `held`.
-    pub fn ended(&self, gpu: u32, consumer: &str, reason: &str, held: Duration) {
+    pub(crate) fn ended(&self, gpu: u32, consumer: &str, reason: &str, held: Duration) {
         let gpu = gpu.to_string();
         let consumer = self.consumer(consumer);
         self.lease_ends
@@ -403,7 +403,13 @@ impl Metrics {
 
     /// An unload request to `consumer` on `gpu` ended with `result`;
     /// `took` is how long its memory took to come back, when it did.
-    pub fn unload(&self, gpu: u32, consumer: &str, result: UnloadResult, took: Option<Duration>) {
+    pub(crate) fn unload(
+        &self,
+        gpu: u32,
+        consumer: &str,
+        result: UnloadResult,
+        took: Option<Duration>,
+    ) {
         let gpu = gpu.to_string();
         let consumer = self.consumer(consumer);
         self.unload_requests
@@ -418,7 +424,7 @@ impl Metrics {
 
     /// An `AcquireLease` call was refused with `code` before it joined a
     /// queue.
-    pub fn rejected(&self, code: tonic::Code) {
+    pub(crate) fn rejected(&self, code: tonic::Code) {
         self.acquire_rejections
             .with_label_values(&[code_name(code)])
             .inc();
@@ -426,7 +432,7 @@ impl Metrics {
 
     /// The exposition: the gauges filled from `status`, then every metric
     /// in the text format.
-    pub fn render(&self, status: &BrokerStatus) -> String {
+    pub(crate) fn render(&self, status: &BrokerStatus) -> String {
         let _one_at_a_time = self
             .scrape
             .lock()
@@ -529,7 +535,7 @@ impl Metrics {
 }
 
 /// The canonical name of a gRPC status code, as the `code` label spells it.
-pub fn code_name(code: tonic::Code) -> &'static str {
+pub(crate) fn code_name(code: tonic::Code) -> &'static str {
     use tonic::Code;
     match code {
         Code::Ok => "OK",
@@ -553,7 +559,7 @@ pub fn code_name(code: tonic::Code) -> &'static str {
 }
 
 /// What the HTTP listener serves: a fresh exposition per request.
-pub type Exposition = Arc<dyn Fn() -> String + Send + Sync>;
+pub(crate) type Exposition = Arc<dyn Fn() -> String + Send + Sync>;
 
 /// Connections the metrics listener serves at once; more are closed at
 /// once. Prometheus needs one per server that scrapes.
@@ -566,7 +572,7 @@ const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 /// HTTP/1.1, one task per connection, at most [`MAX_CONNECTIONS`] at once,
 /// each with [`HEADER_TIMEOUT`] to say what it wants. Anything else is 404
 /// (or 405 for a method other than GET and HEAD).
-pub async fn serve(listener: TcpListener, exposition: Exposition, stop: CancellationToken) {
+pub(crate) async fn serve(listener: TcpListener, exposition: Exposition, stop: CancellationToken) {
     let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     loop {
         let (stream, peer) = tokio::select! {
@@ -638,6 +644,6 @@ fn answer(request: &Request<Incoming>, exposition: &Exposition) -> Response<Full
 }
 
 /// The address a metrics listener reports, as a URL.
-pub fn url(addr: SocketAddr) -> String {
+pub(crate) fn url(addr: SocketAddr) -> String {
     format!("http://{addr}/metrics")
 }

@@ -34,13 +34,13 @@ fn send(states: &[NotifyState<'_>]) {
 }
 
 /// The listeners accept: `READY=1`, with a first status line.
-pub fn ready(broker: &Broker) {
+pub(crate) fn ready(broker: &Broker) {
     let status = status_line(broker);
     send(&[NotifyState::Ready, NotifyState::Status(&status)]);
 }
 
 /// A reload starts: `RELOADING=1` (with the time, as systemd wants it).
-pub fn reloading() {
+pub(crate) fn reloading() {
     match NotifyState::monotonic_usec_now() {
         Ok(now) => send(&[NotifyState::Reloading, now]),
         Err(_) => send(&[NotifyState::Reloading]),
@@ -48,13 +48,13 @@ pub fn reloading() {
 }
 
 /// A reload is over (applied or refused): `READY=1` again.
-pub fn reloaded(broker: &Broker, outcome: &str) {
+pub(crate) fn reloaded(broker: &Broker, outcome: &str) {
     let status = format!("{}; last reload: {outcome}", status_line(broker));
     send(&[NotifyState::Ready, NotifyState::Status(&status)]);
 }
 
 /// Shutdown starts: `STOPPING=1`.
-pub fn stopping() {
+pub(crate) fn stopping() {
     send(&[NotifyState::Stopping, NotifyState::Status("shutting down")]);
 }
 
@@ -67,7 +67,7 @@ fn status_line(broker: &Broker) -> String {
 /// `WATCHDOG=1` every half of `$WATCHDOG_USEC` if the unit set a watchdog.
 /// Each ping first takes the core's lock (for the status counts), so a
 /// broker whose core is wedged stops pinging and systemd restarts it.
-pub async fn keep_informed(broker: Arc<Broker>, stop: CancellationToken) {
+pub(crate) async fn keep_informed(broker: Arc<Broker>, stop: CancellationToken) {
     let watchdog = sd_notify::watchdog_enabled().filter(|d| !d.is_zero());
     let tick = watchdog.map_or(STATUS_INTERVAL, |d| (d / 2).min(STATUS_INTERVAL));
     let mut ticks = tokio::time::interval(tick);

@@ -23,7 +23,7 @@ use crate::config::Config;
 
 /// What a reload did.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct ReloadReport {
+pub(crate) struct ReloadReport {
     /// The keys (or sections) whose new values are in effect.
     pub applied: Vec<String>,
     /// The keys that changed in the file but need a restart; the running
@@ -33,7 +33,7 @@ pub struct ReloadReport {
 
 impl ReloadReport {
     /// A sentence for the log and the operator.
-    pub fn message(&self) -> String {
+    pub(crate) fn message(&self) -> String {
         let applied = if self.applied.is_empty() {
             "nothing to apply".to_owned()
         } else {
@@ -53,11 +53,11 @@ impl ReloadReport {
 /// Why a reload changed nothing.
 #[derive(Debug, thiserror::Error)]
 #[error("the configuration is not valid, so the running one is kept: {0}")]
-pub struct ReloadError(pub String);
+pub(crate) struct ReloadError(pub String);
 
 /// Re-reads the configuration and applies it to the running broker.
 #[derive(Debug)]
-pub struct Reloader {
+pub(crate) struct Reloader {
     /// The configuration in effect (with the running values of the keys
     /// that need a restart).
     current: Mutex<Config>,
@@ -67,7 +67,7 @@ pub struct Reloader {
 
 impl Reloader {
     /// A reloader for the broker started with `config`.
-    pub fn new(config: Config, broker: Arc<Broker>, authority: Arc<Authority>) -> Self {
+    pub(crate) fn new(config: Config, broker: Arc<Broker>, authority: Arc<Authority>) -> Self {
         Self {
             current: Mutex::new(config),
             broker,
@@ -79,7 +79,7 @@ impl Reloader {
     /// variables) again, validates everything, and applies what can change
     /// live. Blocking (it reads files); concurrent reloads run one after
     /// the other.
-    pub fn reload(&self) -> Result<ReloadReport, ReloadError> {
+    pub(crate) fn reload(&self) -> Result<ReloadReport, ReloadError> {
         let mut current = self
             .current
             .lock()

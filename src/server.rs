@@ -43,7 +43,7 @@ const LAST_FRAMES: Duration = Duration::from_millis(50);
 
 /// The broker's listeners, bound but not yet serving.
 #[derive(Debug)]
-pub struct Listeners {
+pub(crate) struct Listeners {
     tcp: Option<TcpListener>,
     unix: Option<(UnixListener, PathBuf)>,
     metrics: Option<TcpListener>,
@@ -51,7 +51,7 @@ pub struct Listeners {
 
 /// Why the broker could not start or stopped with an error.
 #[derive(Debug, thiserror::Error)]
-pub enum ServeError {
+pub(crate) enum ServeError {
     /// A listener could not be bound.
     #[error("cannot listen on {what}: {source}")]
     Bind {
@@ -74,22 +74,22 @@ pub enum ServeError {
 
 impl Listeners {
     /// The TCP address actually bound (with the real port for `:0`).
-    pub fn tcp_addr(&self) -> Option<SocketAddr> {
+    pub(crate) fn tcp_addr(&self) -> Option<SocketAddr> {
         self.tcp.as_ref().and_then(|l| l.local_addr().ok())
     }
 
     /// The Unix socket's path.
-    pub fn socket_path(&self) -> Option<&Path> {
+    pub(crate) fn socket_path(&self) -> Option<&Path> {
         self.unix.as_ref().map(|(_, path)| path.as_path())
     }
 
     /// The metrics listener's address, if metrics are served.
-    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+    pub(crate) fn metrics_addr(&self) -> Option<SocketAddr> {
         self.metrics.as_ref().and_then(|l| l.local_addr().ok())
     }
 
     /// Every bound address, as a client's `--broker` spells it.
-    pub fn addresses(&self) -> Vec<String> {
+    pub(crate) fn addresses(&self) -> Vec<String> {
         let tcp = self.tcp_addr().map(|addr| addr.to_string());
         let unix = self
             .socket_path()
@@ -102,7 +102,7 @@ impl Listeners {
 ///
 /// A socket file left behind by a broker that is gone is replaced; one that
 /// a live broker still answers on is an error, as is any other file there.
-pub async fn bind(config: &Config) -> Result<Listeners, ServeError> {
+pub(crate) async fn bind(config: &Config) -> Result<Listeners, ServeError> {
     let tcp = match config.listen {
         Some(addr) => Some(
             TcpListener::bind(addr)
@@ -181,7 +181,7 @@ async fn remove_stale_socket(path: &Path) -> io::Result<()> {
 /// `config.shutdown_grace` for the streams to end. Each signal from
 /// `hangups` (SIGHUP, installed by the caller before it binds) reloads the
 /// configuration, as the `Reload` call does.
-pub async fn serve(
+pub(crate) async fn serve(
     config: &Config,
     inventory: Arc<dyn Inventory>,
     state: (StateFile, Claim),
@@ -377,7 +377,7 @@ async fn reload_on_hangup(
 /// of connections meets the limit the administrator set rather than the
 /// shell's default (often 1,024). Returns the limit now in force, and the
 /// one before when it was raised.
-pub fn raise_open_file_limit() -> io::Result<(u64, Option<u64>)> {
+pub(crate) fn raise_open_file_limit() -> io::Result<(u64, Option<u64>)> {
     use nix::sys::resource::{Resource, getrlimit, setrlimit};
     let (soft, hard) = getrlimit(Resource::RLIMIT_NOFILE).map_err(io::Error::from)?;
     if soft >= hard {

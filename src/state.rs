@@ -14,13 +14,13 @@ use std::path::{Path, PathBuf};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 /// How many tokens one persisted ceiling reserves.
-pub const TOKEN_BLOCK: u64 = 10_000;
+pub(crate) const TOKEN_BLOCK: u64 = 10_000;
 
 const FILE_NAME: &str = "state";
 
 /// What the state file holds.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct Persisted {
+pub(crate) struct Persisted {
     /// No token at or below this was handed out by a later start; the next
     /// start hands out tokens above it.
     pub token_ceiling: u64,
@@ -30,13 +30,13 @@ pub struct Persisted {
 
 /// The state file in a state directory.
 #[derive(Debug, Clone)]
-pub struct StateFile {
+pub(crate) struct StateFile {
     dir: PathBuf,
 }
 
 /// Why the state file cannot be trusted (or used at all).
 #[derive(Debug, thiserror::Error)]
-pub enum StateError {
+pub(crate) enum StateError {
     /// The directory or the file could not be read or written.
     #[error("{path}: {source}")]
     Io {
@@ -62,7 +62,7 @@ impl StateFile {
     /// whole (empty, truncated, a key missing, a number that does not parse
     /// or leaves no room for another block of tokens) is an error: better to
     /// stop than to hand out old tokens again.
-    pub fn open(dir: &Path) -> Result<(Self, Persisted), StateError> {
+    pub(crate) fn open(dir: &Path) -> Result<(Self, Persisted), StateError> {
         let file = Self::create_dir(dir)?;
         let persisted = match fs::read(file.path()) {
             Ok(bytes) => parse(&bytes).map_err(|problem| StateError::Damaged {
@@ -89,7 +89,7 @@ impl StateFile {
     /// never handed out more tokens than microseconds have passed since it
     /// began (at 0 or at an earlier reset's floor). The file is rewritten
     /// by the claim that follows.
-    pub fn reset(dir: &Path, now: SystemTime) -> Result<(Self, Persisted), StateError> {
+    pub(crate) fn reset(dir: &Path, now: SystemTime) -> Result<(Self, Persisted), StateError> {
         let file = Self::create_dir(dir)?;
         let legible = fs::read(file.path())
             .map(|bytes| salvage(&bytes))
@@ -124,13 +124,13 @@ impl StateFile {
     }
 
     /// The file's path.
-    pub fn path(&self) -> PathBuf {
+    pub(crate) fn path(&self) -> PathBuf {
         self.dir.join(FILE_NAME)
     }
 
     /// Writes `state` atomically and durably: a temporary file, synced,
     /// renamed over the old one, and the directory synced. Blocking.
-    pub fn store(&self, state: Persisted) -> io::Result<()> {
+    pub(crate) fn store(&self, state: Persisted) -> io::Result<()> {
         let temporary = self.dir.join(format!("{FILE_NAME}.tmp"));
         let mut file = File::create(&temporary)?;
         write!(
@@ -148,7 +148,7 @@ impl StateFile {
 
 /// The highest ceiling a state file may hold: one more block of tokens
 /// (and the epoch after it) must still fit in a `u64`.
-pub const MAX_CEILING: u64 = u64::MAX - 2 * TOKEN_BLOCK;
+pub(crate) const MAX_CEILING: u64 = u64::MAX - 2 * TOKEN_BLOCK;
 
 /// Reads a whole state file: both keys, once each, every line complete.
 fn parse(bytes: &[u8]) -> Result<Persisted, String> {

@@ -170,7 +170,7 @@ fn fail_point(name: &str) -> bool {
 }
 
 /// The name of a way a lease ends, as logs and metrics spell it.
-pub fn end_name(how: LeaseEnd) -> &'static str {
+pub(crate) fn end_name(how: LeaseEnd) -> &'static str {
     match how {
         LeaseEnd::Released => "released",
         LeaseEnd::HalfClosed => "half_closed",
@@ -184,11 +184,11 @@ pub fn end_name(how: LeaseEnd) -> &'static str {
 }
 
 /// The id of the lease granted with `token` by the broker of `epoch`.
-pub fn lease_id(epoch: u64, token: FencingToken) -> String {
+pub(crate) fn lease_id(epoch: u64, token: FencingToken) -> String {
     format!("{epoch:x}-{}", token.0)
 }
 
 /// Whole milliseconds, saturating.
-pub fn millis(duration: Duration) -> u64 {
+pub(crate) fn millis(duration: Duration) -> u64 {
     u64::try_from(duration.as_millis()).unwrap_or(u64::MAX)
 }

@@ -13,7 +13,7 @@ use crate::core::{LeaseEnd, WaiterId, Withdrawal};
 
 /// A stream being served; see [`Broker::session`].
 #[derive(Debug)]
-pub struct SessionGuard {
+pub(crate) struct SessionGuard {
     pub(super) broker: Arc<Broker>,
 }
 
@@ -28,10 +28,9 @@ impl Drop for SessionGuard {
 /// A place in the queue. Dropping it gives the place up (and ends the lease
 /// if it was granted in the meantime), so a cancelled task leaks nothing.
 #[derive(Debug)]
-pub struct Ticket {
+pub(crate) struct Ticket {
     pub(super) broker: Arc<Broker>,
     pub(super) id: WaiterId,
-    pub(super) consumer: String,
     /// `None` once the channel has delivered or closed.
     pub(super) grant: Option<oneshot::Receiver<Grant>>,
     /// Whether the request had to wait when it was enqueued.
@@ -42,14 +41,14 @@ pub struct Ticket {
 
 /// A waiting request's position, as the periodic sweep updates it.
 #[derive(Debug)]
-pub struct PositionUpdates {
+pub(crate) struct PositionUpdates {
     pub(super) receiver: watch::Receiver<QueuePosition>,
     pub(super) last: QueuePosition,
 }
 
 impl PositionUpdates {
     /// Where the request stood when last looked at.
-    pub fn current(&self) -> &QueuePosition {
+    pub(crate) fn current(&self) -> &QueuePosition {
         &self.last
     }
 
@@ -58,7 +57,7 @@ impl PositionUpdates {
     /// Cancel-safe: dropping the future loses nothing. Pends forever once
     /// the request no longer waits, so it can sit in a `select!` beside
     /// [`Ticket::granted`].
-    pub async fn improved(&mut self) -> &QueuePosition {
+    pub(crate) async fn improved(&mut self) -> &QueuePosition {
         loop {
             if self.receiver.changed().await.is_err() {
                 std::future::pending::<()>().await;
@@ -76,14 +75,14 @@ impl Ticket {
     /// Whether the request had to wait: no permit was free when it arrived.
     /// Such a request is told `Queued` first, even if its grant follows a
     /// moment later.
-    pub fn had_to_wait(&self) -> bool {
+    pub(crate) fn had_to_wait(&self) -> bool {
         self.waited
     }
 
     /// The request's position updates, to await beside [`Ticket::granted`].
     /// Only the first call gets them; later calls get a stream that never
     /// changes.
-    pub fn take_positions(&mut self) -> PositionUpdates {
+    pub(crate) fn take_positions(&mut self) -> PositionUpdates {
         let (_, idle) = watch::channel(self.positions.last.clone());
         let last = self.positions.last.clone();
         std::mem::replace(
@@ -100,7 +99,7 @@ impl Ticket {
     ///
     /// Cancel-safe: dropping the future keeps the place in the queue; only
     /// dropping the `Ticket` gives it up.
-    pub async fn granted(&mut self) -> Option<Lease> {
+    pub(crate) async fn granted(&mut self) -> Option<Lease> {
         let result = self.grant.as_mut()?.await;
         self.grant = None;
         self.done = result.is_ok();
@@ -108,7 +107,7 @@ impl Ticket {
     }
 
     /// The grant, if it has already been made.
-    pub fn try_granted(&mut self) -> Option<Lease> {
+    pub(crate) fn try_granted(&mut self) -> Option<Lease> {
         let grant = self.take_grant()?;
         self.done = true;
         Some(self.lease(grant))
@@ -130,7 +129,7 @@ impl Ticket {
 
     /// Stops waiting. Returns the lease if the grant came first; `None`
     /// when the request was withdrawn (by this call, or by shutdown).
-    pub fn withdraw(mut self, how: Withdrawal) -> Option<Lease> {
+    pub(crate) fn withdraw(mut self, how: Withdrawal) -> Option<Lease> {
         self.done = true;
         if self.broker.withdraw(self.id, how) {
             return None;
@@ -142,7 +141,6 @@ impl Ticket {
     fn lease(&self, grant: Grant) -> Lease {
         Lease {
             broker: Arc::clone(&self.broker),
-            consumer: self.consumer.clone(),
             grant,
             ended: false,
         }
@@ -164,38 +162,32 @@ impl Drop for Ticket {
 /// A held lease. Dropping it without [`Lease::end`] ends it as
 /// `Disconnected`, so a cancelled task never keeps the GPU.
 #[derive(Debug)]
-pub struct Lease {
+pub(crate) struct Lease {
     pub(super) broker: Arc<Broker>,
-    pub(super) consumer: String,
     pub(super) grant: Grant,
     pub(super) ended: bool,
 }
 
 impl Lease {
     /// The grant's particulars.
-    pub fn grant(&self) -> &Grant {
+    pub(crate) fn grant(&self) -> &Grant {
         &self.grant
     }
 
-    /// The consumer holding it.
-    pub fn consumer(&self) -> &str {
-        &self.consumer
-    }
-
     /// Fires when an operator revokes this lease.
-    pub fn revocation(&self) -> &Revocation {
+    pub(crate) fn revocation(&self) -> &Revocation {
         &self.grant.revocation
     }
 
     /// When the broker's `max_hold` ends this lease, if it is limited.
-    pub fn deadline(&self) -> Option<Instant> {
+    pub(crate) fn deadline(&self) -> Option<Instant> {
         self.broker
             .max_hold()
             .map(|hold| self.grant.granted_at + hold)
     }
 
     /// Ends the lease, recording how.
-    pub fn end(mut self, how: LeaseEnd) {
+    pub(crate) fn end(mut self, how: LeaseEnd) {
         self.ended = true;
         self.broker.finish(self.grant.token, how);
     }

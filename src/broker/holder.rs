@@ -12,7 +12,7 @@ use crate::core::{FencingToken, RevokeReason};
 
 /// A granted lease's particulars.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Grant {
+pub(crate) struct Grant {
     /// The lease's id: the broker's epoch and the token.
     pub lease_id: String,
     /// The fencing token.
@@ -36,7 +36,7 @@ pub struct Grant {
 /// request to make way (preemption), and a revocation (by an operator, or
 /// after a preemption's grace). Each happens at most once.
 #[derive(Debug, Default)]
-pub struct Revocation {
+pub(crate) struct Revocation {
     pub(super) fired: CancellationToken,
     reason: std::sync::OnceLock<(RevokeReason, String)>,
     preempt_asked: CancellationToken,
@@ -45,7 +45,7 @@ pub struct Revocation {
 
 /// A request to a preemptible holder to make way.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct PreemptNotice {
+pub(crate) struct PreemptNotice {
     /// How long it has to release.
     pub grace: Duration,
     /// Who it makes way for.
@@ -62,13 +62,13 @@ impl Eq for Revocation {}
 
 impl Revocation {
     /// Resolves once the lease is revoked. Cancel-safe.
-    pub async fn fired(&self) {
+    pub(crate) async fn fired(&self) {
         self.fired.cancelled().await;
     }
 
     /// Why it was revoked (an operator's, unless a preemption's), and the
     /// operator's message.
-    pub fn reason(&self) -> (RevokeReason, &str) {
+    pub(crate) fn reason(&self) -> (RevokeReason, &str) {
         self.reason
             .get()
             .map_or((RevokeReason::Admin, ""), |(reason, message)| {
@@ -78,12 +78,12 @@ impl Revocation {
 
     /// Resolves once the holder is asked to make way; see
     /// [`Revocation::preempt_notice`]. Cancel-safe.
-    pub async fn preempt_requested(&self) {
+    pub(crate) async fn preempt_requested(&self) {
         self.preempt_asked.cancelled().await;
     }
 
     /// The request to make way, once asked.
-    pub fn preempt_notice(&self) -> Option<&PreemptNotice> {
+    pub(crate) fn preempt_notice(&self) -> Option<&PreemptNotice> {
         self.preempt.get()
     }
 

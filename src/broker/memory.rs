@@ -43,7 +43,7 @@ pub(super) struct Listeners {
 
 /// A consumer's open `Residency` stream. Dropping it unregisters it.
 #[derive(Debug)]
-pub struct ResidencyListener {
+pub(crate) struct ResidencyListener {
     broker: Arc<Broker>,
     consumer: String,
     id: u64,
@@ -52,7 +52,7 @@ pub struct ResidencyListener {
 
 impl ResidencyListener {
     /// The next unload request for this consumer. Cancel-safe.
-    pub async fn next(&mut self) -> Option<UnloadRequest> {
+    pub(crate) async fn next(&mut self) -> Option<UnloadRequest> {
         self.requests.recv().await
     }
 
@@ -62,7 +62,7 @@ impl ResidencyListener {
     /// false claim would make the broker grant memory that is still in use.
     /// With NVML even the answer only triggers a reading, which decides.
     /// Returns whether it answered a request.
-    pub fn unloaded(&self, gpu_index: Option<u32>) -> bool {
+    pub(crate) fn unloaded(&self, gpu_index: Option<u32>) -> bool {
         let answered = {
             let mut asked = lock(&self.broker.residency.asked);
             let answered = asked
@@ -90,11 +90,6 @@ impl ResidencyListener {
         }
         true
     }
-
-    /// The consumer.
-    pub fn consumer(&self) -> &str {
-        &self.consumer
-    }
 }
 
 impl Drop for ResidencyListener {
@@ -117,7 +112,7 @@ fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 
 impl Broker {
     /// Registers a `Residency` stream for `consumer`.
-    pub fn listen_for_unloads(self: &Arc<Self>, consumer: String) -> ResidencyListener {
+    pub(crate) fn listen_for_unloads(self: &Arc<Self>, consumer: String) -> ResidencyListener {
         let (tx, rx) = mpsc::channel(8);
         let id = self
             .residency
@@ -140,7 +135,7 @@ impl Broker {
     }
 
     /// A consumer freed its memory on `gpu_index` (all with `None`).
-    pub fn unloaded(&self, consumer: &str, gpu_index: Option<u32>) {
+    pub(crate) fn unloaded(&self, consumer: &str, gpu_index: Option<u32>) {
         info!(%consumer, gpu = ?gpu_index, "consumer reports it unloaded");
         let consumer = consumer.to_owned();
         self.update(move |sched, now| {

@@ -47,16 +47,16 @@ use crate::metrics::Metrics;
 use crate::state::StateFile;
 
 use events::Event;
-pub use events::{end_name, lease_id, millis};
-pub use guards::{Lease, PositionUpdates, SessionGuard, Ticket};
-pub use holder::{Grant, PreemptNotice, Revocation};
-pub use memory::ResidencyListener;
+pub(crate) use events::{lease_id, millis};
+pub(crate) use guards::{Lease, PositionUpdates, SessionGuard, Ticket};
+pub(crate) use holder::{Grant, PreemptNotice, Revocation};
+pub(crate) use memory::ResidencyListener;
 use positions::NEAR_SWEEP;
-pub use positions::{POSITION_UPDATE_INTERVAL, QueuePosition};
-pub use tokens::Claim;
+pub(crate) use positions::QueuePosition;
+pub(crate) use tokens::Claim;
 
 /// The broker's shared state. Cheap to share: wrap it in an `Arc`.
-pub struct Broker {
+pub(crate) struct Broker {
     /// This broker, for tasks that must not keep it alive.
     this: std::sync::Weak<Broker>,
     state: Mutex<State>,
@@ -139,7 +139,7 @@ struct Seat {
 
 /// What [`Broker::revoke`] did.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub enum RevokeOutcome {
+pub(crate) enum RevokeOutcome {
     /// The lease was held, and its session is told to end it.
     Revoked {
         /// Who held it.
@@ -172,7 +172,7 @@ pub enum EnqueueError {
 
 /// The broker and the statistics that live outside the core.
 #[derive(Clone, Debug)]
-pub struct BrokerStatus {
+pub(crate) struct BrokerStatus {
     /// The core's snapshot.
     pub core: Snapshot,
     /// The broker's epoch.
@@ -195,7 +195,7 @@ pub struct BrokerStatus {
 
 /// How the reloads of the configuration went.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct Reloads {
+pub(crate) struct Reloads {
     /// Reloads applied since the start.
     pub applied: u64,
     /// Why the last one was refused; empty when it applied.
@@ -208,7 +208,7 @@ impl Broker {
     /// (see [`Broker::claim`]); later ceilings are written there before
     /// they are used. Spawns the position sweep and the memory poller,
     /// which stop at shutdown.
-    pub fn start(
+    pub(crate) fn start(
         config: &Config,
         inventory: Arc<dyn Inventory>,
         state: StateFile,
@@ -249,7 +249,7 @@ impl Broker {
 
     /// This start's epoch: the Unix time of the start in milliseconds, so
     /// that it changes on every start and sorts by start time.
-    pub fn epoch(&self) -> u64 {
+    pub(crate) fn epoch(&self) -> u64 {
         self.epoch
     }
 
@@ -265,30 +265,30 @@ impl Broker {
     }
 
     /// The broker's metrics.
-    pub fn metrics(&self) -> &Metrics {
+    pub(crate) fn metrics(&self) -> &Metrics {
         &self.metrics
     }
 
     /// The metrics in Prometheus's text format, with the gauges read from a
     /// snapshot taken now (the same one `Status` takes).
-    pub fn exposition(&self) -> String {
+    pub(crate) fn exposition(&self) -> String {
         // The gauges need the counts, not the waiters.
         let status = self.status_listing(0);
         self.metrics.render(&status)
     }
 
     /// How long a resident asked to unload has.
-    pub fn unload_timeout(&self) -> Duration {
+    pub(crate) fn unload_timeout(&self) -> Duration {
         self.live().unload_timeout
     }
 
     /// The longest a lease may be held, if limited.
-    pub fn max_hold(&self) -> Option<Duration> {
+    pub(crate) fn max_hold(&self) -> Option<Duration> {
         *self.max_hold.borrow()
     }
 
     /// Sees every change of `max_hold` (by a reload).
-    pub fn max_hold_changes(&self) -> watch::Receiver<Option<Duration>> {
+    pub(crate) fn max_hold_changes(&self) -> watch::Receiver<Option<Duration>> {
         self.max_hold.subscribe()
     }
 
@@ -299,7 +299,7 @@ impl Broker {
     /// `gpu.unload_timeout`), `gpu.poll_interval` and `max_hold` (held
     /// leases follow it). Waiters, holders and residents stay as they are;
     /// grants that the new settings allow are made at once.
-    pub fn reconfigure(&self, config: &Config) {
+    pub(crate) fn reconfigure(&self, config: &Config) {
         *self
             .live
             .write()
@@ -314,7 +314,7 @@ impl Broker {
 
     /// Records how a reload went (`Err` with why it was refused), for
     /// Status and its watchers.
-    pub fn reloaded(&self, outcome: Result<(), String>) {
+    pub(crate) fn reloaded(&self, outcome: Result<(), String>) {
         {
             let mut reloads = memory_lock(&self.reloads);
             match outcome {
@@ -336,7 +336,7 @@ impl Broker {
 
     /// Counts a stream being served until the guard is dropped, so that
     /// shutdown knows when every stream has ended.
-    pub fn session(self: &Arc<Self>) -> SessionGuard {
+    pub(crate) fn session(self: &Arc<Self>) -> SessionGuard {
         self.sessions.send_modify(|n| *n += 1);
         SessionGuard {
             broker: Arc::clone(self),
@@ -344,24 +344,24 @@ impl Broker {
     }
 
     /// Resolves once no stream is being served.
-    pub async fn sessions_ended(&self) {
+    pub(crate) async fn sessions_ended(&self) {
         let mut sessions = self.sessions.subscribe();
         let _ = sessions.wait_for(|n| *n == 0).await;
     }
 
     /// Cancelled when the broker starts shutting down.
-    pub fn shutdown_token(&self) -> &CancellationToken {
+    pub(crate) fn shutdown_token(&self) -> &CancellationToken {
         &self.shutdown
     }
 
     /// A receiver that sees a new value after every change of state.
-    pub fn subscribe(&self) -> watch::Receiver<u64> {
+    pub(crate) fn subscribe(&self) -> watch::Receiver<u64> {
         self.changes.subscribe()
     }
 
     /// Puts `request` in a GPU's queue and grants it at once if a permit is
     /// free and its memory fits.
-    pub fn enqueue(self: &Arc<Self>, request: Request) -> Result<Ticket, EnqueueError> {
+    pub(crate) fn enqueue(self: &Arc<Self>, request: Request) -> Result<Ticket, EnqueueError> {
         let (grant_tx, grant_rx) = oneshot::channel();
         let (position_tx, position_rx) = watch::channel(QueuePosition::unknown());
         let consumer = request.consumer.clone();
@@ -409,7 +409,6 @@ impl Broker {
         Ok(Ticket {
             broker: Arc::clone(self),
             id,
-            consumer,
             grant: Some(grant_rx),
             waited: waiting.is_some(),
             positions: PositionUpdates {
@@ -424,7 +423,7 @@ impl Broker {
     }
 
     /// How many leases are held and how many requests wait, over all GPUs.
-    pub fn counts(&self) -> (usize, usize) {
+    pub(crate) fn counts(&self) -> (usize, usize) {
         let state = self.lock();
         (state.sched.in_flight(), state.sched.queue_depth())
     }
@@ -459,18 +458,13 @@ impl Broker {
 
     /// The bounds on what one client can make the broker hold or send,
     /// as the last reload set them.
-    pub fn limits(&self) -> Limits {
+    pub(crate) fn limits(&self) -> Limits {
         self.live().limits
-    }
-
-    /// A snapshot of everything.
-    pub fn status(&self) -> BrokerStatus {
-        self.status_listing(usize::MAX)
     }
 
     /// A snapshot that lists at most `waiters` of each GPU's waiters, so
     /// that its cost under the lock follows what is shown, not the queue.
-    pub fn status_listing(&self, waiters: usize) -> BrokerStatus {
+    pub(crate) fn status_listing(&self, waiters: usize) -> BrokerStatus {
         let state = self.lock();
         BrokerStatus {
             core: state
@@ -501,7 +495,12 @@ impl Broker {
     /// named one), on an operator's behalf. Fenced and idempotent: a token
     /// that is not held now, or one from another start of the broker,
     /// changes nothing.
-    pub fn revoke(&self, epoch: Option<u64>, token: FencingToken, message: &str) -> RevokeOutcome {
+    pub(crate) fn revoke(
+        &self,
+        epoch: Option<u64>,
+        token: FencingToken,
+        message: &str,
+    ) -> RevokeOutcome {
         let name = lease_id(epoch.unwrap_or(self.epoch), token);
         if epoch.is_some_and(|e| e != self.epoch) {
             return RevokeOutcome::NotHeld(format!(
@@ -543,7 +542,7 @@ impl Broker {
     /// Starts shutting down: refuses new requests, withdraws every waiter
     /// (their `Ticket::granted` returns `None`) and tells every session to
     /// revoke its lease.
-    pub fn shut_down(&self) {
+    pub(crate) fn shut_down(&self) {
         let drained = {
             let mut state = self.lock();
             state.shutting_down = true;

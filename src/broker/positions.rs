@@ -15,11 +15,11 @@ use crate::core::HolderView;
 /// come from a periodic sweep rather than from every grant, so that a grant
 /// costs O(1) under the lock however long the queue is (the core finds the
 /// next grant in O(levels · log n)).
-pub const POSITION_UPDATE_INTERVAL: Duration = Duration::from_millis(250);
+pub(crate) const POSITION_UPDATE_INTERVAL: Duration = Duration::from_millis(250);
 
 /// Where a waiting request stands.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct QueuePosition {
+pub(crate) struct QueuePosition {
     /// Its place; 1 is next.
     pub position: u32,
     /// How many requests wait for the same GPU.

@@ -9,7 +9,7 @@ use crate::state::{Persisted, StateError, StateFile, TOKEN_BLOCK};
 
 /// The epoch and tokens a start claimed in the state file.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Claim {
+pub(crate) struct Claim {
     /// This start's epoch.
     pub epoch: u64,
     /// The first token it hands out.
@@ -23,7 +23,7 @@ impl Broker {
     /// before anything is served: the epoch is the Unix time in
     /// milliseconds, or one more than the last start's if the clock went
     /// back; tokens start above the last ceiling written. Blocking.
-    pub fn claim(state: &StateFile, previous: Persisted) -> Result<Claim, StateError> {
+    pub(crate) fn claim(state: &StateFile, previous: Persisted) -> Result<Claim, StateError> {
         // Checked: a ceiling near `u64::MAX` must stop the broker, not wrap
         // around to tokens that were handed out long ago.
         let overflow = |what: &str| StateError::Damaged {

@@ -2,7 +2,7 @@
 
 /// How a holder's or resident's process id was found.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum Attribution {
+pub(crate) enum Attribution {
     /// The kernel's word for a Unix-socket peer (`SO_PEERCRED`).
     PeerCredentials,
     /// The owner of the loopback TCP connection, found in `/proc`.
@@ -18,7 +18,7 @@ pub enum Attribution {
 
 impl Attribution {
     /// The name Status shows.
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             Self::PeerCredentials => "peer_credentials",
             Self::SocketLookup => "socket_lookup",

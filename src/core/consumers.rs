@@ -66,14 +66,14 @@ impl ConsumerProfile {
 }
 
 /// How long a preemptible holder has to release, unless configured.
-pub const DEFAULT_PREEMPT_GRACE: Duration = Duration::from_secs(30);
+pub(crate) const DEFAULT_PREEMPT_GRACE: Duration = Duration::from_secs(30);
 
 /// How many hold times are kept per consumer for wait estimates.
 const HOLDS_KEPT: usize = 16;
 
 /// A consumer's profile and activity.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct ConsumerRecord {
+pub(crate) struct ConsumerRecord {
     /// Its name.
     pub name: String,
     /// Its configuration, if it is configured.
@@ -107,12 +107,12 @@ impl ConsumerRecord {
     }
 
     /// Its typical hold time: the median of its recent ones.
-    pub fn typical_hold(&self) -> Option<Duration> {
+    pub(crate) fn typical_hold(&self) -> Option<Duration> {
         median(&self.holds)
     }
 
     /// How long ago it was last active, at `now`.
-    pub fn idle_for(&self, now: Instant) -> Option<Duration> {
+    pub(crate) fn idle_for(&self, now: Instant) -> Option<Duration> {
         self.last_active.map(|at| now.saturating_duration_since(at))
     }
 

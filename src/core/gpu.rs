@@ -11,7 +11,7 @@ use super::{AttributedProcess, Attribution, FencingToken, Request, WaiterId};
 
 /// A GPU, as the inventory describes it at start.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct GpuSpec {
+pub(crate) struct GpuSpec {
     /// Its index, as CUDA and NVML number it.
     pub index: u32,
     /// Its UUID (`GPU-…`); empty when unknown.
@@ -27,7 +27,7 @@ pub struct GpuSpec {
 
 /// A process using a GPU, in a memory reading.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct ProcessUsage {
+pub(crate) struct ProcessUsage {
     /// Its process id.
     pub pid: u32,
     /// The GPU memory it uses, in MiB.
@@ -39,14 +39,14 @@ pub struct ProcessUsage {
 
 impl ProcessUsage {
     /// Whether this process is `pid` or one of its descendants.
-    pub fn belongs_to(&self, pid: u32) -> bool {
+    pub(crate) fn belongs_to(&self, pid: u32) -> bool {
         pid != 0 && (self.pid == pid || self.ancestors.contains(&pid))
     }
 }
 
 /// What the inventory read of a GPU's memory.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct MemoryReading {
+pub(crate) struct MemoryReading {
     /// Memory in all, in MiB.
     pub total_mib: u64,
     /// Memory in use, in MiB.
@@ -68,7 +68,7 @@ impl MemoryReading {
     /// its promise while that memory still counted as free: the sharing
     /// benchmark's over-commits. Counted once, as used, it cannot be
     /// granted twice.
-    pub fn trusted_free_mib(&self) -> u64 {
+    pub(crate) fn trusted_free_mib(&self) -> u64 {
         let listed: u64 = self.processes.iter().map(|p| p.used_mib).sum();
         self.free_mib.min(self.total_mib.saturating_sub(listed))
     }
@@ -76,7 +76,7 @@ impl MemoryReading {
 
 /// A consumer that keeps memory on a GPU while it holds no lease.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Resident {
+pub(crate) struct Resident {
     /// The consumer.
     pub consumer: String,
     /// The memory it keeps now, in MiB: what its processes hold in the
@@ -98,7 +98,7 @@ pub struct Resident {
 
 /// Where a resident stands with unloading.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub enum Unload {
+pub(crate) enum Unload {
     /// Not asked, or the request no longer applies (the waiter it was
     /// asked for was granted, or left).
     #[default]
@@ -112,7 +112,7 @@ pub enum Unload {
 
 /// A request to a resident consumer to free its memory.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct UnloadRequest {
+pub(crate) struct UnloadRequest {
     /// The consumer to ask.
     pub consumer: String,
     /// The GPU to free.
@@ -206,7 +206,7 @@ pub(super) struct Admission {
 /// until a reading taken after `since` shows none of `pids` on the GPU, or
 /// until `until`, whichever comes first.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Fence {
+pub(crate) struct Fence {
     /// The vanished holder; empty for the startup quarantine.
     pub who: String,
     /// The processes to wait for; empty when unknown (then the full delay).
@@ -658,7 +658,7 @@ impl<W, H> GpuState<W, H> {
 
 /// Why the head of a GPU's queue is not granted.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Blocked {
+pub(crate) enum Blocked {
     /// The GPU's memory has not been read yet.
     NoReading,
     /// A lease just ended; its memory is read again before anything that
@@ -707,16 +707,9 @@ pub enum Blocked {
 /// Why the head of a GPU's queue waits, as people read it: the reason, and
 /// whom it asked to unload.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct BlockedBy<'a> {
+pub(crate) struct BlockedBy<'a> {
     reason: &'a Blocked,
     asked: &'a [String],
-}
-
-impl BlockedBy<'_> {
-    /// The reason.
-    pub fn reason(&self) -> &Blocked {
-        self.reason
-    }
 }
 
 impl<W, H> GpuState<W, H> {

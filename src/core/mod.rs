@@ -38,18 +38,17 @@ mod view;
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-pub use attribution::Attribution;
-pub use consumers::{ConsumerKind, ConsumerProfile, ConsumerRecord, DEFAULT_PREEMPT_GRACE};
-pub use gpu::{
+pub(crate) use attribution::Attribution;
+pub(crate) use consumers::{ConsumerKind, ConsumerProfile, ConsumerRecord, DEFAULT_PREEMPT_GRACE};
+pub(crate) use gpu::{
     Blocked, BlockedBy, Fence, GpuSpec, MemoryReading, ProcessUsage, Resident, Unload,
     UnloadRequest,
 };
-pub use name::{ConsumerNameError, validate_consumer_name};
-pub use queue::{MAX_PRIORITY, MIN_PRIORITY};
-pub use scheduler::Scheduler;
-pub use view::{
-    AttributedProcess, EndCounts, EvictionStats, GpuView, HolderView, ResidentView, Snapshot,
-    WaiterPlace, WaiterView,
+pub(crate) use name::{ConsumerNameError, validate_consumer_name};
+pub(crate) use queue::{MAX_PRIORITY, MIN_PRIORITY};
+pub(crate) use scheduler::Scheduler;
+pub(crate) use view::{
+    AttributedProcess, EndCounts, EvictionStats, GpuView, HolderView, Snapshot, WaiterView,
 };
 
 use consumers::ConsumerBook;
@@ -58,21 +57,21 @@ use queue::Waiting;
 
 /// How many waiters past the head backfill looks at for one that fits now.
 /// A bound, so that finding the next grant never scans a long queue.
-pub const BACKFILL_WINDOW: usize = 32;
+pub(crate) const BACKFILL_WINDOW: usize = 32;
 
 /// Identifies a waiting request. Ids increase in arrival order, so the
 /// queue's order is the order of its ids.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub struct WaiterId(u64);
+pub(crate) struct WaiterId(u64);
 
 /// The fencing token of a grant. Strictly increasing over all grants of one
 /// `Scheduler`; it also names the lease while it is held.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub struct FencingToken(pub u64);
+pub(crate) struct FencingToken(pub u64);
 
 /// What a consumer asks for.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct Request {
+pub(crate) struct Request {
     /// The consumer's name; see [`validate_consumer_name`].
     pub consumer: String,
     /// The VRAM the work needs, in MiB; 0 when unknown.
@@ -92,7 +91,7 @@ pub struct Request {
 
 /// Which GPU a request wants.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub enum GpuChoice {
+pub(crate) enum GpuChoice {
     /// Whichever can take it soonest.
     #[default]
     Any,
@@ -104,7 +103,7 @@ pub enum GpuChoice {
 
 /// How the scheduler is set up.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Settings {
+pub(crate) struct Settings {
     /// How many leases may be held at once on each GPU (at least 1).
     pub capacity: usize,
     /// Refuse consumers that are not configured.
@@ -168,7 +167,7 @@ pub enum Rejection {
 
 /// How a held lease ended.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum LeaseEnd {
+pub(crate) enum LeaseEnd {
     /// The consumer sent `Release`.
     Released,
     /// The consumer half-closed its side of the stream.
@@ -184,7 +183,7 @@ pub enum LeaseEnd {
 
 /// Why the broker revoked a lease.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum RevokeReason {
+pub(crate) enum RevokeReason {
     /// The broker is shutting down.
     Shutdown,
     /// The lease outlived the configured maximum hold time.
@@ -197,7 +196,7 @@ pub enum RevokeReason {
 
 /// How a waiting request left the queue without a grant.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Withdrawal {
+pub(crate) enum Withdrawal {
     /// The consumer stopped waiting (release, cancel, disconnect, shutdown).
     Withdrawn,
     /// Its maximum wait passed.
@@ -206,11 +205,12 @@ pub enum Withdrawal {
 
 /// A decision to grant the lease to a waiter.
 #[derive(Debug)]
-pub struct Grant<W, H> {
-    /// The waiter that was granted; it is no longer in the queue.
+pub(crate) struct Grant<W, H> {
+    /// The waiter that was granted; it is no longer in the queue. The
+    /// broker knows its waiter by the payload; the property tests check
+    /// the order of grants by this id.
+    #[cfg_attr(not(test), expect(dead_code, reason = "read by the tests"))]
     pub waiter: WaiterId,
-    /// The consumer.
-    pub consumer: String,
     /// The new lease's token.
     pub token: FencingToken,
     /// The granted GPU's index.
@@ -229,7 +229,7 @@ pub struct Grant<W, H> {
 
 /// A lease that has just ended.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct EndedLease {
+pub(crate) struct EndedLease {
     /// Who held it.
     pub consumer: String,
     /// Its token.
@@ -244,7 +244,7 @@ pub struct EndedLease {
 
 /// A decision to ask a holder to make way for a waiter of higher priority.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Preemption {
+pub(crate) struct Preemption {
     /// The lease to end.
     pub token: FencingToken,
     /// Its holder.
@@ -257,7 +257,7 @@ pub struct Preemption {
 
 /// What [`Scheduler::grant_ready`] decided.
 #[derive(Debug)]
-pub struct Decisions<W, H> {
+pub(crate) struct Decisions<W, H> {
     /// Grants, in order.
     pub grants: Vec<Grant<W, H>>,
     /// Residents to ask to unload.

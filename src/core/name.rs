@@ -19,7 +19,7 @@ pub enum ConsumerNameError {
 }
 
 /// Accepts 1 to 64 characters of `[A-Za-z0-9._-]`.
-pub fn validate_consumer_name(name: &str) -> Result<(), ConsumerNameError> {
+pub(crate) fn validate_consumer_name(name: &str) -> Result<(), ConsumerNameError> {
     if name.is_empty() {
         return Err(ConsumerNameError::Empty);
     }

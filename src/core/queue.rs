@@ -19,11 +19,11 @@ use std::time::{Duration, Instant};
 use super::{Request, WaiterId};
 
 /// The highest priority a consumer may be configured with.
-pub const MAX_PRIORITY: i32 = 1000;
+pub(crate) const MAX_PRIORITY: i32 = 1000;
 
 /// The lowest priority a consumer or a request may have; lower ones are
 /// raised to it, so that the number of priority levels stays bounded.
-pub const MIN_PRIORITY: i32 = -1000;
+pub(crate) const MIN_PRIORITY: i32 = -1000;
 
 /// A waiting request.
 #[derive(Debug)]

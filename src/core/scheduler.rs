@@ -15,7 +15,7 @@ use super::*;
 /// - fencing tokens strictly increase;
 /// - a lease or a waiter ends exactly once; ending it again does nothing.
 #[derive(Debug)]
-pub struct Scheduler<W, H = ()> {
+pub(crate) struct Scheduler<W, H = ()> {
     pub(super) settings: Settings,
     next_waiter: u64,
     last_token: u64,
@@ -38,7 +38,7 @@ pub(super) struct Stats {
 impl<W, H: Clone + Default> Scheduler<W, H> {
     /// A scheduler for `gpus` (one unmeasured GPU of unknown size when
     /// empty), with the configured `consumers`.
-    pub fn new(
+    pub(crate) fn new(
         settings: Settings,
         gpus: Vec<GpuSpec>,
         consumers: impl IntoIterator<Item = ConsumerProfile>,
@@ -72,7 +72,8 @@ impl<W, H: Clone + Default> Scheduler<W, H> {
     }
 
     /// A scheduler for one GPU of unknown size, without memory accounting.
-    pub fn single(
+    #[cfg(test)]
+    pub(crate) fn single(
         capacity: usize,
         strict: bool,
         consumers: impl IntoIterator<Item = ConsumerProfile>,
@@ -85,23 +86,18 @@ impl<W, H: Clone + Default> Scheduler<W, H> {
         Self::new(settings, Vec::new(), consumers)
     }
 
-    /// How many leases may be held at once on each GPU.
-    pub fn capacity(&self) -> usize {
-        self.settings.capacity
-    }
-
     /// How many leases are held now, over all GPUs.
-    pub fn in_flight(&self) -> usize {
+    pub(crate) fn in_flight(&self) -> usize {
         self.gpus.iter().map(|g| g.holding.len()).sum()
     }
 
     /// How many requests wait now, over all GPUs.
-    pub fn queue_depth(&self) -> usize {
+    pub(crate) fn queue_depth(&self) -> usize {
         self.gpus.iter().map(|g| g.waiting.len()).sum()
     }
 
     /// How many requests of `consumer` wait now, over all GPUs.
-    pub fn waiting_of(&self, consumer: &str) -> u32 {
+    pub(crate) fn waiting_of(&self, consumer: &str) -> u32 {
         self.consumers.waiting(consumer)
     }
 
@@ -116,7 +112,7 @@ impl<W, H: Clone + Default> Scheduler<W, H> {
     }
 
     /// The last fencing token handed out; 0 before the first grant.
-    pub fn last_token(&self) -> FencingToken {
+    pub(crate) fn last_token(&self) -> FencingToken {
         FencingToken(self.last_token)
     }
 
@@ -124,23 +120,23 @@ impl<W, H: Clone + Default> Scheduler<W, H> {
     /// [`Scheduler::raise_token_ceiling`]). For a broker that persisted
     /// `ceiling` before it serves, so that tokens never repeat or go back,
     /// whatever happens to the process.
-    pub fn set_tokens(&mut self, last_issued: u64, ceiling: u64) {
+    pub(crate) fn set_tokens(&mut self, last_issued: u64, ceiling: u64) {
         self.last_token = self.last_token.max(last_issued);
         self.token_ceiling = ceiling.max(self.last_token);
     }
 
     /// Allows tokens up to `ceiling`, once it is persisted.
-    pub fn raise_token_ceiling(&mut self, ceiling: u64) {
+    pub(crate) fn raise_token_ceiling(&mut self, ceiling: u64) {
         self.token_ceiling = self.token_ceiling.max(ceiling);
     }
 
     /// How many tokens may still be handed out before the ceiling.
-    pub fn tokens_left(&self) -> u64 {
+    pub(crate) fn tokens_left(&self) -> u64 {
         self.token_ceiling.saturating_sub(self.last_token)
     }
 
     /// The GPUs.
-    pub fn gpus(&self) -> impl Iterator<Item = &GpuSpec> {
+    pub(crate) fn gpus(&self) -> impl Iterator<Item = &GpuSpec> {
         self.gpus.iter().map(|g| &g.spec)
     }
 
@@ -151,7 +147,7 @@ impl<W, H: Clone + Default> Scheduler<W, H> {
     /// The request is not granted here, even when it could be: call
     /// [`Scheduler::grant_ready`] afterwards, which keeps the one place where
     /// grants happen.
-    pub fn enqueue(
+    pub(crate) fn enqueue(
         &mut self,
         request: Request,
         payload: W,
@@ -265,7 +261,7 @@ impl<W, H: Clone + Default> Scheduler<W, H> {
     /// Costs O(levels · log n) per grant and per GPU, plus at most
     /// [`BACKFILL_WINDOW`] waiters looked at for backfill: never O(queue
     /// length).
-    pub fn grant_ready(&mut self, now: Instant) -> Decisions<W, H> {
+    pub(crate) fn grant_ready(&mut self, now: Instant) -> Decisions<W, H> {
         let mut decisions = Decisions {
             grants: Vec::new(),
             unloads: Vec::new(),
@@ -391,7 +387,6 @@ impl<W, H: Clone + Default> Scheduler<W, H> {
         record.grants += 1;
         self.stats.total_grants += 1;
         self.stats.last_wait = waited;
-        let consumer = waiting.request.consumer.clone();
         let held = H::default();
         gpu.holding.insert(
             token,
@@ -410,7 +405,6 @@ impl<W, H: Clone + Default> Scheduler<W, H> {
         );
         decisions.grants.push(Grant {
             waiter: id,
-            consumer,
             token,
             gpu_index: gpu.spec.index,
             gpu_uuid: gpu.spec.uuid.clone(),
@@ -593,7 +587,7 @@ impl<W, H: Clone + Default> Scheduler<W, H> {
     ///
     /// Returns its payload, or `None` if it is no longer waiting (it was
     /// granted or withdrawn before); in that case nothing changes.
-    pub fn withdraw(&mut self, id: WaiterId, how: Withdrawal, now: Instant) -> Option<W> {
+    pub(crate) fn withdraw(&mut self, id: WaiterId, how: Withdrawal, now: Instant) -> Option<W> {
         let waiting = self.gpus.iter_mut().find_map(|g| g.waiting.remove(id))?;
         let record = self.consumers.touch(&waiting.request.consumer, now);
         record.waiting = record.waiting.saturating_sub(1);
@@ -612,7 +606,12 @@ impl<W, H: Clone + Default> Scheduler<W, H> {
     /// Returns what ended, or `None` if the token does not name a held lease
     /// (it ended before): ending a lease twice is harmless and changes
     /// nothing. Call [`Scheduler::grant_ready`] afterwards.
-    pub fn end(&mut self, token: FencingToken, how: LeaseEnd, now: Instant) -> Option<EndedLease> {
+    pub(crate) fn end(
+        &mut self,
+        token: FencingToken,
+        how: LeaseEnd,
+        now: Instant,
+    ) -> Option<EndedLease> {
         let gpu = self
             .gpus
             .iter_mut()
@@ -694,7 +693,8 @@ impl<W, H: Clone + Default> Scheduler<W, H> {
     /// The first reading of a GPU that shows processes no lease accounts for
     /// quarantines it: nothing is granted there until they leave, or for
     /// `lock_delay` at most.
-    pub fn observe(&mut self, gpu_index: u32, reading: MemoryReading, now: Instant) {
+    #[cfg(test)]
+    pub(crate) fn observe(&mut self, gpu_index: u32, reading: MemoryReading, now: Instant) {
         self.observe_matched(gpu_index, reading, BTreeMap::new(), now);
     }
 
@@ -704,7 +704,7 @@ impl<W, H: Clone + Default> Scheduler<W, H> {
     /// holds a lease on this GPU, otherwise it makes the consumer resident
     /// with the memory its matched processes use, evictable like any other
     /// resident, until they leave the GPU.
-    pub fn observe_matched(
+    pub(crate) fn observe_matched(
         &mut self,
         gpu_index: u32,
         reading: MemoryReading,
@@ -778,7 +778,12 @@ impl<W, H: Clone + Default> Scheduler<W, H> {
 
     /// A consumer says it unloaded from a GPU (or from all, with `None`).
     /// Returns whether it was resident.
-    pub fn unloaded(&mut self, consumer: &str, gpu_index: Option<u32>, now: Instant) -> bool {
+    pub(crate) fn unloaded(
+        &mut self,
+        consumer: &str,
+        gpu_index: Option<u32>,
+        now: Instant,
+    ) -> bool {
         let mut was = false;
         for gpu in &mut self.gpus {
             if gpu_index.is_none_or(|index| index == gpu.spec.index) {
@@ -793,7 +798,7 @@ impl<W, H: Clone + Default> Scheduler<W, H> {
 
     /// Forgets residents whose idle TTL has passed. Call
     /// [`Scheduler::grant_ready`] afterwards.
-    pub fn expire_residents(&mut self, now: Instant) {
+    pub(crate) fn expire_residents(&mut self, now: Instant) {
         for gpu in &mut self.gpus {
             gpu.residents.retain(|name, resident| {
                 let ttl = self.consumers.idle_ttl(name);
@@ -807,7 +812,7 @@ impl<W, H: Clone + Default> Scheduler<W, H> {
     /// or the oldest waiter reaching `preempt_after` while a preemptible
     /// holder could be in its way. Call it after [`Scheduler::grant_ready`]
     /// at `now`.
-    pub fn next_deadline(&self, now: Instant) -> Option<Instant> {
+    pub(crate) fn next_deadline(&self, now: Instant) -> Option<Instant> {
         let preempt_after = self.settings.preempt_after;
         let deadlines = self.gpus.iter().flat_map(|gpu| {
             let admission = gpu.admission.as_ref().map(|a| a.deadline);
@@ -845,19 +850,19 @@ impl<W, H: Clone + Default> Scheduler<W, H> {
 
     /// Whether a decision waits for a reading (memory to come back, a
     /// vanished holder's processes to leave), so readings should come often.
-    pub fn awaiting_memory(&self) -> bool {
+    pub(crate) fn awaiting_memory(&self) -> bool {
         self.gpus
             .iter()
             .any(|g| g.blocked.is_some() || !g.fences.is_empty())
     }
 
     /// How many requests wait for the GPU `gpu_index`.
-    pub fn queue_len(&self, gpu_index: u32) -> usize {
+    pub(crate) fn queue_len(&self, gpu_index: u32) -> usize {
         self.gpu(gpu_index).map_or(0, |g| g.waiting.len())
     }
 
     /// Why the head of `gpu_index`'s queue is not granted, if it is not.
-    pub fn blocked(&self, gpu_index: u32) -> Option<BlockedBy<'_>> {
+    pub(crate) fn blocked(&self, gpu_index: u32) -> Option<BlockedBy<'_>> {
         self.gpu(gpu_index).and_then(GpuState::blocked_by)
     }
 
@@ -866,7 +871,7 @@ impl<W, H: Clone + Default> Scheduler<W, H> {
     }
 
     /// The effective priority of waiter `id` at `now`, if it waits.
-    pub fn effective_priority(&self, id: WaiterId, now: Instant) -> Option<i32> {
+    pub(crate) fn effective_priority(&self, id: WaiterId, now: Instant) -> Option<i32> {
         self.gpus.iter().find_map(|g| {
             let waiting = g.waiting.get(id)?;
             Some(g.waiting.effective(waiting, now))
@@ -875,7 +880,12 @@ impl<W, H: Clone + Default> Scheduler<W, H> {
 
     /// How much longer the waiter at `position` of `gpu_index`'s queue is
     /// expected to wait; O(position). `None` when unknown.
-    pub fn estimated_wait(&self, gpu_index: u32, position: u32, now: Instant) -> Option<Duration> {
+    pub(crate) fn estimated_wait(
+        &self,
+        gpu_index: u32,
+        position: u32,
+        now: Instant,
+    ) -> Option<Duration> {
         let gpu = self.gpu(gpu_index)?;
         let estimates = gpu.estimate_waits(
             &self.consumers,
@@ -890,7 +900,7 @@ impl<W, H: Clone + Default> Scheduler<W, H> {
     }
 
     /// Whether `id` names a request that waits now.
-    pub fn is_waiting(&self, id: WaiterId) -> bool {
+    pub(crate) fn is_waiting(&self, id: WaiterId) -> bool {
         self.gpus.iter().any(|g| g.waiting.contains(id))
     }
 
@@ -900,7 +910,7 @@ impl<W, H: Clone + Default> Scheduler<W, H> {
     /// a new one is added, the others take their new profile. Call
     /// [`Scheduler::grant_ready`] afterwards: a larger capacity or smaller
     /// sizes may allow grants.
-    pub fn reconfigure(
+    pub(crate) fn reconfigure(
         &mut self,
         settings: Settings,
         consumers: impl IntoIterator<Item = ConsumerProfile>,
@@ -917,7 +927,7 @@ impl<W, H: Clone + Default> Scheduler<W, H> {
     }
 
     /// The payload of the lease `token`, while it is held.
-    pub fn held(&self, token: FencingToken) -> Option<&H> {
+    pub(crate) fn held(&self, token: FencingToken) -> Option<&H> {
         self.gpus
             .iter()
             .find_map(|g| g.holding.get(&token))
@@ -925,13 +935,13 @@ impl<W, H: Clone + Default> Scheduler<W, H> {
     }
 
     /// Whether `consumer` is resident (idle, keeping memory) on `gpu_index`.
-    pub fn is_resident(&self, gpu_index: u32, consumer: &str) -> bool {
+    pub(crate) fn is_resident(&self, gpu_index: u32, consumer: &str) -> bool {
         self.gpu(gpu_index)
             .is_some_and(|g| g.residents.contains_key(consumer))
     }
 
     /// Withdraws every waiter, for shutdown; returns their payloads.
-    pub fn drain_waiters(&mut self, now: Instant) -> VecDeque<W> {
+    pub(crate) fn drain_waiters(&mut self, now: Instant) -> VecDeque<W> {
         let ids: Vec<WaiterId> = self.gpus.iter().flat_map(|g| g.waiting.ids()).collect();
         ids.into_iter()
             .filter_map(|id| self.withdraw(id, Withdrawal::Withdrawn, now))

@@ -7,7 +7,7 @@ use super::*;
 
 /// A held lease, as the snapshot shows it.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct HolderView {
+pub(crate) struct HolderView {
     /// The lease's token.
     pub token: FencingToken,
     /// The GPU it holds.
@@ -26,7 +26,7 @@ pub struct HolderView {
 
 /// A waiting request, as the snapshot shows it.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct WaiterView {
+pub(crate) struct WaiterView {
     /// Its place in its GPU's queue; 1 is next.
     pub position: u32,
     /// The GPU it waits for.
@@ -44,7 +44,7 @@ pub struct WaiterView {
 
 /// Counts of how leases and requests ended.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct EndCounts {
+pub(crate) struct EndCounts {
     /// Leases ended by `Release`.
     pub released: u64,
     /// Leases ended by a half-close.
@@ -64,7 +64,7 @@ pub struct EndCounts {
 
 /// Unloads asked for and how they went.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct EvictionStats {
+pub(crate) struct EvictionStats {
     /// Residents asked to unload.
     pub requested: u64,
     /// Residents whose memory came back in time for a grant.
@@ -79,7 +79,7 @@ pub struct EvictionStats {
 
 /// A resident consumer, as the snapshot shows it.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct ResidentView {
+pub(crate) struct ResidentView {
     /// The resident.
     pub resident: Resident,
     /// How long it has been idle.
@@ -91,7 +91,7 @@ pub struct ResidentView {
 
 /// One GPU, as the snapshot shows it.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct GpuView {
+pub(crate) struct GpuView {
     /// What it is.
     pub spec: GpuSpec,
     /// Its latest memory reading, if measured.
@@ -120,7 +120,7 @@ pub struct GpuView {
 
 /// A process on a GPU and the consumer it is attributed to.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct AttributedProcess {
+pub(crate) struct AttributedProcess {
     /// The process.
     pub process: ProcessUsage,
     /// The holder or resident it belongs to; empty when unleased.
@@ -131,7 +131,7 @@ pub struct AttributedProcess {
 
 /// Everything the core knows, at one instant.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Snapshot {
+pub(crate) struct Snapshot {
     /// How many leases may be held at once on each GPU.
     pub capacity_per_gpu: u32,
     /// How many leases may be held at once, over all GPUs.
@@ -166,7 +166,7 @@ impl<W, H: Clone + Default> Scheduler<W, H> {
     /// Visits every waiter in queue order with where it stands. O(queue
     /// length): for periodic position updates, not for every grant.
     /// `limit` visits only the first so many waiters of each GPU.
-    pub fn for_each_waiter(
+    pub(crate) fn for_each_waiter(
         &mut self,
         limit: Option<usize>,
         now: Instant,
@@ -203,7 +203,7 @@ impl<W, H: Clone + Default> Scheduler<W, H> {
 
     /// The held leases on `gpu_index` (all GPUs with `None`), oldest grant
     /// first.
-    pub fn holders(&self, gpu_index: Option<u32>, now: Instant) -> Vec<HolderView> {
+    pub(crate) fn holders(&self, gpu_index: Option<u32>, now: Instant) -> Vec<HolderView> {
         let mut holders: Vec<HolderView> = self
             .gpus
             .iter()
@@ -225,7 +225,8 @@ impl<W, H: Clone + Default> Scheduler<W, H> {
     }
 
     /// Everything the core knows, at `now`.
-    pub fn snapshot(&self, now: Instant) -> Snapshot {
+    #[cfg(test)]
+    pub(crate) fn snapshot(&self, now: Instant) -> Snapshot {
         self.snapshot_listing(now, usize::MAX)
     }
 
@@ -233,7 +234,7 @@ impl<W, H: Clone + Default> Scheduler<W, H> {
     /// each GPU's waiters (the first in queue order), so that a snapshot of
     /// a long queue costs in proportion to what is shown. The counts and
     /// the oldest wait still cover everyone.
-    pub fn snapshot_listing(&self, now: Instant, waiters: usize) -> Snapshot {
+    pub(crate) fn snapshot_listing(&self, now: Instant, waiters: usize) -> Snapshot {
         let listed = waiters;
         let margin = self.settings.safety_margin_mib;
         let capacity = self.settings.capacity;
@@ -336,7 +337,7 @@ impl<W, H: Clone + Default> Scheduler<W, H> {
 
 /// Where a waiting request stands, for position updates.
 #[derive(Clone, Copy, Debug)]
-pub struct WaiterPlace<'a> {
+pub(crate) struct WaiterPlace<'a> {
     /// The GPU it waits for.
     pub gpu_index: u32,
     /// Its place in that GPU's queue; 1 is next.

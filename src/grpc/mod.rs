@@ -40,7 +40,7 @@ const EVENT_BUFFER: usize = 8;
 
 /// The `LeaseBroker` service.
 #[derive(Clone, Debug)]
-pub struct LeaseService {
+pub(crate) struct LeaseService {
     broker: Arc<Broker>,
     authority: Arc<Authority>,
     reloader: Option<Arc<Reloader>>,
@@ -48,7 +48,7 @@ pub struct LeaseService {
 
 impl LeaseService {
     /// A service answering for `broker`, by the rules of `authority`.
-    pub fn new(broker: Arc<Broker>, authority: Arc<Authority>) -> Self {
+    pub(crate) fn new(broker: Arc<Broker>, authority: Arc<Authority>) -> Self {
         Self {
             broker,
             authority,
@@ -57,20 +57,21 @@ impl LeaseService {
     }
 
     /// The same, with `Reload` served by `reloader`.
-    pub fn with_reloader(mut self, reloader: Arc<Reloader>) -> Self {
+    pub(crate) fn with_reloader(mut self, reloader: Arc<Reloader>) -> Self {
         self.reloader = Some(reloader);
         self
     }
 }
 
 /// The stream of events of one `AcquireLease` call.
-pub type LeaseEventStream = SessionStream<Result<pb::LeaseEvent, Status>>;
+pub(crate) type LeaseEventStream = SessionStream<Result<pb::LeaseEvent, Status>>;
 
 /// The stream of unload requests of one `Residency` call.
-pub type ResidencyStream = SessionStream<Result<pb::ResidencyCommand, Status>>;
+pub(crate) type ResidencyStream = SessionStream<Result<pb::ResidencyCommand, Status>>;
 
 /// The stream of snapshots of one `WatchStatus` call.
-pub type StatusStream = Pin<Box<dyn Stream<Item = Result<pb::StatusResponse, Status>> + Send>>;
+pub(crate) type StatusStream =
+    Pin<Box<dyn Stream<Item = Result<pb::StatusResponse, Status>> + Send>>;
 
 /// A response stream that counts as a stream being served (see
 /// [`Broker::session`]) until tonic drops it, which it does once the last
@@ -78,7 +79,7 @@ pub type StatusStream = Pin<Box<dyn Stream<Item = Result<pb::StatusResponse, Sta
 /// shutdown knows when every client's last word is on its way, and closes
 /// the connections only then.
 #[derive(Debug)]
-pub struct SessionStream<T> {
+pub(crate) struct SessionStream<T> {
     inner: ReceiverStream<T>,
     _served: SessionGuard,
 }

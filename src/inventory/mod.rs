@@ -16,10 +16,10 @@ use tracing::warn;
 use crate::config::{GpuConfig, InventorySource};
 use crate::core::{GpuSpec, MemoryReading};
 
-pub use nvml::NvmlInventory;
+pub(crate) use nvml::NvmlInventory;
 
 /// Where GPUs and their memory are learned.
-pub trait Inventory: Send + Sync + 'static {
+pub(crate) trait Inventory: Send + Sync + 'static {
     /// `"nvml"` or `"static"`, as Status shows it.
     fn source(&self) -> &'static str;
 
@@ -33,7 +33,7 @@ pub trait Inventory: Send + Sync + 'static {
 
 /// Why the inventory could not be opened or read.
 #[derive(Debug, thiserror::Error)]
-pub enum InventoryError {
+pub(crate) enum InventoryError {
     /// NVML failed.
     #[error("NVML: {0}")]
     Nvml(#[from] nvml_wrapper::error::NvmlError),
@@ -41,13 +41,13 @@ pub enum InventoryError {
 
 /// GPUs from the configuration: sizes known, usage modelled by the core.
 #[derive(Debug)]
-pub struct StaticInventory {
+pub(crate) struct StaticInventory {
     gpus: Vec<GpuSpec>,
 }
 
 impl StaticInventory {
     /// One GPU per entry of `memory_mib`; one of unknown size when empty.
-    pub fn new(memory_mib: &[u64]) -> Self {
+    pub(crate) fn new(memory_mib: &[u64]) -> Self {
         let sizes = if memory_mib.is_empty() {
             &[0][..]
         } else {
@@ -84,7 +84,7 @@ impl Inventory for StaticInventory {
 
 /// Opens the inventory that `config` asks for. With `auto`, NVML is tried
 /// first and a failure falls back to the static inventory with one warning.
-pub fn open(config: &GpuConfig) -> Result<Arc<dyn Inventory>, InventoryError> {
+pub(crate) fn open(config: &GpuConfig) -> Result<Arc<dyn Inventory>, InventoryError> {
     let static_inventory = || Arc::new(StaticInventory::new(&config.static_memory_mib));
     match config.source {
         InventorySource::Static => Ok(static_inventory()),

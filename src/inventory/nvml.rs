@@ -13,7 +13,7 @@ use crate::core::{GpuSpec, MemoryReading, ProcessUsage};
 const MIB: u64 = 1024 * 1024;
 
 /// GPUs as NVML reports them.
-pub struct NvmlInventory {
+pub(crate) struct NvmlInventory {
     nvml: Nvml,
     gpus: Vec<GpuSpec>,
 }
@@ -28,7 +28,7 @@ impl std::fmt::Debug for NvmlInventory {
 
 impl NvmlInventory {
     /// Loads NVML (from `library` if given) and lists the GPUs.
-    pub fn open(library: Option<&Path>) -> Result<Self, InventoryError> {
+    pub(crate) fn open(library: Option<&Path>) -> Result<Self, InventoryError> {
         let nvml = match library {
             Some(path) => Nvml::builder().lib_path(OsStr::new(path)).init()?,
             None => Nvml::init()?,

@@ -41,7 +41,7 @@ type Key = (SocketAddr, SocketAddr);
 /// its connection, so a later connection from a reused port never inherits
 /// an earlier one's PID.
 #[derive(Clone, Debug, Default)]
-pub struct Connections {
+pub(crate) struct Connections {
     open: Arc<Mutex<HashMap<Key, (u64, TcpPeer)>>>,
     next_id: Arc<AtomicU64>,
     lookups: Arc<Lookups>,
@@ -49,7 +49,7 @@ pub struct Connections {
 
 /// The client of one TCP connection.
 #[derive(Clone, Debug)]
-pub struct TcpPeer {
+pub(crate) struct TcpPeer {
     local: SocketAddr,
     remote: SocketAddr,
     pid: Arc<OnceCell<Option<u32>>>,
@@ -59,7 +59,7 @@ pub struct TcpPeer {
 impl TcpPeer {
     /// Whether the client is on this machine (127.0.0.0/8, ::1), where
     /// `/proc` can show its process.
-    pub fn is_local(&self) -> bool {
+    pub(crate) fn is_local(&self) -> bool {
         self.remote.ip().to_canonical().is_loopback()
     }
 
@@ -69,7 +69,7 @@ impl TcpPeer {
     /// it is, only tells where to look first: the answer is whoever holds
     /// the socket. Cancel-safe: a lookup in progress goes on for the next
     /// caller.
-    pub async fn pid(&self, claimed: u32) -> Option<u32> {
+    pub(crate) async fn pid(&self, claimed: u32) -> Option<u32> {
         if !self.is_local() {
             return None;
         }
@@ -213,7 +213,7 @@ impl Lookups {
 impl Connections {
     /// A listener whose accepted connections are registered while they are
     /// open.
-    pub fn listener(&self, listener: TcpListener) -> TrackedListener {
+    pub(crate) fn listener(&self, listener: TcpListener) -> TrackedListener {
         TrackedListener {
             listener,
             connections: self.clone(),
@@ -240,7 +240,7 @@ impl Connections {
 
     /// The client of the connection that `request` came on, if it came over
     /// TCP (plain or TLS).
-    pub fn peer_of<T>(&self, request: &tonic::Request<T>) -> Option<TcpPeer> {
+    pub(crate) fn peer_of<T>(&self, request: &tonic::Request<T>) -> Option<TcpPeer> {
         let extensions = request.extensions();
         let info = extensions.get::<TcpConnectInfo>().cloned().or_else(|| {
             extensions
@@ -249,16 +249,6 @@ impl Connections {
         })?;
         let key = (info.local_addr?, info.remote_addr?);
         lock(&self.open).get(&key).map(|(_, peer)| peer.clone())
-    }
-
-    /// How many connections are open.
-    pub fn len(&self) -> usize {
-        lock(&self.open).len()
-    }
-
-    /// Whether no connection is open.
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
     }
 }
 
@@ -270,7 +260,7 @@ fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 
 /// A TCP listener whose connections are registered in [`Connections`].
 #[derive(Debug)]
-pub struct TrackedListener {
+pub(crate) struct TrackedListener {
     listener: TcpListener,
     connections: Connections,
 }
@@ -287,7 +277,7 @@ impl crate::incoming::Accept for TrackedListener {
 /// An accepted TCP stream, registered in [`Connections`] until dropped.
 /// Reads and writes go straight to the socket.
 #[derive(Debug)]
-pub struct TrackedStream {
+pub(crate) struct TrackedStream {
     stream: TcpStream,
     key: Key,
     id: u64,
@@ -355,7 +345,7 @@ impl AsyncWrite for TrackedStream {
 
 /// What the broker knows of a caller when it decides whose a lease is.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Seen {
+pub(crate) struct Seen {
     /// The caller's own PID and how the kernel gave it; `None` when it
     /// cannot be seen (remote TCP, or a process the broker may not inspect).
     pub kernel: Option<(u32, Attribution)>,
@@ -370,7 +360,7 @@ pub struct Seen {
 
 /// What [`decide`] recorded for a lease.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Decision {
+pub(crate) struct Decision {
     /// The PID to record; 0 when none is known.
     pub pid: u32,
     /// How it was found; `None` when no PID is known.
@@ -382,7 +372,7 @@ pub struct Decision {
 /// The PID to record for a lease and how it was found, from what is `seen`;
 /// `relate(peer, claimed)` finds the process a claim names, if it is the
 /// peer or a descendant of it. Blocking (reads `/proc` through `relate`).
-pub fn decide(seen: Seen, relate: impl Fn(u32, u32) -> Option<u32>) -> Decision {
+pub(crate) fn decide(seen: Seen, relate: impl Fn(u32, u32) -> Option<u32>) -> Decision {
     let claimed = seen.claimed;
     let decision = |pid, attribution, ignored| Decision {
         pid,
@@ -410,7 +400,7 @@ pub fn decide(seen: Seen, relate: impl Fn(u32, u32) -> Option<u32>) -> Decision 
 /// The process that `claimed` names, if it is `peer` or a descendant of it:
 /// a PID of the broker's namespace, or, for a peer in a nested PID
 /// namespace (a container), a PID of the peer's own namespace.
-pub fn relate(peer: u32, claimed: u32) -> Option<u32> {
+pub(crate) fn relate(peer: u32, claimed: u32) -> Option<u32> {
     if claimed == peer {
         return Some(peer);
     }
@@ -424,7 +414,7 @@ pub fn relate(peer: u32, claimed: u32) -> Option<u32> {
 
 /// [`decide`] with [`relate`] on a blocking thread, logging a claim that
 /// was not believed.
-pub async fn attribute(seen: Seen, consumer: &str) -> Decision {
+pub(crate) async fn attribute(seen: Seen, consumer: &str) -> Decision {
     let needs_proc = seen.claimed != 0
         && !seen.admin
         && seen.kernel.is_some_and(|(peer, _)| peer != seen.claimed);
