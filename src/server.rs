@@ -18,17 +18,15 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use tokio_rustls::TlsAcceptor;
-use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Server;
 use tracing::{info, warn};
 
-use crate::auth::{AuthInterceptor, Authority};
+use crate::auth::Authority;
 use crate::broker::{Broker, Claim};
 use crate::config::Config;
 use crate::grpc::LeaseService;
 use crate::incoming::HANDSHAKE_TIMEOUT;
 use crate::inventory::Inventory;
-use crate::pb::v1::lease_broker_server::LeaseBrokerServer;
 use crate::reload::Reloader;
 use crate::state::StateFile;
 
@@ -190,17 +188,6 @@ pub(crate) async fn serve(
     hangups: Option<tokio::signal::unix::Signal>,
 ) -> Result<(), ServeError> {
     let broker = Broker::start(config, inventory, state.0, state.1);
-    let (health, health_service) = tonic_health::server::health_reporter();
-    health
-        .set_serving::<LeaseBrokerServer<LeaseService>>()
-        .await;
-    let reflection = || {
-        tonic_reflection::server::Builder::configure()
-            .register_encoded_file_descriptor_set(crate::pb::FILE_DESCRIPTOR_SET)
-            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-    };
-    let reflection_v1 = reflection().build_v1()?;
-    let reflection_v1alpha = reflection().build_v1alpha()?;
     let authority = Arc::new(Authority::new(&config.auth, &config.consumers));
     let reloader = Arc::new(Reloader::new(
         config.clone(),
@@ -209,14 +196,10 @@ pub(crate) async fn serve(
     ));
     let limits = config.limits;
     let max_message = usize::try_from(limits.max_message_bytes).unwrap_or(usize::MAX);
-    let lease_service = InterceptedService::new(
-        LeaseBrokerServer::new(
-            LeaseService::new(Arc::clone(&broker), Arc::clone(&authority))
-                .with_reloader(Arc::clone(&reloader)),
-        )
-        .max_decoding_message_size(max_message),
-        AuthInterceptor::new(Arc::clone(&authority)),
-    );
+    let service = LeaseService::new(Arc::clone(&broker), Arc::clone(&authority))
+        .with_reloader(Arc::clone(&reloader));
+    let (routes, health) =
+        crate::grpc::routes(service, Arc::clone(&authority), max_message).await?;
 
     let router = || -> Result<_, ServeError> {
         let builder = Server::builder();
@@ -232,21 +215,7 @@ pub(crate) async fn serve(
             .http2_keepalive_timeout(Some(config.keepalive_timeout))
             .max_concurrent_streams(Some(limits.max_streams_per_connection))
             .layer(too_large)
-            .add_service(lease_service.clone())
-            // The same bound on every service: otherwise each stream of
-            // a connection could make the broker buffer tonic's default
-            // 4 MiB.
-            .add_service(
-                health_service
-                    .clone()
-                    .max_decoding_message_size(max_message),
-            )
-            .add_service(reflection_v1.clone().max_decoding_message_size(max_message))
-            .add_service(
-                reflection_v1alpha
-                    .clone()
-                    .max_decoding_message_size(max_message),
-            ))
+            .add_routes(routes.clone()))
     };
 
     let stop = CancellationToken::new();
@@ -310,9 +279,7 @@ pub(crate) async fn serve(
     };
     info!("shutting down");
     crate::notify::stopping();
-    health
-        .set_not_serving::<LeaseBrokerServer<LeaseService>>()
-        .await;
+    health.not_serving().await;
     accepting.cancel();
     broker.shut_down();
     // Every stream has been told to end. Wait until each has sent its last

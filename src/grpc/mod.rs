@@ -12,9 +12,11 @@
 mod acquire;
 mod convert;
 mod residency;
+mod routes;
 mod status;
 mod watch;
 
+pub(crate) use routes::routes;
 pub(crate) use status::rewrite_too_large;
 use status::{ReloadCallError, RequestError};
 
