@@ -1,7 +1,8 @@
 //! Where each waiter stands: its first position comes with its ticket, and
 //! a periodic sweep tells it when its position improves, so that a grant
-//! costs O(1) under the lock however long the queue is, and a waiter hears
-//! O(log n) updates while a queue of n drains.
+//! sends no position message at all (the core finds it in
+//! O(levels · log n)), and a waiter hears O(log n) updates while a queue of
+//! n drains.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -12,9 +13,8 @@ use super::Broker;
 use crate::core::HolderView;
 
 /// How often waiters are told about a better position, at most. Updates
-/// come from a periodic sweep rather than from every grant, so that a grant
-/// costs O(1) under the lock however long the queue is (the core finds the
-/// next grant in O(levels · log n)).
+/// come from a periodic sweep rather than from every grant, so that no
+/// grant visits the waiters behind it.
 pub(crate) const POSITION_UPDATE_INTERVAL: Duration = Duration::from_millis(250);
 
 /// Where a waiting request stands.

@@ -1,7 +1,9 @@
 //! The scheduling core: a pure, synchronous state machine that decides who
 //! holds which GPU.
 //!
-//! Per GPU it keeps a FIFO queue of waiting requests, the held leases (at
+//! Per GPU it keeps a queue of waiting requests (by effective priority,
+//! then arrival; backfill may grant a later one that fits now, within the
+//! reservation rule), the held leases (at
 //! most `capacity`), the consumers that stay resident in its memory while
 //! idle, and its latest memory reading; across GPUs it keeps the consumers
 //! it has seen and the statistics. Before granting the head of a queue it

@@ -1,5 +1,5 @@
-//! The rule for consumer names: short, printable, and safe in logs, file
-//! names and Prometheus labels.
+//! The rule for consumer names: short, printable, and safe in log lines,
+//! Prometheus labels and the command lines of unload adapters.
 
 /// The longest accepted consumer name, in characters.
 pub(super) const MAX_CONSUMER_NAME_LEN: usize = 64;

@@ -8,10 +8,15 @@ use super::*;
 
 /// The scheduling state of every GPU's leases.
 ///
-/// Invariants, checked by the property test in `tests.rs`:
+/// Invariants, checked by the property tests (`tests.rs`: order, tokens and
+/// ends without memory; `sharing_tests.rs`: priorities, aging, backfill and
+/// the reservation, memory against a model and against the truth;
+/// `memory_tests.rs`: several GPUs):
 /// - at most `capacity` leases are held on each GPU;
-/// - each GPU's waiters are granted strictly in arrival order, and only
-///   while queued;
+/// - each GPU's waiters are granted by effective priority, then arrival,
+///   and among equal priorities never after a later arrival except by
+///   backfill within the reservation rule; only while queued;
+/// - at a grant that names its memory, it fits by the core's accounting;
 /// - fencing tokens strictly increase;
 /// - a lease or a waiter ends exactly once; ending it again does nothing.
 #[derive(Debug)]
