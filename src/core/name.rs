@@ -1,5 +1,6 @@
 //! The rule for consumer names: short, printable, and safe in log lines,
-//! Prometheus labels and the command lines of unload adapters.
+//! Prometheus labels and the environment of unload commands
+//! (`GPULEASE_CONSUMER`).
 
 /// The longest accepted consumer name, in characters.
 pub(super) const MAX_CONSUMER_NAME_LEN: usize = 64;
