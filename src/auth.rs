@@ -50,7 +50,7 @@ pub(crate) struct UnixPeer {
 /// is unknown) or PERMISSION_DENIED (it is known, and may not); the error
 /// table (`grpc::status`) says which.
 #[derive(Debug, thiserror::Error)]
-pub enum AuthError {
+pub(crate) enum AuthError {
     /// The `authorization` header is not `Bearer TOKEN`.
     #[error("the authorization header is not `Bearer TOKEN`")]
     MalformedHeader,
