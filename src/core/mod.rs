@@ -31,6 +31,7 @@ mod queue;
 mod scheduler;
 #[cfg(test)]
 mod script;
+mod sharing;
 #[cfg(test)]
 mod sharing_tests;
 #[cfg(test)]
