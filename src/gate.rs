@@ -56,7 +56,7 @@ pub struct GateSettings {
 
 /// Connects to the broker, once per lease.
 pub type Connect = Arc<
-    dyn Fn() -> Pin<Box<dyn Future<Output = Result<crate::client::Client, String>> + Send>>
+    dyn Fn() -> Pin<Box<dyn Future<Output = Result<gpulease_client::Client, String>> + Send>>
         + Send
         + Sync,
 >;

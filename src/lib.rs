@@ -6,7 +6,6 @@ mod app;
 mod auth;
 mod broker;
 pub mod cli;
-pub mod client;
 pub mod config;
 mod core;
 pub mod gate;

@@ -1,14 +1,9 @@
-//! The protobuf types and gRPC stubs generated from `proto/` by `build.rs`.
-//! Only the gRPC layer (`crate::grpc`) and the clients use them; the core
-//! never does.
+//! The protobuf types and gRPC stubs, generated from `proto/` by the client
+//! crate (`gpulease_client::pb`, with its `server` and `json` features) and
+//! re-exported here so that the broker names them `crate::pb`. Only the gRPC
+//! layer (`crate::grpc`) and the clients use them; the core never does.
 
-#![allow(missing_docs, unreachable_pub, clippy::all)]
-
-/// `gpulease.v1`: the lease broker's contract.
-pub mod v1 {
-    tonic::include_proto!("gpulease.v1");
-    include!(concat!(env!("OUT_DIR"), "/gpulease.v1.serde.rs"));
-}
+pub use gpulease_client::pb::*;
 
 /// The encoded descriptor set of `proto/`, for server reflection.
 pub const FILE_DESCRIPTOR_SET: &[u8] =

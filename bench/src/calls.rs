@@ -4,9 +4,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
-use gpulease::pb::v1 as pb;
-use gpulease::pb::v1::lease_event::Kind as EventKind;
-use gpulease::pb::v1::lease_request::Kind as RequestKind;
+use gpulease_client::pb::v1 as pb;
+use gpulease_client::pb::v1::lease_event::Kind as EventKind;
+use gpulease_client::pb::v1::lease_request::Kind as RequestKind;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::Streaming;
@@ -14,7 +14,7 @@ use tonic::Streaming;
 use gpulease_testkit::clock::now_ns;
 
 /// A client on one connection (an HTTP/2 channel); clones share it.
-pub(crate) type Client = gpulease::client::Client;
+pub(crate) type Client = gpulease_client::Client;
 
 /// How long a server may take to end a stream after `Release`.
 const END_TIMEOUT: Duration = Duration::from_secs(5);
@@ -25,7 +25,7 @@ const MAX_EVENTS_BEFORE_END: usize = 16;
 
 /// Connects to `address` (`HOST:PORT` or `unix:/PATH`) the way the CLI does.
 pub(crate) async fn connect(address: &str) -> Result<Client> {
-    Ok(gpulease::client::connect(address).await?)
+    Ok(gpulease_client::connect(address).await?)
 }
 
 /// A grant as the client saw it.

@@ -20,9 +20,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use anyhow::{Context, Result};
 use gpulease::config::Config;
-use gpulease::pb::v1 as pb;
-use gpulease::pb::v1::lease_broker_server::{LeaseBroker, LeaseBrokerServer};
-use gpulease::pb::v1::lease_event::Kind as EventKind;
+use gpulease_client::pb::v1 as pb;
+use gpulease_client::pb::v1::lease_broker_server::{LeaseBroker, LeaseBrokerServer};
+use gpulease_client::pb::v1::lease_event::Kind as EventKind;
 use serde::{Deserialize, Serialize};
 use tokio::net::{TcpListener, UnixListener};
 use tokio::sync::{Semaphore, mpsc};

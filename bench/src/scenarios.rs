@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
-use gpulease::pb::v1 as pb;
+use gpulease_client::pb::v1 as pb;
 
 use crate::calls::connect;
 use crate::echo::Mode;

@@ -48,12 +48,12 @@ impl Failure {
     }
 }
 
-impl From<crate::client::ConnectError> for Failure {
-    fn from(error: crate::client::ConnectError) -> Self {
+impl From<gpulease_client::ConnectError> for Failure {
+    fn from(error: gpulease_client::ConnectError) -> Self {
         let code = match error {
-            crate::client::ConnectError::BadAddress(_)
-            | crate::client::ConnectError::BadCredentials(_) => ExitCode::USAGE,
-            crate::client::ConnectError::Unreachable { .. } => ExitCode::UNAVAILABLE,
+            gpulease_client::ConnectError::BadAddress(_)
+            | gpulease_client::ConnectError::BadCredentials(_) => ExitCode::USAGE,
+            gpulease_client::ConnectError::Unreachable { .. } => ExitCode::UNAVAILABLE,
         };
         // The innermost cause says what happened ("Connection refused").
         let mut cause: Option<&dyn std::error::Error> = std::error::Error::source(&error);

@@ -11,9 +11,9 @@ use clap::Args;
 
 use super::exit::Failure;
 use super::{BrokerArg, ExitCode, parse_duration};
-use crate::client::DEFAULT_BROKER;
 use crate::config::{Config, check_upstream};
 use crate::gate::{Connect, GateSettings};
+use gpulease_client::DEFAULT_BROKER;
 
 /// How long the lease is kept after the last request, unless told.
 const DEFAULT_LINGER: Duration = Duration::from_secs(10);

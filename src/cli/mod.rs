@@ -35,7 +35,7 @@ use clap::{Args, Parser, Subcommand};
 pub use exit::ExitCode;
 pub use run::RunArgs;
 
-use crate::client::DEFAULT_BROKER;
+use gpulease_client::DEFAULT_BROKER;
 
 /// A GPU lease broker: one FIFO queue in front of a shared GPU.
 #[derive(Debug, Parser)]
@@ -142,7 +142,7 @@ pub struct Credentials {
 
 impl BrokerArg {
     /// Connects as these options say.
-    pub(crate) async fn connect(&self) -> Result<crate::client::Client, exit::Failure> {
+    pub(crate) async fn connect(&self) -> Result<gpulease_client::Client, exit::Failure> {
         self.credentials.connect(&self.broker).await
     }
 
@@ -160,7 +160,7 @@ impl Credentials {
     pub(crate) async fn connect(
         &self,
         broker: &str,
-    ) -> Result<crate::client::Client, exit::Failure> {
+    ) -> Result<gpulease_client::Client, exit::Failure> {
         let token = match (&self.token, &self.token_file) {
             (Some(token), _) => Some(token.clone()),
             (None, Some(file)) => Some(std::fs::read_to_string(file).map_err(|e| {
@@ -171,12 +171,12 @@ impl Credentials {
             })?),
             (None, None) => None,
         };
-        let options = crate::client::ConnectOptions {
+        let options = gpulease_client::ConnectOptions {
             token,
             ca: self.ca.clone(),
             identity: self.cert.clone().zip(self.key.clone()),
         };
-        Ok(crate::client::connect_with(broker, &options).await?)
+        Ok(gpulease_client::connect_with(broker, &options).await?)
     }
 }
 

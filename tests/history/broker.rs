@@ -7,8 +7,8 @@ use std::process::{ExitStatus, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use gpulease::pb::v1 as pb;
-use gpulease::pb::v1::lease_broker_client::LeaseBrokerClient;
+use gpulease_client::pb::v1 as pb;
+use gpulease_client::pb::v1::lease_broker_client::LeaseBrokerClient;
 use gpulease_testkit::PATIENCE;
 use gpulease_testkit::clock::now_ns;
 use gpulease_testkit::{Serve, Server, Stderr};

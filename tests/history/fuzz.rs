@@ -10,8 +10,8 @@
 
 use std::time::Duration;
 
-use gpulease::pb::v1 as pb;
-use gpulease::pb::v1::lease_request::Kind as RequestKind;
+use gpulease_client::pb::v1 as pb;
+use gpulease_client::pb::v1::lease_request::Kind as RequestKind;
 use proptest::prelude::*;
 use proptest::test_runner::{
     Config as RunnerConfig, RngAlgorithm, TestCaseError, TestError, TestRng, TestRunner,

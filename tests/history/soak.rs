@@ -12,10 +12,10 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use gpulease::pb::v1 as pb;
-use gpulease::pb::v1::lease_broker_client::LeaseBrokerClient;
-use gpulease::pb::v1::lease_event::Kind as EventKind;
-use gpulease::pb::v1::lease_request::Kind as RequestKind;
+use gpulease_client::pb::v1 as pb;
+use gpulease_client::pb::v1::lease_broker_client::LeaseBrokerClient;
+use gpulease_client::pb::v1::lease_event::Kind as EventKind;
+use gpulease_client::pb::v1::lease_request::Kind as RequestKind;
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 use tokio_stream::wrappers::ReceiverStream;

@@ -16,9 +16,9 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use gpulease::pb::v1 as pb;
-use gpulease::pb::v1::lease_event::Kind as EventKind;
-use gpulease::pb::v1::lease_request::Kind as RequestKind;
+use gpulease_client::pb::v1 as pb;
+use gpulease_client::pb::v1::lease_event::Kind as EventKind;
+use gpulease_client::pb::v1::lease_request::Kind as RequestKind;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 

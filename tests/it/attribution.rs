@@ -6,7 +6,7 @@
 
 use std::process::Stdio;
 
-use gpulease::pb::v1 as pb;
+use gpulease_client::pb::v1 as pb;
 use tokio::process::Command;
 
 use crate::gpu::{FakeGpus, fake_library};
@@ -92,7 +92,7 @@ async fn a_claimed_pid_of_another_process_is_ignored_over_tcp_and_the_unix_socke
 
     // The Unix socket: SO_PEERCRED says the same.
     let socket = format!("unix:{}", broker.socket.as_ref().unwrap().display());
-    let client = gpulease::client::connect(&socket).await.unwrap();
+    let client = gpulease_client::connect(&socket).await.unwrap();
     let mut call = Call::open_with_client(client, claim("unix", stranger.pid))
         .await
         .unwrap();
@@ -143,11 +143,11 @@ async fn the_admin_token_may_name_any_process() {
     })
     .await;
     let stranger = Stranger::start();
-    let options = gpulease::client::ConnectOptions {
+    let options = gpulease_client::ConnectOptions {
         token: Some("boss".into()),
         ..Default::default()
     };
-    let client = gpulease::client::connect_with(&broker.addr, &options)
+    let client = gpulease_client::connect_with(&broker.addr, &options)
         .await
         .unwrap();
     let claim = pb::Acquire {

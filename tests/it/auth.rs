@@ -5,9 +5,9 @@
 use std::path::Path;
 use std::process::Output;
 
-use gpulease::client::{ConnectOptions, connect_with};
-use gpulease::pb::v1 as pb;
-use gpulease::pb::v1::lease_request::Kind as RequestKind;
+use gpulease_client::pb::v1 as pb;
+use gpulease_client::pb::v1::lease_request::Kind as RequestKind;
+use gpulease_client::{ConnectOptions, connect_with};
 use tokio::process::Command;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -37,7 +37,7 @@ async fn broker(config: &str) -> Broker {
     .await
 }
 
-async fn with_token(broker: &Broker, token: Option<&str>) -> gpulease::client::Client {
+async fn with_token(broker: &Broker, token: Option<&str>) -> gpulease_client::Client {
     let options = ConnectOptions {
         token: token.map(str::to_owned),
         ..ConnectOptions::default()
@@ -356,7 +356,7 @@ async fn tls_and_mutual_tls() {
     };
     assert!(refused, "a client without a certificate got through");
     // Plain HTTP/2 on the TLS port gets nowhere either.
-    let plain = match gpulease::client::connect(&broker.addr).await {
+    let plain = match gpulease_client::connect(&broker.addr).await {
         Err(_) => true,
         Ok(mut client) => client.status(pb::StatusRequest::default()).await.is_err(),
     };

@@ -1,7 +1,7 @@
 //! Bad input gets a clear status and leaves no permit or queue slot behind.
 
-use gpulease::pb::v1 as pb;
-use gpulease::pb::v1::lease_request::Kind as RequestKind;
+use gpulease_client::pb::v1 as pb;
+use gpulease_client::pb::v1::lease_request::Kind as RequestKind;
 use tonic::Code;
 
 use crate::support::{Broker, Call, Options, acquire, assert_idle};

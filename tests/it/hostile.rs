@@ -7,7 +7,7 @@ use std::os::unix::process::ExitStatusExt as _;
 use std::process::{Command as StdCommand, Stdio};
 use std::time::Duration;
 
-use gpulease::pb::v1 as pb;
+use gpulease_client::pb::v1 as pb;
 use prost::Message as _;
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::TcpStream;
@@ -109,7 +109,7 @@ async fn serve_piped_into_head_keeps_granting() {
     let address = format!("unix:{}", socket.display());
     let mut client = None;
     for _ in 0..400 {
-        if let Ok(connected) = gpulease::client::connect(&address).await
+        if let Ok(connected) = gpulease_client::connect(&address).await
             && connected
                 .clone()
                 .status(pb::StatusRequest::default())
@@ -600,11 +600,11 @@ async fn residency(
     ),
     tonic::Status,
 > {
-    let options = gpulease::client::ConnectOptions {
+    let options = gpulease_client::ConnectOptions {
         token: token.map(str::to_owned),
         ..Default::default()
     };
-    let mut client = gpulease::client::connect_with(&broker.addr, &options)
+    let mut client = gpulease_client::connect_with(&broker.addr, &options)
         .await
         .unwrap();
     let (reports, rx) = mpsc::channel(4);
@@ -823,7 +823,7 @@ async fn a_connection_flood_under_a_low_fd_limit_passes_and_serving_resumes_at_o
     // notice that the flood's connections closed).
     let client = tokio::time::timeout(PATIENCE, async {
         loop {
-            if let Ok(client) = gpulease::client::connect(&addr).await {
+            if let Ok(client) = gpulease_client::connect(&addr).await {
                 let mut call = Call::open_with_client(client.clone(), acquire("after"))
                     .await
                     .unwrap();

@@ -3,8 +3,8 @@
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-use gpulease::pb::v1 as pb;
-use gpulease::pb::v1::lease_request::Kind as RequestKind;
+use gpulease_client::pb::v1 as pb;
+use gpulease_client::pb::v1::lease_request::Kind as RequestKind;
 use tokio::sync::Mutex;
 
 use crate::support::{Broker, Call, acquire, assert_idle};

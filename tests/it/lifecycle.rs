@@ -3,7 +3,7 @@
 use std::os::unix::net::UnixListener;
 use std::process::Command;
 
-use gpulease::pb::v1 as pb;
+use gpulease_client::pb::v1 as pb;
 use tonic::Code;
 
 use crate::support::{BIN, Broker, Call, Options, acquire};
@@ -135,7 +135,7 @@ async fn a_stale_socket_file_is_replaced() {
     drop(UnixListener::bind(&socket).unwrap());
     let socket_text = socket.display().to_string();
     let broker = Broker::with_env(&[("GPULEASE__SOCKET", &socket_text)]).await;
-    let mut client = gpulease::client::connect(&format!("unix:{socket_text}"))
+    let mut client = gpulease_client::connect(&format!("unix:{socket_text}"))
         .await
         .unwrap();
     client.status(pb::StatusRequest::default()).await.unwrap();
@@ -187,7 +187,7 @@ async fn shutdown_revokes_holders_ends_waiters_and_exits_zero() {
         !broker.socket.as_ref().unwrap().exists(),
         "the socket file was left behind"
     );
-    let gone = gpulease::client::connect(&broker.addr).await;
+    let gone = gpulease_client::connect(&broker.addr).await;
     assert!(gone.is_err(), "the broker still answers after shutdown");
 }
 

@@ -9,6 +9,7 @@
 mod attribution;
 mod auth;
 mod cli;
+mod client_crate;
 mod core_purity;
 mod deploy;
 mod errors;

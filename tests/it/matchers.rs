@@ -6,7 +6,7 @@
 
 use std::path::{Path, PathBuf};
 
-use gpulease::pb::v1 as pb;
+use gpulease_client::pb::v1 as pb;
 
 use crate::gpu::{FakeGpus, fake_library};
 use crate::support::{Broker, Call, Options, acquire};

@@ -2,8 +2,8 @@
 //! consumers and `max_hold` change while leases are held; a bad file
 //! changes nothing.
 
-use gpulease::pb::v1 as pb;
-use gpulease::pb::v1::lease_event::Kind as EventKind;
+use gpulease_client::pb::v1 as pb;
+use gpulease_client::pb::v1::lease_event::Kind as EventKind;
 use nix::sys::signal::Signal;
 use tonic::Code;
 
@@ -17,12 +17,12 @@ admin_token = "admin-secret"
 token = "old-token"
 "#;
 
-async fn client_with(broker: &Broker, token: &str) -> gpulease::client::Client {
-    let options = gpulease::client::ConnectOptions {
+async fn client_with(broker: &Broker, token: &str) -> gpulease_client::Client {
+    let options = gpulease_client::ConnectOptions {
         token: Some(token.to_owned()),
         ..Default::default()
     };
-    gpulease::client::connect_with(&broker.addr, &options)
+    gpulease_client::connect_with(&broker.addr, &options)
         .await
         .unwrap()
 }

@@ -5,8 +5,8 @@
 use std::process::Stdio;
 use std::time::Duration;
 
-use gpulease::pb::v1 as pb;
-use gpulease::pb::v1::lease_event::Kind as EventKind;
+use gpulease_client::pb::v1 as pb;
+use gpulease_client::pb::v1::lease_event::Kind as EventKind;
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::Command;
 use tonic::Code;
@@ -15,7 +15,7 @@ use crate::support::{BIN, Broker, Call, Options, PATIENCE, acquire, assert_idle}
 
 /// A training job that may be preempted, and a TTS service of higher
 /// priority that asks it to make way at once.
-const PREEMPTION: &str = r#"
+pub(crate) const PREEMPTION: &str = r#"
 [scheduling]
 preempt_after = "0s"
 

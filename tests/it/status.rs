@@ -2,7 +2,7 @@
 
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 
-use gpulease::pb::v1 as pb;
+use gpulease_client::pb::v1 as pb;
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
 
@@ -112,7 +112,7 @@ async fn the_unix_socket_serves_with_mode_0660() {
     assert!(metadata.file_type().is_socket());
     assert_eq!(metadata.permissions().mode() & 0o777, 0o660);
     let address = format!("unix:{}", socket.display());
-    let mut client = gpulease::client::connect(&address).await.unwrap();
+    let mut client = gpulease_client::connect(&address).await.unwrap();
     let status = client
         .status(pb::StatusRequest::default())
         .await

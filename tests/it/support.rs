@@ -2,9 +2,9 @@
 
 use std::path::PathBuf;
 
-use gpulease::pb::v1 as pb;
-use gpulease::pb::v1::lease_event::Kind as EventKind;
-use gpulease::pb::v1::lease_request::Kind as RequestKind;
+use gpulease_client::pb::v1 as pb;
+use gpulease_client::pb::v1::lease_event::Kind as EventKind;
+use gpulease_client::pb::v1::lease_request::Kind as RequestKind;
 pub use gpulease_testkit::PATIENCE;
 use gpulease_testkit::{self as testkit, Serve};
 use tokio::process::Child;
@@ -182,16 +182,16 @@ impl Broker {
         }
     }
 
-    pub async fn client(&self) -> gpulease::client::Client {
-        gpulease::client::connect(&self.addr).await.unwrap()
+    pub async fn client(&self) -> gpulease_client::Client {
+        gpulease_client::connect(&self.addr).await.unwrap()
     }
 
     pub async fn status_with(&self, token: Option<&str>) -> pb::StatusResponse {
-        let options = gpulease::client::ConnectOptions {
+        let options = gpulease_client::ConnectOptions {
             token: token.map(str::to_owned),
             ..Default::default()
         };
-        gpulease::client::connect_with(&self.addr, &options)
+        gpulease_client::connect_with(&self.addr, &options)
             .await
             .unwrap()
             .status(pb::StatusRequest::default())
@@ -305,7 +305,7 @@ impl Call {
 
     /// Opens a call on `client` and sends `acquire` as its first message.
     pub async fn open_with_client(
-        mut client: gpulease::client::Client,
+        mut client: gpulease_client::Client,
         acquire: pb::Acquire,
     ) -> Result<Self, Status> {
         let (tx, rx) = mpsc::channel(8);

@@ -33,9 +33,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
-use gpulease::pb::v1 as pb;
-use gpulease::pb::v1::lease_event::Kind as EventKind;
-use gpulease::pb::v1::lease_request::Kind as RequestKind;
+use gpulease_client::pb::v1 as pb;
+use gpulease_client::pb::v1::lease_event::Kind as EventKind;
+use gpulease_client::pb::v1::lease_request::Kind as RequestKind;
 use serde::{Deserialize, Serialize};
 use tokio::sync::{Mutex, mpsc};
 use tokio_stream::wrappers::ReceiverStream;
