@@ -65,6 +65,20 @@ impl From<gpulease_client::ConnectError> for Failure {
     }
 }
 
+impl From<gpulease_client::Error> for Failure {
+    fn from(error: gpulease_client::Error) -> Self {
+        use gpulease_client::Error;
+        match error {
+            Error::Connect(error) => error.into(),
+            Error::Status(status) => status.into(),
+            Error::InvalidRequest(message) => Self::new(ExitCode::USAGE, message),
+            Error::Revoked { .. } | Error::Ended | Error::Lost(_) => {
+                Self::new(ExitCode::UNAVAILABLE, error.to_string())
+            }
+        }
+    }
+}
+
 impl From<Status> for Failure {
     fn from(status: Status) -> Self {
         let code = match status.code() {

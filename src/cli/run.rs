@@ -19,17 +19,14 @@ use std::process::ExitStatus;
 use std::time::Duration;
 
 use clap::Args;
+use gpulease_client::{Lease, Lost};
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 use tokio::process::{Child, Command};
 use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::mpsc;
-use tokio_stream::wrappers::ReceiverStream;
-use tonic::Streaming;
 
 use crate::pb::v1 as pb;
-use crate::pb::v1::lease_event::Kind as EventKind;
-use crate::pb::v1::lease_request::Kind as RequestKind;
 
 use super::exit::Failure;
 use super::status::short;
@@ -84,50 +81,68 @@ fn parse_label(text: &str) -> Result<(String, String), String> {
 }
 
 pub(super) async fn run(args: RunArgs) -> Result<ExitCode, Failure> {
-    let max_wait_ms = match args.max_wait {
-        None => 0,
-        Some(wait) => u32::try_from(wait.as_millis().max(1)).map_err(|_| {
-            Failure::new(ExitCode::USAGE, "--max-wait is too long; at most 49 days")
-        })?,
-    };
+    if let Some(wait) = args.max_wait
+        && u32::try_from(wait.as_millis()).is_err()
+    {
+        return Err(Failure::new(
+            ExitCode::USAGE,
+            "--max-wait is too long; at most 49 days",
+        ));
+    }
     let mut signals = Signals::new()?;
-    let mut client = args.broker.connect().await?;
-    let (requests, outgoing) = mpsc::channel(2);
-    let acquire = pb::Acquire {
-        consumer: args.consumer.clone(),
-        vram_mib: args.vram_mib,
-        max_wait_ms,
-        client_pid: std::process::id(),
-        labels: args.labels.iter().cloned().collect(),
-        gpu: args.gpu.clone().unwrap_or_default(),
-        priority: args.priority,
-    };
-    send(&requests, RequestKind::Acquire(acquire)).await;
-    let mut events = client
-        .acquire_lease(ReceiverStream::new(outgoing))
-        .await?
-        .into_inner();
-
+    let client = args.broker.connect().await?;
     let progress = Progress::new(args.quiet);
-    let granted = tokio::select! {
-        granted = wait_for_grant(&mut events, &progress) => granted?,
+    // The preemption callback runs on the lease's task; the command is
+    // signalled from here.
+    let (preempt_tx, mut preempts) = mpsc::unbounded_channel();
+    let mut request = client
+        .lease(&args.consumer)
+        .vram_mib(args.vram_mib)
+        .client_pid(std::process::id())
+        .labels(args.labels.iter().cloned())
+        .on_queued(move |queued| progress.queued(queued))
+        .on_preempt_requested(move |asked| {
+            let _ = preempt_tx.send(asked.clone());
+        });
+    if let Some(gpu) = &args.gpu {
+        request = request.gpu(gpu);
+    }
+    if let Some(priority) = args.priority {
+        request = request.priority(priority);
+    }
+    if let Some(wait) = args.max_wait {
+        request = request.max_wait(wait);
+    }
+
+    let lease = tokio::select! {
+        lease = request.acquire() => lease.map_err(|e| {
+            progress.clear();
+            Failure::from(e)
+        })?,
+        // Dropping `acquire()` withdraws the request.
         () = signals.any() => {
             progress.clear();
-            send(&requests, RequestKind::Release(pb::Release {})).await;
             return Ok(ExitCode(130));
         }
     };
-    progress.granted(&granted);
+    progress.granted(lease.granted());
 
-    let mut child = match spawn(&args.command, &granted) {
+    let mut child = match spawn(&args.command, &lease) {
         Ok(child) => child,
         Err(failure) => {
-            release(&requests, &mut events).await;
+            release(lease).await;
             return Err(failure);
         }
     };
-    let status = supervise(&mut child, &mut events, &mut signals, !args.no_kill_on_loss).await;
-    release(&requests, &mut events).await;
+    let status = supervise(
+        &mut child,
+        &lease,
+        &mut preempts,
+        &mut signals,
+        !args.no_kill_on_loss,
+    )
+    .await;
+    release(lease).await;
     let status = status.map_err(|e| {
         Failure::new(
             ExitCode::SOFTWARE,
@@ -137,51 +152,17 @@ pub(super) async fn run(args: RunArgs) -> Result<ExitCode, Failure> {
     Ok(exit_code(status))
 }
 
-async fn send(requests: &mpsc::Sender<pb::LeaseRequest>, kind: RequestKind) {
-    // A closed channel means the call is over; the broker then knows.
-    let _ = requests.send(pb::LeaseRequest { kind: Some(kind) }).await;
-}
-
-async fn wait_for_grant(
-    events: &mut Streaming<pb::LeaseEvent>,
-    progress: &Progress,
-) -> Result<pb::Granted, Failure> {
-    loop {
-        let event = events.message().await.inspect_err(|_| progress.clear())?;
-        match event.and_then(|e| e.kind) {
-            Some(EventKind::Queued(queued)) => progress.queued(&queued),
-            Some(EventKind::Granted(granted)) => return Ok(granted),
-            // Only a holder is asked to make way.
-            Some(EventKind::PreemptRequested(_)) => {}
-            Some(EventKind::Revoked(revoked)) => {
-                progress.clear();
-                return Err(Failure::new(
-                    ExitCode::UNAVAILABLE,
-                    format!("the broker revoked the request: {}", revoked.message),
-                ));
-            }
-            None => {
-                progress.clear();
-                return Err(Failure::new(
-                    ExitCode::UNAVAILABLE,
-                    "the broker ended the call without granting a lease",
-                ));
-            }
-        }
-    }
-}
-
-fn spawn(command: &[OsString], granted: &pb::Granted) -> Result<Child, Failure> {
+fn spawn(command: &[OsString], lease: &Lease) -> Result<Child, Failure> {
     let (program, args) = command
         .split_first()
         .ok_or_else(|| Failure::new(ExitCode::USAGE, "no command given after --"))?;
     Command::new(program)
         .args(args)
-        .env("GPULEASE_LEASE_ID", &granted.lease_id)
-        .env("GPULEASE_FENCING_TOKEN", granted.fencing_token.to_string())
-        .env("GPULEASE_BROKER_EPOCH", granted.broker_epoch.to_string())
-        .env("GPULEASE_GPU_INDEX", granted.gpu_index.to_string())
-        .env("CUDA_VISIBLE_DEVICES", cuda_visible_devices(granted))
+        .env("GPULEASE_LEASE_ID", lease.lease_id())
+        .env("GPULEASE_FENCING_TOKEN", lease.token().to_string())
+        .env("GPULEASE_BROKER_EPOCH", lease.broker_epoch().to_string())
+        .env("GPULEASE_GPU_INDEX", lease.gpu().to_string())
+        .env("CUDA_VISIBLE_DEVICES", lease.cuda_visible_devices())
         .spawn()
         .map_err(|e| {
             let name = program.to_string_lossy();
@@ -198,21 +179,12 @@ fn spawn(command: &[OsString], granted: &pb::Granted) -> Result<Child, Failure> 
         })
 }
 
-/// The granted GPU as CUDA should see it: by UUID when the broker knows it
-/// (indices can differ between CUDA and NVML), else by index.
-fn cuda_visible_devices(granted: &pb::Granted) -> String {
-    if granted.gpu_uuid.is_empty() {
-        granted.gpu_index.to_string()
-    } else {
-        granted.gpu_uuid.clone()
-    }
-}
-
-/// Waits for the child, forwarding signals, and stops it if the lease is
-/// lost (when `kill_on_loss`).
+/// Waits for the child, forwarding signals, asks it to stop when the lease
+/// is to make way, and stops it if the lease is lost (when `kill_on_loss`).
 async fn supervise(
     child: &mut Child,
-    events: &mut Streaming<pb::LeaseEvent>,
+    lease: &Lease,
+    preempts: &mut mpsc::UnboundedReceiver<pb::PreemptRequested>,
     signals: &mut Signals,
     kill_on_loss: bool,
 ) -> std::io::Result<ExitStatus> {
@@ -222,28 +194,25 @@ async fn supervise(
         tokio::select! {
             status = child.wait() => return status,
             signal = signals.next() => signal_child(child, signal),
-            event = events.message(), if lease_held => {
-                let why = match event {
-                    Ok(Some(pb::LeaseEvent { kind: Some(EventKind::Revoked(revoked)) })) => {
-                        format!("the broker revoked the lease: {}", revoked.message)
+            Some(asked) = preempts.recv(), if lease_held => {
+                // The lease is still held: the command gets the grace to
+                // stop, then the broker revokes it.
+                eprintln!(
+                    "gpulease: {} needs the GPU; asking the command to stop (SIGTERM) within {}",
+                    asked.for_consumer,
+                    short(asked.grace_ms)
+                );
+                signal_child(child, Signal::SIGTERM);
+            }
+            lost = lease.lost(), if lease_held => {
+                let why = match lost {
+                    Lost::Revoked { message, .. } => {
+                        format!("the broker revoked the lease: {message}")
                     }
-                    Ok(Some(pb::LeaseEvent {
-                        kind: Some(EventKind::PreemptRequested(asked)),
-                    })) => {
-                        // The lease is still held: the command gets the
-                        // grace to stop, then the broker revokes it.
-                        eprintln!(
-                            "gpulease: {} needs the GPU; asking the command to stop (SIGTERM) within {}",
-                            asked.for_consumer,
-                            short(asked.grace_ms)
-                        );
-                        signal_child(child, Signal::SIGTERM);
-                        continue;
+                    Lost::Ended => "the broker ended the lease".to_owned(),
+                    Lost::Failed(status) => {
+                        format!("the lease was lost: {}", Failure::from(status).message)
                     }
-                    // Nothing else is sent to a holder; ignore it.
-                    Ok(Some(_)) => continue,
-                    Ok(None) => "the broker ended the lease".to_owned(),
-                    Err(status) => format!("the lease was lost: {}", Failure::from(status).message),
                 };
                 lease_held = false;
                 if kill_on_loss {
@@ -276,16 +245,10 @@ fn signal_child(child: &Child, signal: Signal) {
     }
 }
 
-/// Sends `Release` and waits briefly for the broker to end the stream.
-async fn release(
-    requests: &mpsc::Sender<pb::LeaseRequest>,
-    events: &mut Streaming<pb::LeaseEvent>,
-) {
-    send(requests, RequestKind::Release(pb::Release {})).await;
-    let _ = tokio::time::timeout(RELEASE_TIMEOUT, async {
-        while let Ok(Some(_)) = events.message().await {}
-    })
-    .await;
+/// Releases the lease and waits briefly for the broker to confirm it; a
+/// lease already lost has nothing left to release.
+async fn release(lease: Lease) {
+    let _ = tokio::time::timeout(RELEASE_TIMEOUT, lease.release()).await;
 }
 
 fn exit_code(status: ExitStatus) -> ExitCode {
@@ -353,6 +316,7 @@ impl Signals {
 
 /// What `gpulease run` tells the user while it waits: one line redrawn in
 /// place on a terminal, plain lines otherwise.
+#[derive(Clone, Copy)]
 struct Progress {
     quiet: bool,
     terminal: bool,
