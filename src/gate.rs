@@ -30,12 +30,11 @@ use hyper_util::rt::TokioIo;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
-use tokio_stream::wrappers::ReceiverStream;
 use tracing::{info, warn};
 
+use gpulease_client::Lease;
+
 use crate::pb::v1 as pb;
-use crate::pb::v1::lease_event::Kind as EventKind;
-use crate::pb::v1::lease_request::Kind as RequestKind;
 
 /// What one gate does.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -338,6 +337,18 @@ async fn keep_lease(shared: Arc<Shared>, connect: Connect) {
     }
 }
 
+/// Why a held lease stops being the gate's: it was lost, or the broker
+/// asked it to make way. Cancel-safe.
+async fn lost_or_preempted(
+    lease: &Lease,
+    preempted: &mut mpsc::UnboundedReceiver<pb::PreemptRequested>,
+) -> String {
+    tokio::select! {
+        lost = lease.lost() => lost.to_string(),
+        Some(asked) = preempted.recv() => format!("asked to make way for {}", asked.for_consumer),
+    }
+}
+
 /// One lease: asked for, held while requests are in flight and for the
 /// linger after them, released.
 async fn hold_once(
@@ -346,49 +357,39 @@ async fn hold_once(
     in_flight: &mut watch::Receiver<usize>,
 ) -> Result<(), String> {
     let settings = &shared.settings;
-    let mut client = connect().await?;
-    let (requests, outgoing) = mpsc::channel(2);
-    let acquire = pb::Acquire {
-        consumer: settings.consumer.clone(),
-        vram_mib: settings.vram_mib,
-        client_pid: std::process::id(),
-        ..pb::Acquire::default()
-    };
-    let _ = requests
-        .send(pb::LeaseRequest {
-            kind: Some(RequestKind::Acquire(acquire)),
-        })
-        .await;
-    let mut events = client
-        .acquire_lease(ReceiverStream::new(outgoing))
-        .await
-        .map_err(|s| format!("the broker refused the lease: {}", s.message()))?
-        .into_inner();
+    let client = connect().await?;
+    // Asked to make way, the gate lets the lease go as if it were lost:
+    // the requests in flight are not stopped, but the GPU is handed on.
+    let (preempt_tx, mut preempted) = mpsc::unbounded_channel();
+    let request = client
+        .lease(&settings.consumer)
+        .vram_mib(settings.vram_mib)
+        .client_pid(std::process::id())
+        .on_preempt_requested(move |asked| {
+            let _ = preempt_tx.send(asked.clone());
+        });
     // Wait for the grant, unless every waiting request gave up first.
-    let token = loop {
-        tokio::select! {
-            event = events.message() => match event {
-                Ok(Some(pb::LeaseEvent { kind: Some(EventKind::Granted(granted)) })) => {
-                    break granted.fencing_token;
-                }
-                Ok(Some(_)) => {}
-                Ok(None) => return Err("the broker ended the call before the grant".into()),
-                Err(status) => return Err(format!("the broker: {}", status.message())),
-            },
-            idle = in_flight.wait_for(|n| *n == 0) => {
-                drop(idle);
-                // Nobody waits any more: dropping the call withdraws it.
-                return Ok(());
+    let lease = tokio::select! {
+        lease = request.acquire() => lease.map_err(|e| match e {
+            gpulease_client::Error::Status(status) => {
+                format!("the broker refused the lease: {}", status.message())
             }
+            other => other.to_string(),
+        })?,
+        idle = in_flight.wait_for(|n| *n == 0) => {
+            drop(idle);
+            // Nobody waits any more: dropping `acquire()` withdraws it.
+            return Ok(());
         }
     };
+    let token = lease.token();
     info!(consumer = %settings.consumer, token, "lease held");
     shared.lease.send_replace(LeaseState::Held(token));
     loop {
         let idle = tokio::select! {
             idle = in_flight.wait_for(|n| *n == 0) => idle.is_ok(),
-            event = events.message() => {
-                warn!(consumer = %settings.consumer, ?event, "lease lost while requests were in flight");
+            event = lost_or_preempted(&lease, &mut preempted) => {
+                warn!(consumer = %settings.consumer, %event, "lease lost while requests were in flight");
                 shared.lease.send_replace(LeaseState::Idle);
                 return Ok(());
             }
@@ -404,21 +405,16 @@ async fn hold_once(
                         break;
                     }
                 }
-                event = events.message() => {
-                    warn!(consumer = %settings.consumer, ?event, "lease lost while lingering");
+                event = lost_or_preempted(&lease, &mut preempted) => {
+                    warn!(consumer = %settings.consumer, %event, "lease lost while lingering");
                     return Ok(());
                 }
             }
         }
     }
     shared.lease.send_replace(LeaseState::Idle);
-    let _ = requests
-        .send(pb::LeaseRequest {
-            kind: Some(RequestKind::Release(pb::Release {})),
-        })
-        .await;
     // The broker ends the call once it has the release.
-    let _ = tokio::time::timeout(Duration::from_secs(2), events.message()).await;
+    let _ = tokio::time::timeout(Duration::from_secs(2), lease.release()).await;
     info!(consumer = %settings.consumer, token, "lease released");
     Ok(())
 }
