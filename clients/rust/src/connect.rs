@@ -88,7 +88,7 @@ impl Interceptor for BearerToken {
 /// [`Client::connect`].
 ///
 /// Cancelling it (dropping the future) abandons the connection attempt.
-pub async fn connect(address: &str) -> Result<Client, ConnectError> {
+pub async fn connect(address: impl AsRef<str>) -> Result<Client, ConnectError> {
     Client::connect(address).await
 }
 
@@ -96,7 +96,10 @@ pub async fn connect(address: &str) -> Result<Client, ConnectError> {
 /// [`Client::connect_with`].
 ///
 /// Cancelling it (dropping the future) abandons the connection attempt.
-pub async fn connect_with(address: &str, options: &ConnectOptions) -> Result<Client, ConnectError> {
+pub async fn connect_with(
+    address: impl AsRef<str>,
+    options: &ConnectOptions,
+) -> Result<Client, ConnectError> {
     Client::connect_with(address, options).await
 }
 
@@ -105,7 +108,7 @@ impl Client {
     /// [`Client::connect_with`] for the forms of `address`).
     ///
     /// Cancelling it (dropping the future) abandons the connection attempt.
-    pub async fn connect(address: &str) -> Result<Self, ConnectError> {
+    pub async fn connect(address: impl AsRef<str>) -> Result<Self, ConnectError> {
         Self::connect_with(address, &ConnectOptions::default()).await
     }
 
@@ -116,9 +119,10 @@ impl Client {
     ///
     /// Cancelling it (dropping the future) abandons the connection attempt.
     pub async fn connect_with(
-        address: &str,
+        address: impl AsRef<str>,
         options: &ConnectOptions,
     ) -> Result<Self, ConnectError> {
+        let address = address.as_ref();
         let unreachable = |source| ConnectError::Unreachable {
             address: address.to_owned(),
             source,

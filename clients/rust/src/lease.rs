@@ -97,10 +97,10 @@ impl LeaseBuilder {
         self
     }
 
-    /// Which GPU (`Acquire.gpu`): its index (`"0"`) or UUID (`"GPU-…"`).
-    /// Default: whichever GPU can take the request soonest.
-    pub fn gpu(mut self, gpu: impl Into<String>) -> Self {
-        self.acquire.gpu = gpu.into();
+    /// Which GPU (`Acquire.gpu`): its index (`0` or `"0"`) or UUID
+    /// (`"GPU-…"`). Default: whichever GPU can take the request soonest.
+    pub fn gpu(mut self, gpu: impl ToString) -> Self {
+        self.acquire.gpu = gpu.to_string();
         self
     }
 
