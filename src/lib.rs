@@ -16,7 +16,7 @@ mod logging;
 mod matcher;
 mod metrics;
 mod notify;
-pub mod pb;
+mod pb;
 mod peer;
 mod reload;
 mod server;

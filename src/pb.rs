@@ -3,8 +3,8 @@
 //! re-exported here so that the broker names them `crate::pb`. Only the gRPC
 //! layer (`crate::grpc`) and the clients use them; the core never does.
 
-pub use gpulease_client::pb::*;
+pub(crate) use gpulease_client::pb::*;
 
 /// The encoded descriptor set of `proto/`, for server reflection.
-pub const FILE_DESCRIPTOR_SET: &[u8] =
+pub(crate) const FILE_DESCRIPTOR_SET: &[u8] =
     include_bytes!(concat!(env!("OUT_DIR"), "/gpulease_descriptor.bin"));
