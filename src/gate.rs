@@ -38,7 +38,7 @@ use crate::pb::v1 as pb;
 
 /// What one gate does.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct GateSettings {
+pub(crate) struct GateSettings {
     /// The consumer its leases are for.
     pub consumer: String,
     /// Where it listens for HTTP.
@@ -54,7 +54,7 @@ pub struct GateSettings {
 }
 
 /// Connects to the broker, once per lease.
-pub type Connect = Arc<
+pub(crate) type Connect = Arc<
     dyn Fn() -> Pin<Box<dyn Future<Output = Result<gpulease_client::Client, String>> + Send>>
         + Send
         + Sync,
@@ -108,7 +108,7 @@ const HOP_BY_HOP: [&str; 8] = [
 ];
 
 /// Serves the gate on `listener` until `shutdown` resolves.
-pub async fn serve(
+pub(crate) async fn serve(
     settings: GateSettings,
     listener: TcpListener,
     connect: Connect,

@@ -5,31 +5,31 @@ use tonic::{Code, Status};
 
 /// A process exit status.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct ExitCode(pub u8);
+pub(crate) struct ExitCode(pub u8);
 
 impl ExitCode {
     /// Success.
-    pub const OK: Self = Self(0);
+    pub(crate) const OK: Self = Self(0);
     /// Bad usage or configuration (`EX_USAGE`).
-    pub const USAGE: Self = Self(64);
+    pub(crate) const USAGE: Self = Self(64);
     /// The broker refused the request's data (`EX_DATAERR`).
-    pub const DATA: Self = Self(65);
+    pub(crate) const DATA: Self = Self(65);
     /// The broker cannot be reached or went away (`EX_UNAVAILABLE`).
-    pub const UNAVAILABLE: Self = Self(69);
+    pub(crate) const UNAVAILABLE: Self = Self(69);
     /// Something failed inside the broker or this program (`EX_SOFTWARE`).
-    pub const SOFTWARE: Self = Self(70);
+    pub(crate) const SOFTWARE: Self = Self(70);
     /// A file the broker needs cannot be written (`EX_CANTCREAT`).
-    pub const CANNOT_CREATE: Self = Self(73);
+    pub(crate) const CANNOT_CREATE: Self = Self(73);
     /// Waiting timed out; try again later (`EX_TEMPFAIL`).
-    pub const TEMPFAIL: Self = Self(75);
+    pub(crate) const TEMPFAIL: Self = Self(75);
     /// Not allowed (`EX_NOPERM`).
-    pub const NOPERM: Self = Self(77);
+    pub(crate) const NOPERM: Self = Self(77);
     /// The broker's configuration is not valid (`EX_CONFIG`).
-    pub const CONFIG: Self = Self(78);
+    pub(crate) const CONFIG: Self = Self(78);
     /// The command could not be executed.
-    pub const CANNOT_EXECUTE: Self = Self(126);
+    pub(crate) const CANNOT_EXECUTE: Self = Self(126);
     /// The command was not found.
-    pub const NOT_FOUND: Self = Self(127);
+    pub(crate) const NOT_FOUND: Self = Self(127);
 }
 
 /// A client command's failure: what to tell the user, and how to exit.

@@ -20,7 +20,7 @@ const DEFAULT_LINGER: Duration = Duration::from_secs(10);
 
 /// Options of `gpulease gate`.
 #[derive(Debug, Args)]
-pub struct GateArgs {
+pub(crate) struct GateArgs {
     #[command(flatten)]
     broker: BrokerArg,
     /// The consumer the gate's leases are for.

@@ -32,15 +32,15 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 
-pub use exit::ExitCode;
-pub use run::RunArgs;
+pub(crate) use exit::ExitCode;
+pub(crate) use run::RunArgs;
 
 use gpulease_client::DEFAULT_BROKER;
 
 /// A GPU lease broker: one FIFO queue in front of a shared GPU.
 #[derive(Debug, Parser)]
 #[command(name = "gpulease", version, about, long_about = None)]
-pub struct Cli {
+pub(crate) struct Cli {
     /// What to do.
     #[command(subcommand)]
     pub command: Command,
@@ -48,7 +48,7 @@ pub struct Cli {
 
 /// The subcommands.
 #[derive(Debug, Subcommand)]
-pub enum Command {
+pub(crate) enum Command {
     /// Run the broker (on its embedded defaults unless configured).
     Serve(ServeArgs),
     /// Show who holds the GPU, who waits, and the statistics (of several brokers with several --broker).
@@ -67,7 +67,7 @@ pub enum Command {
 
 /// Options of `gpulease serve`.
 #[derive(Debug, Args)]
-pub struct ServeArgs {
+pub(crate) struct ServeArgs {
     /// TOML configuration file; the embedded defaults fill in what it omits.
     #[arg(long, env = "GPULEASE_CONFIG", value_name = "FILE")]
     pub config: Option<PathBuf>,
@@ -86,7 +86,7 @@ pub struct ServeArgs {
 
 /// Where the broker is, and how to prove who we are.
 #[derive(Debug, Args)]
-pub struct BrokerArg {
+pub(crate) struct BrokerArg {
     /// The broker: HOST:PORT, http://HOST:PORT, https://HOST:PORT or unix:/PATH.
     #[arg(long, env = "GPULEASE_BROKER", default_value = DEFAULT_BROKER, value_name = "ADDR")]
     pub broker: String,
@@ -96,7 +96,7 @@ pub struct BrokerArg {
 
 /// Several brokers (one per host), and how to prove who we are to them.
 #[derive(Debug, Args)]
-pub struct FleetArg {
+pub(crate) struct FleetArg {
     /// A broker: HOST:PORT, http://HOST:PORT, https://HOST:PORT or unix:/PATH. Repeat it, or separate addresses with commas, to show several hosts.
     #[arg(
         long = "broker",
@@ -112,7 +112,7 @@ pub struct FleetArg {
 
 /// How to prove who we are: the same to every broker named.
 #[derive(Clone, Debug, Args)]
-pub struct Credentials {
+pub(crate) struct Credentials {
     /// Bearer token to send (prefer --token-file or GPULEASE_TOKEN: arguments are visible to others).
     #[arg(
         long,
@@ -182,7 +182,7 @@ impl Credentials {
 
 /// Options of `gpulease status`.
 #[derive(Debug, Args)]
-pub struct StatusArgs {
+pub(crate) struct StatusArgs {
     #[command(flatten)]
     brokers: FleetArg,
     /// Print the snapshot as JSON (the proto's JSON form).
@@ -191,7 +191,7 @@ pub struct StatusArgs {
 }
 
 /// Runs a client subcommand.
-pub async fn run_client(command: Command) -> ExitCode {
+pub(crate) async fn run_client(command: Command) -> ExitCode {
     let result = match command {
         Command::Status(args) => status::status(&args.brokers, args.json).await,
         Command::Watch(args) => status::watch(&args).await,

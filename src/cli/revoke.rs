@@ -9,7 +9,7 @@ use super::{BrokerArg, ExitCode};
 
 /// Options of `gpulease revoke`.
 #[derive(Debug, Args)]
-pub struct RevokeArgs {
+pub(crate) struct RevokeArgs {
     #[command(flatten)]
     broker: BrokerArg,
     /// The lease: its id (as `gpulease status` shows it) or its fencing token.

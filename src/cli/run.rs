@@ -41,7 +41,7 @@ const RELEASE_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// Options of `gpulease run`.
 #[derive(Debug, Args)]
-pub struct RunArgs {
+pub(crate) struct RunArgs {
     #[command(flatten)]
     broker: BrokerArg,
     /// Who is asking: 1 to 64 characters of [A-Za-z0-9._-].

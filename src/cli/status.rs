@@ -162,13 +162,7 @@ pub(super) async fn watch(fleet: &FleetArg) -> Result<ExitCode, Failure> {
             _ = tokio::signal::ctrl_c() => return Ok(ExitCode::OK),
         };
         sections[slot].1 = body;
-        let text = render_fleet(&sections);
-        let written = if terminal {
-            write!(stdout, "\x1b[H\x1b[2J{text}")
-        } else {
-            writeln!(stdout, "{text}")
-        };
-        if written.and_then(|()| stdout.flush()).is_err() {
+        if !redraw(&mut stdout, terminal, &render_fleet(&sections)) {
             return Ok(ExitCode::OK);
         }
     }
@@ -227,17 +221,31 @@ async fn watch_one(fleet: &FleetArg, broker: &str) -> Result<ExitCode, Failure> 
             },
             _ = tokio::signal::ctrl_c() => return Ok(ExitCode::OK),
         };
-        let text = render(&snapshot);
-        let written = if terminal {
-            // Home the cursor and clear the screen, then draw.
-            write!(stdout, "\x1b[H\x1b[2J{text}")
-        } else {
-            writeln!(stdout, "{text}")
-        };
-        if written.and_then(|()| stdout.flush()).is_err() {
-            // The reader went away (a closed pipe): nothing more to do.
+        if !redraw(&mut stdout, terminal, &render(&snapshot)) {
             return Ok(ExitCode::OK);
         }
+    }
+}
+
+/// Draws `text` over the previous one on a terminal (home the cursor, clear
+/// the screen), or appends it elsewhere. `false` once the reader went away
+/// (a closed pipe): there is nothing more to do.
+fn redraw(stdout: &mut std::io::Stdout, terminal: bool, text: &str) -> bool {
+    let written = if terminal {
+        write!(stdout, "\x1b[H\x1b[2J{text}")
+    } else {
+        writeln!(stdout, "{text}")
+    };
+    written.and_then(|()| stdout.flush()).is_ok()
+}
+
+/// The capacity over all GPUs, and per GPU where there are several (a
+/// broker that does not say per GPU shows its one figure).
+fn capacity(s: &pb::StatusResponse) -> String {
+    if s.gpus.len() > 1 && s.capacity_per_gpu > 0 {
+        format!("{} ({} per GPU)", s.total_capacity, s.capacity_per_gpu)
+    } else {
+        s.capacity.to_string()
     }
 }
 
@@ -268,7 +276,7 @@ pub(super) fn render(s: &pb::StatusResponse) -> String {
     let _ = writeln!(
         out,
         "capacity {}  in flight {}  queued {}  grants {}  last wait {}  last hold {}  oldest queued {}",
-        s.capacity,
+        capacity(s),
         s.in_flight,
         s.queue_depth,
         s.total_grants,
@@ -561,6 +569,27 @@ mod tests {
         assert_eq!(short(1_250), "1.2s");
         assert_eq!(short(61_000), "1m01s");
         assert_eq!(short(3_723_000), "1h02m");
+    }
+
+    #[test]
+    fn capacity_says_per_gpu_where_there_are_several() {
+        let gpu = |index| pb::Gpu {
+            index,
+            ..pb::Gpu::default()
+        };
+        let two = pb::StatusResponse {
+            capacity: 4,
+            capacity_per_gpu: 2,
+            total_capacity: 4,
+            gpus: vec![gpu(0), gpu(1)],
+            ..pb::StatusResponse::default()
+        };
+        assert!(render(&two).contains("capacity 4 (2 per GPU)  in flight"));
+        let one = pb::StatusResponse {
+            gpus: vec![gpu(0)],
+            ..two.clone()
+        };
+        assert!(render(&one).contains("capacity 4  in flight"));
     }
 
     #[test]
