@@ -37,7 +37,7 @@ pub(crate) use run::RunArgs;
 
 use gpulease_client::DEFAULT_BROKER;
 
-/// A GPU lease broker: one FIFO queue in front of a shared GPU.
+/// A GPU lease broker: per-GPU queues, memory admission and priorities over gRPC.
 #[derive(Debug, Parser)]
 #[command(name = "gpulease", version, about, long_about = None)]
 pub(crate) struct Cli {
