@@ -217,13 +217,30 @@ pub(crate) struct Fence {
     pub until: Instant,
 }
 
-/// What admission decided for the head of a queue.
+/// What admission decided for the head of a queue. Admission keeps the
+/// head's `Admission` (whom it asked, until when); why the head waits is
+/// its outcome, for the caller to record.
 pub(super) enum Admit {
     /// It fits: grant it.
     Grant,
-    /// It does not fit yet; these consumers should be asked to unload (none
-    /// when it waits for memory to come back on its own).
-    Wait(Vec<UnloadRequest>),
+    /// It does not fit yet.
+    Wait {
+        /// Why, when that changed (`None`: the reason shown stands).
+        why: Option<Blocked>,
+        /// The residents to ask to unload (none when it waits for memory
+        /// to come back on its own).
+        unloads: Vec<UnloadRequest>,
+    },
+}
+
+impl Admit {
+    /// Waiting, for the reason already shown, asking nobody.
+    fn waiting() -> Self {
+        Self::Wait {
+            why: None,
+            unloads: Vec::new(),
+        }
+    }
 }
 
 impl<H> Holding<H> {
@@ -546,14 +563,17 @@ impl<W, H> GpuState<W, H> {
             // Decide on what the memory is now, not on a reading from
             // before a holder ended: its job memory may be free already,
             // and asking someone to unload for it would be needless.
-            if self.blocked.is_none() || self.reading.is_none() {
-                self.blocked = Some(if self.reading.is_none() {
+            let why = (self.blocked.is_none() || self.reading.is_none()).then(|| {
+                if self.reading.is_none() {
                     Blocked::NoReading
                 } else {
                     Blocked::StaleReading
-                });
-            }
-            return Admit::Wait(Vec::new());
+                }
+            });
+            return Admit::Wait {
+                why,
+                unloads: Vec::new(),
+            };
         }
         let room = self.headroom(&request.consumer, margin_mib);
         let free_mib = u64::try_from(room.max(0)).unwrap_or(u64::MAX);
@@ -564,7 +584,7 @@ impl<W, H> GpuState<W, H> {
             && admission.waiter == id
         {
             if now < admission.deadline {
-                return Admit::Wait(Vec::new());
+                return Admit::waiting();
             }
             let culprits: Vec<String> = admission
                 .victims
@@ -579,13 +599,15 @@ impl<W, H> GpuState<W, H> {
             }
             self.admission = None;
             if !culprits.is_empty() {
-                self.blocked = Some(Blocked::NotFreed {
-                    culprits,
-                    need_mib,
-                    free_mib,
-                    timeout: unload_timeout,
-                });
-                return Admit::Wait(Vec::new());
+                return Admit::Wait {
+                    why: Some(Blocked::NotFreed {
+                        culprits,
+                        need_mib,
+                        free_mib,
+                        timeout: unload_timeout,
+                    }),
+                    unloads: Vec::new(),
+                };
             }
         }
         // Culprits stay named for as long as they keep their memory.
@@ -596,7 +618,7 @@ impl<W, H> GpuState<W, H> {
                     .is_some_and(|r| r.unload == Unload::NotFreed)
             })
         {
-            return Admit::Wait(Vec::new());
+            return Admit::waiting();
         }
 
         // Idle residents that may not stay beside others, lower priority
@@ -625,12 +647,14 @@ impl<W, H> GpuState<W, H> {
             victims.push(resident.consumer.clone());
         }
         if victims.is_empty() || room + freed < i128::from(need_mib) {
-            self.blocked = Some(Blocked::NoRoom {
-                need_mib,
-                free_mib,
-                holders: !self.holding.is_empty(),
-            });
-            return Admit::Wait(Vec::new());
+            return Admit::Wait {
+                why: Some(Blocked::NoRoom {
+                    need_mib,
+                    free_mib,
+                    holders: !self.holding.is_empty(),
+                }),
+                unloads: Vec::new(),
+            };
         }
         let mut requests = Vec::with_capacity(victims.len());
         for victim in &victims {
@@ -645,14 +669,16 @@ impl<W, H> GpuState<W, H> {
                 });
             }
         }
-        self.blocked = Some(Blocked::Unloading { need_mib, free_mib });
         self.admission = Some(Admission {
             waiter: id,
             victims,
             asked_at: now,
             deadline: now + unload_timeout,
         });
-        Admit::Wait(requests)
+        Admit::Wait {
+            why: Some(Blocked::Unloading { need_mib, free_mib }),
+            unloads: requests,
+        }
     }
 }
 

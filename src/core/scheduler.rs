@@ -322,7 +322,6 @@ impl<W, H: Clone + Default> Scheduler<W, H> {
                 self.close_admission(slot, now);
             }
             let gpu = &mut self.gpus[slot];
-            let was_admitting = gpu.admission.is_some();
             let request = gpu
                 .waiting
                 .get(head)
@@ -335,16 +334,15 @@ impl<W, H: Clone + Default> Scheduler<W, H> {
                     self.grant(slot, head, false, now, decisions);
                     continue;
                 }
-                Admit::Wait(unloads) => {
+                Admit::Wait { why, unloads } => {
                     let stats = &mut self.stats.evictions;
                     stats.requested += unloads.len() as u64;
                     decisions.unloads.extend(unloads);
-                    let gpu = &self.gpus[slot];
-                    if was_admitting
-                        && gpu.admission.is_none()
-                        && let Some(Blocked::NotFreed { culprits, .. }) = &gpu.blocked
-                    {
+                    if let Some(Blocked::NotFreed { culprits, .. }) = &why {
                         stats.failed += culprits.len() as u64;
+                    }
+                    if let Some(why) = why {
+                        self.gpus[slot].blocked = Some(why);
                     }
                 }
             }
