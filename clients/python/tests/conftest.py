@@ -215,6 +215,13 @@ def pytest_runtest_makereport(
             )
 
 
+def interruptible() -> None:
+    """Runs in a child before it starts: SIGINT interrupts it as Ctrl-C does
+    at a terminal, even where the tests themselves run with SIGINT ignored
+    (a shell's background job, `nohup`), which a child would inherit."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 class Holder:
     """A Python process that runs tests/holder.py."""
 
@@ -228,6 +235,7 @@ class Holder:
             stderr=subprocess.PIPE,
             env=env,
             text=True,
+            preexec_fn=interruptible,
         )
 
     def expect(self, prefix: str) -> str:

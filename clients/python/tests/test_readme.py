@@ -21,7 +21,7 @@ from typing import Any, Callable, Dict, Iterator, List, Optional
 import pytest
 
 import gpulease
-from conftest import PATIENCE_S, Broker, Certs, ended
+from conftest import PATIENCE_S, Broker, Certs, ended, interruptible
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 BLOCK = re.compile(r"<!-- test: (?P<name>[\w-]+) -->\n```python\n(?P<code>.*?)```", re.DOTALL)
@@ -291,6 +291,7 @@ vram_mib = 12288
             stderr=subprocess.PIPE,
             text=True,
             env={**os.environ, "GPULEASE_BROKER": broker.address, "OLLAMA_HOST": ollama.address},
+            preexec_fn=interruptible,
         )
         try:
             lines = LineReader(process)
