@@ -27,6 +27,25 @@ async fn client_with(broker: &Broker, token: &str) -> gpulease_client::Client {
         .unwrap()
 }
 
+/// A broker on `config`.
+async fn start(config: &str) -> Broker {
+    Broker::start_with(Options {
+        config: Some(config),
+        ..Options::default()
+    })
+    .await
+}
+
+/// A call of `consumer` opened with the admin token, `admin-secret`.
+async fn admin_call_result(broker: &Broker, consumer: &str) -> Result<Call, tonic::Status> {
+    Call::open_with_client(client_with(broker, "admin-secret").await, acquire(consumer)).await
+}
+
+/// A call of `consumer` opened with the admin token, which must open.
+async fn admin_call(broker: &Broker, consumer: &str) -> Call {
+    admin_call_result(broker, consumer).await.unwrap()
+}
+
 /// Rewrites the broker's configuration file.
 fn rewrite(broker: &Broker, config: &str) {
     let path = broker.path("gpulease.toml");
@@ -46,11 +65,7 @@ async fn wait_reloaded(broker: &Broker, n: u64) -> pb::StatusResponse {
 
 #[tokio::test]
 async fn sighup_rotates_a_token_and_the_held_lease_stays_held() {
-    let broker = Broker::start_with(Options {
-        config: Some(BEFORE),
-        ..Options::default()
-    })
-    .await;
+    let broker = start(BEFORE).await;
     let mut held = Call::open_with_client(client_with(&broker, "old-token").await, acquire("a"))
         .await
         .unwrap();
@@ -98,11 +113,7 @@ async fn cli_reload(broker: &Broker, token: &str) -> (i32, String, String) {
 
 #[tokio::test]
 async fn a_bad_file_keeps_the_running_configuration_and_the_call_says_why() {
-    let broker = Broker::start_with(Options {
-        config: Some(BEFORE),
-        ..Options::default()
-    })
-    .await;
+    let broker = start(BEFORE).await;
     let mut held = Call::open_with_client(client_with(&broker, "old-token").await, acquire("a"))
         .await
         .unwrap();
@@ -154,19 +165,10 @@ async fn a_bad_file_keeps_the_running_configuration_and_the_call_says_why() {
 
 #[tokio::test]
 async fn consumers_sizes_and_capacity_change_live() {
-    let broker = Broker::start_with(Options {
-        config: Some("[auth]\nadmin_token = \"admin-secret\"\n"),
-        ..Options::default()
-    })
-    .await;
-    let admin = || client_with(&broker, "admin-secret");
-    let mut first = Call::open_with_client(admin().await, acquire("x"))
-        .await
-        .unwrap();
+    let broker = start("[auth]\nadmin_token = \"admin-secret\"\n").await;
+    let mut first = admin_call(&broker, "x").await;
     first.granted().await;
-    let mut second = Call::open_with_client(admin().await, acquire("y"))
-        .await
-        .unwrap();
+    let mut second = admin_call(&broker, "y").await;
     second.queued().await;
     rewrite(
         &broker,
@@ -217,15 +219,8 @@ async fn sighup_rereads_a_token_file() {
 #[tokio::test]
 async fn the_queue_limits_change_live_and_the_server_limits_wait_for_a_restart() {
     let config = "[auth]\nadmin_token = \"admin-secret\"\n";
-    let broker = Broker::start_with(Options {
-        config: Some(config),
-        ..Options::default()
-    })
-    .await;
-    let admin = || client_with(&broker, "admin-secret");
-    let mut holder = Call::open_with_client(admin().await, acquire("x"))
-        .await
-        .unwrap();
+    let broker = start(config).await;
+    let mut holder = admin_call(&broker, "x").await;
     holder.granted().await;
     rewrite(
         &broker,
@@ -238,11 +233,9 @@ async fn the_queue_limits_change_live_and_the_server_limits_wait_for_a_restart()
         stdout.contains("kept until a restart: limits.max_message_bytes"),
         "{stdout}"
     );
-    let mut first = Call::open_with_client(admin().await, acquire("y"))
-        .await
-        .unwrap();
+    let mut first = admin_call(&broker, "y").await;
     first.queued().await;
-    let second = Call::open_with_client(admin().await, acquire("z")).await;
+    let second = admin_call_result(&broker, "z").await;
     let refused = match second {
         Err(status) => status,
         Ok(mut call) => match call.next().await {
@@ -259,19 +252,10 @@ async fn the_queue_limits_change_live_and_the_server_limits_wait_for_a_restart()
 #[tokio::test]
 async fn a_priority_and_the_scheduling_settings_change_live() {
     let config = "[auth]\nadmin_token = \"admin-secret\"\n[consumers.a]\n[consumers.b]\n";
-    let broker = Broker::start_with(Options {
-        config: Some(config),
-        ..Options::default()
-    })
-    .await;
-    let admin = || client_with(&broker, "admin-secret");
-    let mut holder = Call::open_with_client(admin().await, acquire("x"))
-        .await
-        .unwrap();
+    let broker = start(config).await;
+    let mut holder = admin_call(&broker, "x").await;
     holder.granted().await;
-    let mut a = Call::open_with_client(admin().await, acquire("a"))
-        .await
-        .unwrap();
+    let mut a = admin_call(&broker, "a").await;
     assert_eq!(a.queued().await.position, 1);
     rewrite(
         &broker,
@@ -285,9 +269,7 @@ async fn a_priority_and_the_scheduling_settings_change_live() {
         "{stdout}"
     );
     // b asks after a, and goes first: its new priority counts.
-    let mut b = Call::open_with_client(admin().await, acquire("b"))
-        .await
-        .unwrap();
+    let mut b = admin_call(&broker, "b").await;
     assert_eq!(b.queued().await.position, 1);
     holder.release().await;
     b.granted().await;
